@@ -20,9 +20,10 @@ _CV_GL_FLIP = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
 
 def make_intrinsics(fx: float | Tensor, fy: float | Tensor, cx: float | Tensor, cy: float | Tensor) -> Tensor:
     """Build ``K [..., 3, 3]`` from focal lengths and principal point (all in pixels)."""
-    fx, fy, cx, cy = (torch.as_tensor(v, dtype=torch.float32) for v in (fx, fy, cx, cy))
-    fx, fy, cx, cy = torch.broadcast_tensors(fx, fy, cx, cy)
-    K = torch.zeros(*fx.shape, 3, 3, dtype=fx.dtype)
+    ref = next((v for v in (fx, fy, cx, cy) if isinstance(v, Tensor) and v.is_floating_point()), None)
+    kw = {"dtype": ref.dtype, "device": ref.device} if ref is not None else {"dtype": torch.float32}
+    fx, fy, cx, cy = torch.broadcast_tensors(*(torch.as_tensor(v, **kw) for v in (fx, fy, cx, cy)))
+    K = torch.zeros(*fx.shape, 3, 3, **kw)
     K[..., 0, 0], K[..., 1, 1], K[..., 0, 2], K[..., 1, 2], K[..., 2, 2] = fx, fy, cx, cy, 1.0
     return K
 
@@ -78,13 +79,19 @@ def look_at(eye: Tensor, target: Tensor, up: Tensor | None = None) -> Tensor:
     """OpenCV ``w2c [..., 4, 4]`` of cameras at ``eye [..., 3]`` looking at ``target [..., 3]``.
 
     ``up`` is the world's up direction (default +y up, so image rows run along -y: the camera's
-    y axis (down) points to world -y).
+    y axis (down) points to world -y). Where the view is parallel to ``up``, world +z (or +x)
+    stands in for it so the result stays rigid.
     """
-    eye, target = torch.as_tensor(eye, dtype=torch.float32), torch.as_tensor(target, dtype=torch.float32)
-    if up is None:
-        up = torch.tensor([0.0, 1.0, 0.0])
-    up = torch.as_tensor(up, dtype=eye.dtype).expand_as(eye)
+    eye = torch.as_tensor(eye)
+    eye = eye if eye.is_floating_point() else eye.float()
+    target = torch.as_tensor(target, dtype=eye.dtype, device=eye.device)
+    eye, target = torch.broadcast_tensors(eye, target)
+    up = torch.tensor([0.0, 1.0, 0.0]) if up is None else torch.as_tensor(up)
+    up = up.to(eye).expand_as(eye)
     z = torch.nn.functional.normalize(target - eye, dim=-1)
+    for alt in ([0.0, 0.0, 1.0], [1.0, 0.0, 0.0]):  # degenerate: forward parallel to up
+        parallel = torch.cross(z, up, dim=-1).norm(dim=-1, keepdim=True) < 1e-6
+        up = torch.where(parallel, torch.tensor(alt, dtype=eye.dtype, device=eye.device), up)
     x = torch.nn.functional.normalize(torch.cross(z, up, dim=-1), dim=-1)  # right = forward x up
     y = torch.cross(z, x, dim=-1)
     R = torch.stack([x, y, z], dim=-2)  # rows: camera axes in world coordinates
@@ -104,7 +111,9 @@ def is_rigid(T: Tensor, atol: float = 1e-4) -> Tensor:
 
 
 def opencv_to_opengl(c2w: Tensor) -> Tensor:
-    """Camera-to-world in OpenCV axes -> OpenGL/Blender axes (x right, y up, z backward)."""
+    """Camera-to-world in OpenCV axes -> OpenGL/Blender axes (x right, y up, z backward).
+    For world-to-camera matrices flip on the left instead: ``invert_rigid(opencv_to_opengl(
+    invert_rigid(w2c)))``."""
     return c2w @ _CV_GL_FLIP.to(c2w)
 
 
@@ -128,10 +137,11 @@ def pixel_rays(K: Tensor, c2w: Tensor, height: int, width: int) -> tuple[Tensor,
 
     Returns ``origins [..., H, W, 3]`` and ``dirs [..., H, W, 3]`` where ``dirs`` are scaled so
     that their camera-z component is 1: a point at depth ``d`` (z-depth) is ``o + d * dirs``.
-    ``K [..., 3, 3]``, ``c2w [..., 4, 4]`` with matching leading dims.
+    ``K [..., 3, 3]``, ``c2w [..., 4, 4]``: leading dims broadcast.
     """
+    lead = torch.broadcast_shapes(K.shape[:-2], c2w.shape[:-2])
+    K, c2w = K.expand(*lead, 3, 3), c2w.expand(*lead, 4, 4)
     uv = pixel_centers(height, width, device=K.device, dtype=K.dtype)
-    lead = K.shape[:-2]
     fx, fy = K[..., 0, 0], K[..., 1, 1]
     cx, cy = K[..., 0, 2], K[..., 1, 2]
     sh = (*lead, 1, 1)

@@ -1,0 +1,413 @@
+"""On-disk scene format: ``scene.json`` + frames (+ optional depth, xyz pointmaps, masks).
+
+A scene is a grid of V views x T timesteps (DESIGN.md). ``scene.json``::
+
+    {
+      "format": "fourdgen-scene", "version": 1,
+      "width": 64, "height": 48, "num_frames": 8, "fps": 8.0, "caption": "a red ball bouncing",
+      "views": [
+        {"name": "cam00",
+         "K": [[fx, 0, cx], [0, fy, cy], [0, 0, 1]],   # pixels, corner-origin (geometry/cameras.py)
+         "w2c": [[4x4], ... T of them],                 # OpenCV world-to-camera; one 4x4 = static
+         "rgb": ["rgb/cam00/0000.png", ...]  or  "rgb/cam00.mp4",
+         "depth": "depth/cam00.npy",                    # optional, float32 [T, H, W] z-depth, 0 = none
+         "xyz": "xyz/cam00.npy",                        # optional, float32 [T, H, W, 3] world points
+         "mask": "mask/cam00.npy"}                      # optional, uint8 [T, H, W] object ids, 0 = bg
+      ]
+    }
+
+Paths are relative to the scene folder. :func:`read_scene` validates everything it can without
+decoding frames (files exist, image headers and array shapes match, cameras are finite and rigid)
+and raises one :class:`SceneFormatError` naming file, field and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import imageio.v2 as iio
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from fourdgen.geometry.cameras import is_rigid
+from fourdgen.io import atomic_path, write_json
+
+FORMAT_NAME = "fourdgen-scene"
+FORMAT_VERSION = 1
+SCENE_FILE = "scene.json"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+VIDEO_SUFFIXES = (".mp4",)
+
+
+class SceneFormatError(ValueError):
+    """A scene on disk does not follow the format. Names the file, the field and the expectation."""
+
+    def __init__(self, file: str | Path, field: str, expected: str, got: Any = None):
+        self.file, self.field, self.expected, self.got = str(file), field, expected, got
+        msg = f"{file}: field '{field}': expected {expected}"
+        if got is not None:
+            msg += f", got {got}"
+        super().__init__(msg)
+
+
+@dataclass
+class ViewFiles:
+    """Files of one view. ``rgb`` is a list of T image paths or one video path."""
+
+    name: str
+    rgb: list[Path] | Path
+    depth: Path | None = None
+    xyz: Path | None = None
+    mask: Path | None = None
+
+
+@dataclass
+class Scene:
+    """A validated scene. Frames are loaded on demand.
+
+    Attributes: ``K [V, 3, 3]``, ``w2c [V, T, 4, 4]`` (float32, OpenCV), ``views`` (files per view).
+    """
+
+    root: Path
+    width: int
+    height: int
+    num_frames: int
+    fps: float
+    caption: str
+    K: Tensor
+    w2c: Tensor
+    views: list[ViewFiles]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_views(self) -> int:
+        return len(self.views)
+
+    @property
+    def has_depth(self) -> bool:
+        return all(v.depth is not None for v in self.views)
+
+    @property
+    def has_xyz(self) -> bool:
+        return all(v.xyz is not None for v in self.views)
+
+    @property
+    def has_mask(self) -> bool:
+        return all(v.mask is not None for v in self.views)
+
+    def load_rgb(self, view: int, times: list[int] | None = None) -> Tensor:
+        """RGB frames ``[T', 3, H, W]`` float32 in [0, 1] of one view (all times by default)."""
+        times = list(range(self.num_frames)) if times is None else list(times)
+        src = self.views[view].rgb
+        if isinstance(src, Path):  # one video per view
+            with iio.get_reader(src, format="FFMPEG") as reader:
+                frames = [reader.get_data(t) for t in times]
+        else:
+            frames = [iio.imread(src[t]) for t in times]
+        arr = np.stack([_to_rgb(f) for f in frames])
+        return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
+
+    def _load_array(self, view: int, name: str, times: list[int] | None) -> Tensor | None:
+        path = getattr(self.views[view], name)
+        if path is None:
+            return None
+        arr = np.load(path, mmap_mode="r")
+        arr = arr if times is None else arr[list(times)]
+        return torch.from_numpy(np.array(arr))  # copy: the memory map is read-only
+
+    def load_depth(self, view: int, times: list[int] | None = None) -> Tensor | None:
+        """Z-depth ``[T', H, W]`` float32 (0 where unknown), or None if the scene has none."""
+        d = self._load_array(view, "depth", times)
+        return None if d is None else d.float()
+
+    def load_xyz(self, view: int, times: list[int] | None = None) -> Tensor | None:
+        """World-space pointmaps ``[T', H, W, 3]`` float32, or None."""
+        x = self._load_array(view, "xyz", times)
+        return None if x is None else x.float()
+
+    def load_mask(self, view: int, times: list[int] | None = None) -> Tensor | None:
+        """Object-id masks ``[T', H, W]`` uint8 (0 = background), or None."""
+        return self._load_array(view, "mask", times)
+
+
+def _to_rgb(frame: np.ndarray) -> np.ndarray:
+    if frame.ndim == 2:
+        frame = np.repeat(frame[..., None], 3, axis=-1)
+    return np.ascontiguousarray(frame[..., :3]).astype(np.uint8)
+
+
+def _require(obj: dict, key: str, file: Path, expected: str, prefix: str = "") -> Any:
+    if not isinstance(obj, dict) or key not in obj:
+        raise SceneFormatError(file, prefix + key, expected, "missing")
+    return obj[key]
+
+
+def _positive_int(obj: dict, key: str, file: Path) -> int:
+    v = _require(obj, key, file, "a positive integer")
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise SceneFormatError(file, key, "a positive integer", repr(v))
+    return v
+
+
+def _matrix(value: Any, file: Path, fld: str, *shapes: tuple[int, ...]) -> Tensor:
+    """Parse a numeric array whose shape is one of ``shapes``; finite values only."""
+    expected = " or ".join(str(list(s)) for s in shapes)
+    try:
+        t = torch.tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise SceneFormatError(file, fld, f"a numeric array of shape {expected}", repr(value)[:80]) from e
+    if tuple(t.shape) not in shapes:
+        raise SceneFormatError(file, fld, f"shape {expected}", list(t.shape))
+    if not torch.isfinite(t).all():
+        raise SceneFormatError(file, fld, "finite numbers", "NaN or inf")
+    return t
+
+
+def _file(root: Path, rel: Any, file: Path, fld: str, suffixes: tuple[str, ...]) -> Path:
+    if not isinstance(rel, str):
+        raise SceneFormatError(file, fld, f"a relative path ending in {'/'.join(suffixes)}", repr(rel))
+    p = root / rel
+    if p.suffix.lower() not in suffixes:
+        raise SceneFormatError(file, fld, f"a file ending in {'/'.join(suffixes)}", rel)
+    if not p.is_file():
+        raise SceneFormatError(file, fld, f"an existing file ({p})", "missing file")
+    return p
+
+
+def _check_array(path: Path, file: Path, fld: str, shape: tuple[int, ...]) -> None:
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise SceneFormatError(file, fld, "a .npy array", f"unreadable ({e})") from e
+    if tuple(arr.shape) != shape:
+        raise SceneFormatError(file, fld, f"array of shape {list(shape)} in {path.name}", list(arr.shape))
+
+
+def read_scene(path: str | Path, check_files: bool = True) -> Scene:
+    """Read and validate a scene folder (or its ``scene.json``). Raises :class:`SceneFormatError`."""
+    path = Path(path)
+    root = path.parent if path.name == SCENE_FILE else path
+    file = root / SCENE_FILE
+    if not file.is_file():
+        raise SceneFormatError(file, "<file>", "an existing scene.json", "missing file")
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise SceneFormatError(
+            file, "<json>", "valid JSON", f"{e.msg} at line {e.lineno} col {e.colno}"
+        ) from e
+    if not isinstance(meta, dict):
+        raise SceneFormatError(file, "<root>", "a JSON object", type(meta).__name__)
+    if meta.get("format", FORMAT_NAME) != FORMAT_NAME:
+        raise SceneFormatError(file, "format", f"'{FORMAT_NAME}'", repr(meta.get("format")))
+    if meta.get("version", FORMAT_VERSION) != FORMAT_VERSION:
+        raise SceneFormatError(file, "version", str(FORMAT_VERSION), repr(meta.get("version")))
+    W, H, T = (_positive_int(meta, k, file) for k in ("width", "height", "num_frames"))
+    fps = meta.get("fps", 8.0)
+    if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not math.isfinite(fps) or fps <= 0:
+        raise SceneFormatError(file, "fps", "a positive number", repr(fps))
+    caption = meta.get("caption", "")
+    if not isinstance(caption, str):
+        raise SceneFormatError(file, "caption", "a string", type(caption).__name__)
+    views_meta = _require(meta, "views", file, "a non-empty list of views")
+    if not isinstance(views_meta, list) or not views_meta:
+        raise SceneFormatError(file, "views", "a non-empty list of views", repr(views_meta)[:80])
+
+    Ks, w2cs, views = [], [], []
+    for i, vm in enumerate(views_meta):
+        pre = f"views[{i}]."
+        if not isinstance(vm, dict):
+            raise SceneFormatError(file, f"views[{i}]", "an object", type(vm).__name__)
+        K = _matrix(_require(vm, "K", file, "a 3x3 matrix", pre), file, pre + "K", (3, 3))
+        if K[0, 0] <= 0 or K[1, 1] <= 0 or K[2].tolist() != [0.0, 0.0, 1.0] or K[1, 0] != 0:
+            raise SceneFormatError(
+                file, pre + "K", "a pinhole matrix (fx, fy > 0, last row [0, 0, 1])", K.tolist()
+            )
+        raw = _require(vm, "w2c", file, f"{T} 4x4 matrices (or one)", pre)
+        w2c = _matrix(raw, file, pre + "w2c", (T, 4, 4), (4, 4))
+        w2c = w2c.expand(T, 4, 4) if w2c.ndim == 2 else w2c
+        bad = (~is_rigid(w2c)).nonzero()
+        if len(bad):
+            raise SceneFormatError(
+                file,
+                f"{pre}w2c[{int(bad[0])}]",
+                "a rigid transform (orthonormal R, det 1, last row [0, 0, 0, 1])",
+                w2c[int(bad[0])].tolist(),
+            )
+        name = vm.get("name", f"view{i:02d}")
+        rgb_meta = _require(vm, "rgb", file, f"a list of {T} image paths or one .mp4 path", pre)
+        if isinstance(rgb_meta, list):
+            if len(rgb_meta) != T:
+                raise SceneFormatError(
+                    file, pre + "rgb", f"{T} frames (num_frames)", f"{len(rgb_meta)} frames"
+                )
+            rgb = [_file(root, r, file, f"{pre}rgb[{t}]", IMAGE_SUFFIXES) for t, r in enumerate(rgb_meta)]
+            if check_files:
+                for t, p in enumerate(rgb):
+                    with Image.open(p) as im:
+                        if im.size != (W, H):
+                            raise SceneFormatError(
+                                file,
+                                f"{pre}rgb[{t}]",
+                                f"a {W}x{H} image ({p.name})",
+                                f"{im.size[0]}x{im.size[1]}",
+                            )
+        else:
+            rgb = _file(root, rgb_meta, file, pre + "rgb", VIDEO_SUFFIXES)
+            if check_files:
+                with iio.get_reader(rgb, format="FFMPEG") as reader:
+                    n_frames = reader.count_frames()
+                    size = tuple(reader.get_meta_data().get("size", (W, H)))
+                if n_frames != T:
+                    raise SceneFormatError(file, pre + "rgb", f"a video of {T} frames", f"{n_frames} frames")
+                if size != (W, H):
+                    raise SceneFormatError(file, pre + "rgb", f"a {W}x{H} video", f"{size[0]}x{size[1]}")
+        extras = {}
+        for key, suffix_shape in (("depth", (T, H, W)), ("xyz", (T, H, W, 3)), ("mask", (T, H, W))):
+            if vm.get(key) is None:
+                extras[key] = None
+                continue
+            p = _file(root, vm[key], file, pre + key, (".npy",))
+            if check_files:
+                _check_array(p, file, pre + key, suffix_shape)
+            extras[key] = p
+        Ks.append(K)
+        w2cs.append(w2c)
+        views.append(ViewFiles(name=name, rgb=rgb, **extras))
+
+    known = {"format", "version", "width", "height", "num_frames", "fps", "caption", "views"}
+    return Scene(
+        root=root,
+        width=W,
+        height=H,
+        num_frames=T,
+        fps=float(fps),
+        caption=caption,
+        K=torch.stack(Ks).float(),
+        w2c=torch.stack(w2cs).float(),
+        views=views,
+        extra={k: v for k, v in meta.items() if k not in known},
+    )
+
+
+def write_scene(
+    root: str | Path,
+    rgb: Tensor | np.ndarray,
+    K: Tensor,
+    w2c: Tensor,
+    *,
+    depth: Tensor | np.ndarray | None = None,
+    xyz: Tensor | np.ndarray | None = None,
+    mask: Tensor | np.ndarray | None = None,
+    fps: float = 8.0,
+    caption: str = "",
+    frame_format: str = "png",
+    view_names: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a scene folder; every file is written atomically, ``scene.json`` last.
+
+    Args:
+        rgb: ``[V, T, H, W, 3]`` uint8, or float in [0, 1].
+        K: ``[V, 3, 3]``; w2c: ``[V, T, 4, 4]`` (or ``[V, 4, 4]`` for static cameras).
+        depth: ``[V, T, H, W]``; xyz: ``[V, T, H, W, 3]`` world points; mask: ``[V, T, H, W]`` ids.
+        frame_format: ``png``, ``jpg`` or ``mp4`` (one video per view; lossy).
+    """
+    root = Path(root)
+    rgb = _as_uint8(rgb)
+    V, T, H, W, _ = rgb.shape
+    w2c = torch.as_tensor(w2c, dtype=torch.float64)
+    w2c = w2c[:, None].expand(V, T, 4, 4) if w2c.ndim == 3 else w2c
+    if tuple(K.shape) != (V, 3, 3) or tuple(w2c.shape) != (V, T, 4, 4):
+        raise ValueError(
+            f"write_scene: expected K [{V}, 3, 3] and w2c [{V}, {T}, 4, 4], "
+            f"got {list(K.shape)} and {list(w2c.shape)}"
+        )
+    names = view_names or [f"cam{v:02d}" for v in range(V)]
+    views = []
+    for v, name in enumerate(names):
+        if frame_format == "mp4":
+            rel: Any = f"rgb/{name}.mp4"
+            write_video(root / rel, rgb[v], fps)
+        elif frame_format in ("png", "jpg"):
+            rel = [f"rgb/{name}/{t:04d}.{frame_format}" for t in range(T)]
+            for t, r in enumerate(rel):
+                with atomic_path(root / r) as tmp:
+                    iio.imwrite(
+                        tmp, rgb[v, t], format=frame_format.upper() if frame_format == "png" else "JPEG"
+                    )
+        else:
+            raise ValueError(f"write_scene: frame_format must be png, jpg or mp4, got {frame_format!r}")
+        vm: dict[str, Any] = {
+            "name": name,
+            "K": torch.as_tensor(K[v]).tolist(),
+            "w2c": w2c[v].tolist(),
+            "rgb": rel,
+        }
+        for key, arr, dtype in (
+            ("depth", depth, np.float32),
+            ("xyz", xyz, np.float32),
+            ("mask", mask, np.uint8),
+        ):
+            if arr is not None:
+                vm[key] = f"{key}/{name}.npy"
+                with atomic_path(root / vm[key]) as tmp, open(tmp, "wb") as f:
+                    np.save(f, _np(arr[v]).astype(dtype))
+        views.append(vm)
+    meta = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "width": W,
+        "height": H,
+        "num_frames": T,
+        "fps": float(fps),
+        "caption": caption,
+        "views": views,
+        **(extra or {}),
+    }
+    write_json(root / SCENE_FILE, meta)
+    return root
+
+
+def write_video(path: str | Path, frames: np.ndarray | Tensor, fps: float) -> None:
+    """Write ``frames [T, H, W, 3]`` (uint8 or float in [0, 1]) as an H.264 mp4, atomically."""
+    frames = _as_uint8(frames)
+    with (
+        atomic_path(path) as tmp,
+        iio.get_writer(
+            tmp,
+            format="FFMPEG",
+            fps=fps,
+            codec="libx264",
+            quality=9,
+            macro_block_size=1,
+            ffmpeg_log_level="error",
+        ) as writer,
+    ):
+        for f in frames:
+            writer.append_data(f)
+
+
+def _np(x: Tensor | np.ndarray) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+
+
+def _as_uint8(x: Tensor | np.ndarray) -> np.ndarray:
+    a = _np(x)
+    if a.dtype != np.uint8:
+        a = (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return a
+
+
+def find_scenes(root: str | Path) -> list[Path]:
+    """Scene folders under ``root`` (``root`` itself if it holds a scene.json), sorted."""
+    root = Path(root)
+    if (root / SCENE_FILE).is_file():
+        return [root]
+    return sorted(p.parent for p in root.glob(f"*/{SCENE_FILE}"))
