@@ -101,6 +101,7 @@ def test_grid_datamodule_by_class_path(tmp_path, tiny_scene_dir):
             "--data.num_views=2",
             "--data.num_frames=2",
             "--trainer.max_steps=2",
+            f"--trainer.default_root_dir={tmp_path}",
             "--trainer.logger=false",
             "--trainer.enable_checkpointing=false",
             "--trainer.limit_val_batches=0",

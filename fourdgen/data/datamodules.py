@@ -225,6 +225,10 @@ class GridDataModule(BaseDataModule):
     ):
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters()
+        if synthetic is not None:  # plain dict: checkpoints load with weights_only=True
+            self.hparams["synthetic"] = (
+                asdict(synthetic) if isinstance(synthetic, SyntheticConfig) else dict(synthetic)
+            )
         self.root = Path(root)
         self.splits: dict[str, list[Path]] = {}
 
@@ -232,7 +236,7 @@ class GridDataModule(BaseDataModule):
         cfg = self.hparams.synthetic
         if cfg is None:
             return
-        cfg = cfg if isinstance(cfg, SyntheticConfig) else SyntheticConfig(**cfg)
+        cfg = SyntheticConfig(**cfg)
         for i in range(self.hparams.num_synthetic_scenes):
             ensure_scene(
                 self.root / f"synth_{i:03d}", SyntheticConfig(**{**asdict(cfg), "seed": cfg.seed + i})

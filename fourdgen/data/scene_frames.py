@@ -1,0 +1,230 @@
+"""One scene served as single frames: the DataModule of per-scene optimisation (stage 3).
+
+Training samples are (view, time) frames of the training views; validation and test render
+the held-out views at every time. :meth:`SceneFramesDataModule.scene_info` gives the fitter
+what it needs before training: cameras, timestamps and an initial point cloud.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from fourdgen.data.batch import GridBatch
+from fourdgen.data.datamodules import BaseDataModule, _resize, adjust_intrinsics, resize_crop_plan
+from fourdgen.data.scene import Scene, read_scene
+from fourdgen.data.synthetic import SyntheticConfig, ensure_scene
+
+
+@dataclass
+class SceneInfo:
+    """Everything the fitter needs up front. ``K [V, 3, 3]``, ``w2c [V, T, 4, 4]``, ``times [T]``,
+    ``points [N, 3]`` / ``colors [N, 3]`` in [0, 1] (None when the scene has no depth/xyz)."""
+
+    K: Tensor
+    w2c: Tensor
+    times: Tensor
+    height: int
+    width: int
+    train_views: list[int]
+    holdout_views: list[int]
+    points: Tensor | None
+    colors: Tensor | None
+    fps: float
+
+
+class _Frames(Dataset):
+    """All frames of some views, held in memory as uint8 (``[V, T, 3, H, W]``)."""
+
+    def __init__(
+        self,
+        rgb: Tensor,
+        K: Tensor,
+        w2c: Tensor,
+        times: Tensor,
+        views: list[int],
+        mask: Tensor | None,
+        repeat: int = 1,
+    ):
+        self.rgb, self.K, self.w2c, self.times, self.views, self.mask = rgb, K, w2c, times, views, mask
+        self.T, self.repeat = rgb.shape[1], repeat
+
+    def __len__(self) -> int:
+        return len(self.views) * self.T * self.repeat
+
+    def __getitem__(self, idx: int) -> GridBatch:
+        idx %= len(self.views) * self.T
+        vi, t = divmod(idx, self.T)
+        v = self.views[vi]
+        return GridBatch(
+            rgb=(self.rgb[vi, t].float() / 127.5 - 1)[None, None, None],
+            K=self.K[v][None, None],
+            w2c=self.w2c[v, t][None, None, None],
+            observed=torch.ones(1, 1, 1, dtype=torch.bool),
+            times=self.times[t].view(1, 1),
+            view_ids=torch.tensor([[v]]),
+            time_ids=torch.tensor([[t]]),
+            mask=None if self.mask is None else self.mask[vi, t][None, None, None],
+        )
+
+
+class SceneFramesDataModule(BaseDataModule):
+    """Frames of one scene for per-scene 4D Gaussian fitting.
+
+    Args:
+        scene: scene folder.
+        synthetic: if given, ``prepare_data`` writes this synthetic scene at ``scene`` (unless an
+            identical one is there): the quickstart's built-in default.
+        holdout_views: views never trained on; validation and test render them.
+        height / width: optional resolution (resize-to-cover + centre crop, K adjusted).
+        init_points: size of the initial point cloud taken from the training views' xyz/depth.
+        init_frames: timesteps the initial point cloud comes from ("first", as 4DGaussians does for
+            multi-view video, or "all": moving objects then start with a copy at every position).
+        repeat: passes over the training frames per epoch.
+    """
+
+    def __init__(
+        self,
+        scene: str = "data/quickstart/scene",
+        synthetic: SyntheticConfig | None = None,
+        holdout_views: list[int] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        init_points: int = 20_000,
+        init_frames: str = "first",
+        repeat: int = 1,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.save_hyperparameters()
+        if synthetic is not None:  # plain dict: checkpoints load with weights_only=True
+            self.hparams["synthetic"] = (
+                asdict(synthetic) if isinstance(synthetic, SyntheticConfig) else dict(synthetic)
+            )
+        self.root = Path(scene)
+        self._loaded: dict | None = None
+
+    def prepare_data(self) -> None:
+        cfg = self.hparams.synthetic
+        if cfg is not None:
+            ensure_scene(self.root, SyntheticConfig(**cfg))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._loaded is not None:
+            return
+        scene: Scene = read_scene(self.root)
+        h = self.hparams
+        holdout = list(h.holdout_views or [])
+        bad = [v for v in holdout if not 0 <= v < scene.num_views]
+        if bad or len(holdout) >= scene.num_views:
+            raise ValueError(
+                f"data.holdout_views: expected distinct view indices in [0, {scene.num_views}) "
+                f"leaving at least one training view, got {holdout}"
+            )
+        H0, W0 = scene.height, scene.width
+        size, top_left = resize_crop_plan(
+            (H0, W0), (h.height, h.width) if h.height and h.width else None, "center", None
+        )
+        out_hw = (h.height, h.width) if h.height and h.width else (H0, W0)
+
+        def load(v: int, fn, mode: str) -> Tensor | None:
+            x = fn(v)
+            if x is None:
+                return None
+            x = x[:, None] if x.ndim == 3 else (x.permute(0, 3, 1, 2) if x.shape[-1] == 3 else x)
+            return _resize(x, size, top_left, out_hw, mode)
+
+        V = scene.num_views
+        rgb = torch.stack(
+            [(load(v, scene.load_rgb, "bilinear") * 255).round().clamp(0, 255).byte() for v in range(V)]
+        )
+        masks = [load(v, scene.load_mask, "nearest-exact") for v in range(V)]
+        self._loaded = {
+            "rgb": rgb,  # [V, T, 3, H, W] uint8
+            "mask": torch.stack(masks) if all(m is not None for m in masks) else None,
+            "K": torch.stack([adjust_intrinsics(scene.K[v], (H0, W0), size, top_left) for v in range(V)]),
+            "w2c": scene.w2c,
+            "times": torch.linspace(0, 1, scene.num_frames) if scene.num_frames > 1 else torch.zeros(1),
+            "train": [v for v in range(V) if v not in holdout],
+            "holdout": holdout or list(range(V)),
+            "scene": scene,
+            "out_hw": out_hw,
+        }
+
+    def scene_info(self) -> SceneInfo:
+        """Cameras, times and an initial point cloud (from the training views' xyz or depth)."""
+        self.setup()
+        d = self._loaded
+        scene: Scene = d["scene"]
+        if self.hparams.init_frames not in ("first", "all"):
+            raise ValueError(f"data.init_frames: expected 'first' or 'all', got {self.hparams.init_frames!r}")
+        times = [0] if self.hparams.init_frames == "first" else None
+        pts, cols = [], []
+        for v in d["train"]:
+            xyz = scene.load_xyz(v, times)
+            if xyz is None and scene.has_depth:
+                from fourdgen.geometry.projection import depth_to_points
+
+                w2c = scene.w2c[v] if times is None else scene.w2c[v, times]
+                xyz = depth_to_points(scene.load_depth(v, times), scene.K[v], w2c)
+            if xyz is None:
+                continue
+            valid = torch.isfinite(xyz).all(-1)
+            if scene.has_depth:
+                valid &= scene.load_depth(v, times) > 0
+            pts.append(xyz[valid])
+            cols.append(scene.load_rgb(v, times).permute(0, 2, 3, 1)[valid])
+        points = colors = None
+        if pts:
+            points, colors = torch.cat(pts), torch.cat(cols)
+            g = torch.Generator().manual_seed(self.hparams.seed)
+            keep = torch.randperm(len(points), generator=g)[: self.hparams.init_points]
+            points, colors = points[keep], colors[keep]
+        H, W = d["out_hw"]
+        return SceneInfo(
+            K=d["K"],
+            w2c=d["w2c"],
+            times=d["times"],
+            height=H,
+            width=W,
+            train_views=d["train"],
+            holdout_views=d["holdout"],
+            points=points,
+            colors=colors,
+            fps=scene.fps,
+        )
+
+    def _frames(self, views: list[int], repeat: int = 1) -> _Frames:
+        d = self._loaded
+        idx = torch.tensor(views)
+        return _Frames(
+            d["rgb"][idx],
+            d["K"],
+            d["w2c"],
+            d["times"],
+            views,
+            None if d["mask"] is None else d["mask"][idx],
+            repeat=repeat,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._frames(self._loaded["train"], self.hparams.repeat), shuffle=True)
+
+    def _eval_loader(self) -> DataLoader:
+        ds = self._frames(self._loaded["holdout"])
+        return DataLoader(ds, batch_size=len(ds.times), shuffle=False, collate_fn=GridBatch.collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader()

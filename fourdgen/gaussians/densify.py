@@ -1,0 +1,77 @@
+"""Densification and pruning with a hard budget on the number of Gaussians.
+
+gsplat's ``DefaultStrategy`` (3DGS rules: duplicate small / split large Gaussians with high
+screen-space gradient, prune transparent or huge ones) has no cap on the count. Full-4D (and
+4DGaussians, whose knobs these are) grows only while the count is below ``max_gaussians``
+(120,000) and prunes only while it is above ``prune_to`` (80,000), with opacity threshold 0.015.
+This subclass adds exactly that; the gradient statistics and the parameter/optimizer surgery
+stay gsplat's.
+
+Budget rules (our reading of Full-4D appendix B, stated here because the paper is brief):
+- Growth never makes the count exceed ``max_gaussians``: when there are more candidates than
+  room, the ones with the largest mean screen-space gradient win.
+- Pruning (opacity < ``prune_opa``, or too large) runs only while the count is above ``prune_to``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from gsplat.strategy import DefaultStrategy
+from gsplat.strategy.ops import duplicate, reset_opa, split
+
+
+@dataclass
+class BudgetStrategy(DefaultStrategy):
+    max_gaussians: int = 120_000
+    prune_to: int = 80_000
+    prune_opa: float = 0.015
+
+    def step_post_backward(self, params, optimizers, state, step, info, packed: bool = False) -> None:
+        super().step_post_backward(params, optimizers, state, step, info, packed=packed)
+        # gsplat 1.5.3 writes `step % self.reset_every == 0 & step > 0`, a chained comparison that is
+        # never true, so its opacity reset never runs. reset_opa clamps opacities to a value, so
+        # doing it here is harmless if gsplat fixes that.
+        if 0 < step < self.refine_stop_iter and step % self.reset_every == 0:
+            reset_opa(params=params, optimizers=optimizers, state=state, value=self.prune_opa * 2.0)
+
+    @torch.no_grad()
+    def _grow_gs(self, params, optimizers, state: dict[str, Any], step: int) -> tuple[int, int]:
+        n = len(params["means"])
+        room = max(self.max_gaussians - n, 0)
+        grads = state["grad2d"] / state["count"].clamp_min(1)
+        is_grad_high = grads > self.grow_grad2d
+        is_small = torch.exp(params["scales"]).max(dim=-1).values <= self.grow_scale3d * state["scene_scale"]
+        is_split = is_grad_high & ~is_small
+        if step < self.refine_scale2d_stop_iter:
+            is_split |= state["radii"] > self.grow_scale2d
+        is_dupli = is_grad_high & is_small
+        # Each duplicate or split adds one Gaussian: keep the highest-gradient candidates that fit.
+        cand = is_dupli | is_split
+        if int(cand.sum()) > room:
+            keep = torch.zeros_like(cand)
+            if room > 0:
+                score = torch.where(cand, grads, torch.full_like(grads, -1.0))
+                keep[score.topk(room).indices] = True
+            is_dupli, is_split = is_dupli & keep, is_split & keep
+        n_dupli, n_split = int(is_dupli.sum()), int(is_split.sum())
+        if n_dupli > 0:
+            duplicate(params=params, optimizers=optimizers, state=state, mask=is_dupli)
+        is_split = torch.cat([is_split, torch.zeros(n_dupli, dtype=torch.bool, device=is_split.device)])
+        if n_split > 0:
+            split(
+                params=params,
+                optimizers=optimizers,
+                state=state,
+                mask=is_split,
+                revised_opacity=self.revised_opacity,
+            )
+        return n_dupli, n_split
+
+    @torch.no_grad()
+    def _prune_gs(self, params, optimizers, state: dict[str, Any], step: int) -> int:
+        if len(params["means"]) <= self.prune_to:
+            return 0
+        return super()._prune_gs(params, optimizers, state, step)

@@ -1,0 +1,71 @@
+"""Learning rates of a 4D Gaussian fit, and the optimizer views gsplat's strategies need.
+
+One Adam with a param group per Gaussian attribute (and for the deformation field) keeps
+Lightning's automatic optimisation (one optimizer, one step, one LR scheduler). gsplat's
+densification expects ``{name: optimizer with exactly one param group}``: :class:`GroupView`
+presents one group of the shared Adam that way, so gsplat's parameter surgery edits the real
+group and the real state in place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch.optim import Optimizer
+
+
+@dataclass
+class LearningRates:
+    """Per-group learning rates (4DGaussians defaults). ``means`` is multiplied by the scene scale
+    and decays exponentially to ``means_final`` over ``max_steps``; the deformation MLP and the
+    HexPlane decay likewise, counted from the start of the fine stage."""
+
+    means: float = 1.6e-4
+    means_final: float = 1.6e-6
+    scales: float = 5e-3
+    quats: float = 1e-3
+    opacities: float = 5e-2
+    sh0: float = 2.5e-3
+    shN: float = 2.5e-3 / 20
+    deformation: float = 1.6e-4
+    deformation_final: float = 1.6e-5
+    grid: float = 1.6e-3
+    grid_final: float = 1.6e-4
+    max_steps: int = 20_000
+
+
+def exp_decay(step: int, init: float, final: float, max_steps: int) -> float:
+    """Log-linear interpolation from ``init`` to ``final`` over ``max_steps`` (3DGS's schedule)."""
+    if init <= 0:
+        return 0.0
+    s = min(max(step / max(max_steps, 1), 0.0), 1.0)
+    return math.exp(math.log(init) * (1 - s) + math.log(max(final, 1e-20)) * s)
+
+
+class GroupView:
+    """One param group of ``optimizer`` seen as a single-group optimizer (for gsplat's ops)."""
+
+    def __init__(self, optimizer: Optimizer, index: int):
+        self.optimizer, self.index = optimizer, index
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [self.optimizer.param_groups[self.index]]
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.param_groups[0]["params"]:
+            p.grad = None
+
+
+def group_views(optimizer: Optimizer, names: list[str]) -> dict[str, GroupView]:
+    """Views for the groups whose ``name`` entry is in ``names``."""
+    return {
+        g["name"]: GroupView(optimizer, i)
+        for i, g in enumerate(optimizer.param_groups)
+        if g.get("name") in names
+    }

@@ -1,0 +1,119 @@
+"""Standard 3DGS PLY files (the layout of graphdeco-inria/gaussian-splatting, read by every viewer).
+
+One binary little-endian ``vertex`` element with float32 properties, in this order:
+``x y z nx ny nz f_dc_0..2 f_rest_0..(3 (K-1) - 1) opacity scale_0..2 rot_0..3`` where normals are
+zeros, ``f_dc`` is the degree-0 SH coefficient, ``f_rest`` the higher bands stored channel-major
+(the [N, 3, K-1] transpose of our [N, K-1, 3], flattened), ``opacity`` a logit, ``scale`` log
+standard deviations and ``rot`` a (w, x, y, z) quaternion.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from plyfile import PlyData, PlyElement
+
+from fourdgen.gaussians.container import Gaussians, sh_degree_from_bases
+
+_REQUIRED = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity"]
+_REQUIRED += [f"scale_{i}" for i in range(3)] + [f"rot_{i}" for i in range(4)]
+
+
+def _attribute_names(n_rest: int) -> list[str]:
+    names = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+    names += [f"f_rest_{i}" for i in range(n_rest)]
+    return names + ["opacity"] + [f"scale_{i}" for i in range(3)] + [f"rot_{i}" for i in range(4)]
+
+
+def gaussians_to_array(g: Gaussians) -> np.ndarray:
+    """Structured float32 array ``[N]`` with the 3DGS vertex properties of ``g``."""
+    g = g.detach().to("cpu", torch.float32)
+    n = g.num
+    f_rest = g.shN.transpose(1, 2).reshape(n, -1)  # channel-major, as the 3DGS code writes it
+    cols = [g.means, torch.zeros(n, 3), g.sh0[:, 0], f_rest, g.opacity_logits[:, None], g.log_scales, g.quats]
+    data = torch.cat(cols, dim=1).numpy()
+    names = _attribute_names(f_rest.shape[1])
+    arr = np.empty(n, dtype=[(name, "f4") for name in names])
+    for i, name in enumerate(names):
+        arr[name] = data[:, i]
+    return arr
+
+
+def save_ply(path: str | os.PathLike, gaussians: Gaussians) -> Path:
+    """Write ``gaussians`` to ``path`` atomically (temp file in the same directory + os.replace), so a
+    reader never sees a half-written file. Creates the parent directory. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    el = PlyElement.describe(gaussians_to_array(gaussians), "vertex")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            PlyData([el], byte_order="<").write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_ply(path: str | os.PathLike, device: str | torch.device = "cpu") -> Gaussians:
+    """Read a 3DGS PLY file. Raises ValueError naming the file for anything missing or malformed."""
+    path = Path(path)
+    try:
+        ply = PlyData.read(str(path))
+    except Exception as e:  # plyfile raises assorted errors on truncated/garbled files
+        raise ValueError(f"{path}: not a readable PLY file ({e})") from e
+    if "vertex" not in [el.name for el in ply.elements]:
+        raise ValueError(f"{path}: PLY file has no 'vertex' element")
+    v = ply["vertex"]
+    names = [p.name for p in v.properties]
+    for name in _REQUIRED:
+        if name not in names:
+            raise ValueError(f"{path}: PLY vertex element is missing property '{name}'")
+    rest = sorted((n for n in names if re.fullmatch(r"f_rest_\d+", n)), key=lambda n: int(n[7:]))
+    if rest != [f"f_rest_{i}" for i in range(len(rest))] or len(rest) % 3:
+        raise ValueError(f"{path}: f_rest properties must be f_rest_0..f_rest_{{3(K-1)-1}}, got {len(rest)}")
+    try:
+        sh_degree_from_bases(len(rest) // 3 + 1)
+    except ValueError as e:
+        raise ValueError(f"{path}: {len(rest)} f_rest properties is not a whole SH degree") from e
+
+    n = v.count
+
+    def cols(keys: list[str]) -> torch.Tensor:
+        if not keys:
+            return torch.zeros(n, 0)
+        return torch.from_numpy(np.stack([np.asarray(v[k], dtype=np.float32) for k in keys], axis=1))
+
+    g = Gaussians(
+        means=cols(["x", "y", "z"]),
+        log_scales=cols([f"scale_{i}" for i in range(3)]),
+        quats=cols([f"rot_{i}" for i in range(4)]),
+        opacity_logits=cols(["opacity"])[:, 0].contiguous(),
+        sh0=cols(["f_dc_0", "f_dc_1", "f_dc_2"])[:, None, :],
+        shN=cols(rest).reshape(n, 3, len(rest) // 3).transpose(1, 2).contiguous(),
+    )
+    return g.to(device)
+
+
+def save_ply_sequence(
+    directory: str | os.PathLike, gaussians: Sequence[Gaussians], prefix: str = "frame"
+) -> list[Path]:
+    """One PLY per timestep: ``directory/{prefix}_0000.ply``, ... Returns the paths in order."""
+    directory = Path(directory)
+    return [save_ply(directory / f"{prefix}_{t:04d}.ply", g) for t, g in enumerate(gaussians)]
+
+
+def load_ply_sequence(directory: str | os.PathLike, prefix: str = "frame") -> list[Gaussians]:
+    """Read back what :func:`save_ply_sequence` wrote, ordered by timestep."""
+    paths = sorted(Path(directory).glob(f"{prefix}_[0-9]*.ply"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    return [load_ply(p) for p in paths]

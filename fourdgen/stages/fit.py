@@ -1,0 +1,389 @@
+"""Stage 3: fit one dynamic 4D Gaussian scene to a multi-view video (Full-4D section 3.3).
+
+Canonical Gaussians + a HexPlane deformation field, rendered with gsplat (CUDA) or the pure-torch
+rasterizer (CPU). A coarse stage trains static Gaussians, the fine stage adds the deformation.
+Densification follows gsplat's 3DGS rules under a hard budget (:class:`BudgetStrategy`).
+Novel-view regularisers (e.g. flow-matching distillation) plug into ``regularizers``.
+
+This module wires components and logs; the math lives in ``fourdgen.gaussians``/``fourdgen.nn``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+from fourdgen.callbacks.media import log_images, log_video
+from fourdgen.data.batch import GridBatch
+from fourdgen.data.scene_frames import SceneInfo
+from fourdgen.gaussians.container import Gaussians
+from fourdgen.gaussians.deformation import DeformationField
+from fourdgen.gaussians.densify import BudgetStrategy
+from fourdgen.gaussians.optim import LearningRates, exp_decay, group_views
+from fourdgen.gaussians.rasterize import RenderOutput, rasterize
+from fourdgen.gaussians.regularizers import NovelViewRegularizer, NovelViewRender
+from fourdgen.geometry.cameras import camera_centers, invert_rigid
+from fourdgen.geometry.interpolation import interpolate_loop
+from fourdgen.metrics.image import ImageMetrics
+from fourdgen.stages.common import check_finite
+
+SPLAT_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")
+
+
+class Gaussian4DFitter(L.LightningModule):
+    """Per-scene 4D Gaussian Splatting.
+
+    Args:
+        deformation: the deformation field (default: :class:`DeformationField` with 4DGaussians'
+            settings). ``deform=False`` fits a static scene (a baseline).
+        densify: densification/pruning strategy with budget (Full-4D: 120k max, prune above 80k,
+            opacity 0.015).
+        lr: per-group learning rates.
+        coarse_steps: steps of static training before the deformation is switched on.
+        sh_degree: SH degree of the colours (0 = RGB).
+        init_opacity / init_random_points / init_random_depth: initialisation; random points in the
+            training cameras' frusta (depth range in scene units) when the scene has no geometry.
+        bounds_quantile: the HexPlane box spans these quantiles of the initial points (padded 10%).
+        ssim_weight: lambda of (1 - lambda) L1 + lambda (1 - SSIM).
+        tv_weight / time_smooth_weight / time_l1_weight: HexPlane regularisers (fine stage).
+        regularizers: novel-view losses; ``regularize_every`` steps a camera of the interpolated path
+            (``path_samples`` cameras, Full-4D: 120) renders the whole clip for them.
+        background: RGB in [0, 1] composited under the splats.
+        lpips_net / lpips_weights / lpips_allow_random_backbone: LPIPS for val/test metrics
+            (``lpips_net=None`` skips LPIPS).
+        backend: rasterizer backend ("auto": gsplat on CUDA, torch on CPU).
+    """
+
+    def __init__(
+        self,
+        deformation: DeformationField | None = None,
+        deform: bool = True,
+        densify: BudgetStrategy | None = None,
+        lr: LearningRates | None = None,
+        coarse_steps: int = 3000,
+        sh_degree: int = 0,
+        init_opacity: float = 0.1,
+        init_random_points: int = 10_000,
+        init_random_depth: tuple[float, float] = (1.0, 10.0),
+        bounds_quantile: float = 0.05,
+        ssim_weight: float = 0.2,
+        tv_weight: float = 2e-4,
+        time_smooth_weight: float = 1e-3,
+        time_l1_weight: float = 1e-4,
+        regularizers: list[NovelViewRegularizer] | None = None,
+        regularize_every: int = 1,
+        path_samples: int = 120,
+        background: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        lpips_net: str | None = "alex",
+        lpips_weights: str | None = None,
+        lpips_allow_random_backbone: bool = False,
+        backend: str = "auto",
+        log_images_every_n_val: int = 1,
+    ):
+        super().__init__()
+        # Checkpoints hold plain dicts (Lightning loads them with weights_only=True); rebuild from them.
+        if isinstance(deformation, dict):
+            deformation = DeformationField(**deformation)
+        self.deformation = (deformation or DeformationField()) if deform else None
+        self.densify = BudgetStrategy(**densify) if isinstance(densify, dict) else densify or BudgetStrategy()
+        self.lr = LearningRates(**lr) if isinstance(lr, dict) else lr or LearningRates()
+        self.save_hyperparameters(ignore=["deformation", "regularizers", "densify", "lr"])
+        self.hparams.update(
+            densify=asdict(self.densify),
+            lr=asdict(self.lr),
+            deformation=None if self.deformation is None else self.deformation.config,
+        )
+        self.splats = nn.ParameterDict()
+        # Plain list, not a ModuleList: frozen models inside regularisers stay out of checkpoints.
+        self._regularizers = list(regularizers or [])
+        self.metrics = ImageMetrics(
+            lpips_net, lpips_weights, allow_random_backbone=lpips_allow_random_backbone
+        )
+        self.register_buffer("bg", torch.tensor(background, dtype=torch.float32))
+        self.register_buffer("scene_scale", torch.tensor(1.0))
+        self.strategy_state: dict = {}
+        self.info: SceneInfo | None = None
+        self._render_infos: list[dict] = []
+        self._val_seen = 0
+
+    # ------------------------------------------------------------------ set-up and checkpoints
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "scene_info"):
+            raise TypeError(
+                "Gaussian4DFitter needs a DataModule with scene_info() (e.g. SceneFramesDataModule)"
+            )
+        self.info = dm.scene_info()
+        if len(self.splats) == 0:
+            self._init_splats(self.info)
+
+    def _init_splats(self, info: SceneInfo) -> None:
+        h = self.hparams
+        centers = camera_centers(info.w2c[info.train_views, 0])
+        scale = 1.1 * (centers - centers.mean(0)).norm(dim=-1).max().clamp_min(1e-3)  # 3DGS scene extent
+        if info.points is not None:
+            points, colors = info.points, info.colors
+        else:
+            points, colors = self._random_frustum_points(info, h.init_random_points, h.init_random_depth)
+        g = Gaussians.from_points(
+            points.float(), colors.float(), sh_degree=h.sh_degree, init_opacity=h.init_opacity
+        )
+        self.splats.update(
+            {
+                "means": g.means,
+                "scales": g.log_scales,
+                "quats": g.quats,
+                "opacities": g.opacity_logits,
+                "sh0": g.sh0,
+                "shN": g.shN,
+            }
+        )
+        for k in SPLAT_KEYS:
+            self.splats[k] = nn.Parameter(self.splats[k].detach().clone())
+        self.scene_scale.fill_(float(scale))
+        if self.deformation is not None:
+            # Robust box: a far background (sky dome, distant ground) would otherwise stretch the
+            # HexPlane cells over the whole scene; points outside are clamped to its border.
+            q = torch.tensor([h.bounds_quantile, 1 - h.bounds_quantile])
+            lo, hi = torch.quantile(points.float(), q, dim=0)
+            pad = 0.1 * (hi - lo).clamp_min(1e-3)
+            self.deformation.set_bounds(lo - pad, hi + pad)
+
+    @staticmethod
+    def _random_frustum_points(info: SceneInfo, n: int, depth: tuple[float, float]) -> tuple[Tensor, Tensor]:
+        g = torch.Generator().manual_seed(0)
+        views = torch.tensor(info.train_views)[torch.randint(len(info.train_views), (n,), generator=g)]
+        uv = torch.rand(n, 2, generator=g) * torch.tensor([info.width, info.height])
+        z = depth[0] + (depth[1] - depth[0]) * torch.rand(n, generator=g)
+        K = info.K[views]
+        x = (
+            torch.stack(
+                [(uv[:, 0] - K[:, 0, 2]) / K[:, 0, 0], (uv[:, 1] - K[:, 1, 2]) / K[:, 1, 1], torch.ones(n)],
+                -1,
+            )
+            * z[:, None]
+        )
+        c2w = invert_rigid(info.w2c[views, 0])
+        pts = (c2w[:, :3, :3] @ x[:, :, None])[..., 0] + c2w[:, :3, 3]
+        return pts, torch.rand(n, 3, generator=g)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["fourdgen_strategy_state"] = {k: v for k, v in self.strategy_state.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # The number of Gaussians changes during training: size the parameters like the checkpoint's
+        # before Lightning loads the state dict (the optimizer is built afterwards, so it matches).
+        sd = checkpoint["state_dict"]
+        for k in SPLAT_KEYS:
+            if f"splats.{k}" in sd:
+                self.splats[k] = nn.Parameter(torch.empty_like(sd[f"splats.{k}"], device=self.device))
+        self.strategy_state = dict(checkpoint.get("fourdgen_strategy_state", {}))
+
+    # ------------------------------------------------------------------------------ rendering
+    @property
+    def is_fine(self) -> bool:
+        return self.deformation is not None and self.global_step >= self.hparams.coarse_steps
+
+    def gaussians_at(self, t: float | Tensor, deform: bool | None = None) -> dict[str, Tensor]:
+        """Gaussians (gsplat-trainer form: log-scales, logits) at normalised time ``t``."""
+        p = self.splats
+        deform = self.is_fine if deform is None else deform
+        if not deform or self.deformation is None:
+            return dict(p.items())
+        d = self.deformation(p["means"], t)
+        return {
+            **p,
+            "means": p["means"] + d.d_means,
+            "scales": p["scales"] + d.d_log_scales,
+            "quats": p["quats"] + d.d_quats,
+        }
+
+    def render(self, t: float | Tensor, K: Tensor, w2c: Tensor, deform: bool | None = None) -> RenderOutput:
+        """Render at time ``t`` into cameras ``K [C, 3, 3]``, ``w2c [C, 4, 4]`` at the scene size."""
+        info = self.info
+        return rasterize(
+            self.gaussians_at(t, deform),
+            K,
+            w2c,
+            info.width,
+            info.height,
+            backend=self.hparams.backend,
+            background=self.bg,
+        )
+
+    def export_gaussians(self, t: float) -> Gaussians:
+        """Detached Gaussians at time ``t`` (for PLY export)."""
+        with torch.no_grad():
+            g = self.gaussians_at(t, deform=self.deformation is not None)
+            return Gaussians(
+                means=g["means"],
+                log_scales=g["scales"],
+                quats=g["quats"],
+                opacity_logits=g["opacities"],
+                sh0=g["sh0"],
+                shN=g["shN"],
+            ).detach()
+
+    def camera_path(self, num: int | None = None) -> tuple[Tensor, Tensor]:
+        """Interpolated loop through the training cameras: ``K [3, 3]``, ``w2c [num, 4, 4]``."""
+        info = self.info
+        w2c = info.w2c[info.train_views, 0].to(self.device)
+        up = -w2c[:, 1, :3].mean(0)  # cameras' average "up" (OpenCV y points down)
+        path, _ = interpolate_loop(w2c, num_samples=num or self.hparams.path_samples, up=up)
+        return info.K[info.train_views[0]].to(self.device), path
+
+    # ------------------------------------------------------------------------------- training
+    def training_step(self, batch: GridBatch, batch_idx: int) -> Tensor:
+        batch = GridBatch.coerce(batch)
+        h = self.hparams
+        self._render_infos = []
+        l1 = ssim = 0.0
+        B = batch.rgb.shape[0]
+        for i in range(B):  # frames of one batch can have different times: one render each
+            out = self.render(batch.times[i, 0], batch.K[i, :1], batch.w2c[i, 0, :1])
+            self._render_infos.append(out.info)
+            pred = out.rgb[0].permute(2, 0, 1)[None]
+            gt = (batch.rgb[i, 0, 0][None] + 1) / 2
+            l1 = l1 + (pred - gt).abs().mean() / B
+            ssim = ssim + structural_similarity_index_measure(pred, gt, data_range=1.0) / B
+        losses = {"l1": l1, "dssim": 1 - ssim}
+        loss = (1 - h.ssim_weight) * l1 + h.ssim_weight * (1 - ssim)
+        if self.is_fine:
+            reg = self.deformation.regularization()
+            loss = (
+                loss
+                + h.tv_weight * reg["tv"]
+                + h.time_smooth_weight * reg["time_smooth"]
+                + h.time_l1_weight * reg["time_l1"]
+            )
+            losses.update({f"reg_{k}": v for k, v in reg.items()})
+        active = [r for r in self._regularizers if self.global_step >= r.start_step]
+        if active and self.global_step % h.regularize_every == 0:
+            novel = self._render_novel_view(batch)
+            for r in active:
+                value = r(novel)
+                losses[f"reg_{r.name}"] = value
+                loss = loss + r.weight * value
+        for name, value in {**losses, "loss": loss}.items():  # name the culprit first
+            check_finite(value, f"train/{name}", self.global_step)
+        for info in self._render_infos:
+            self.densify.step_pre_backward(self.splats, {}, self.strategy_state, self.global_step, info)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=B)
+        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        self.log("train/num_gaussians", float(len(self.splats["means"])), prog_bar=True, batch_size=B)
+        self.log(
+            "train/psnr", -10 * torch.log10(((pred - gt) ** 2).mean().detach().clamp_min(1e-10)), batch_size=B
+        )
+        return loss
+
+    def _render_novel_view(self, batch: GridBatch) -> NovelViewRender:
+        K, path = self.camera_path()
+        idx = int(torch.randint(len(path), (1,)))
+        times = self.info.times.to(self.device)
+        outs = [self.render(t, K[None], path[idx : idx + 1]) for t in times]
+        cat = lambda key: torch.cat([getattr(o, key) for o in outs]).permute(0, 3, 1, 2)  # noqa: E731
+        return NovelViewRender(
+            rgb=cat("rgb"),
+            alpha=cat("alpha"),
+            depth=cat("depth"),
+            K=K,
+            w2c=path[idx],
+            times=times,
+            step=self.global_step,
+            batch=batch,
+        )
+
+    def on_after_backward(self) -> None:
+        """Densify/prune after the gradients exist and before the optimizer steps (gsplat's order)."""
+        if not self._render_infos:
+            return
+        if not self.strategy_state:
+            self.strategy_state = self.densify.initialize_state(scene_scale=float(self.scene_scale))
+        opt = self.optimizers(use_pl_optimizer=False)
+        views = group_views(opt, list(SPLAT_KEYS))
+        for info in self._render_infos[:-1]:  # extra renders of this step only add statistics
+            self.densify._update_state(self.splats, self.strategy_state, info)
+        self.densify.step_post_backward(
+            self.splats, views, self.strategy_state, self.global_step, self._render_infos[-1]
+        )
+        self._render_infos = []
+
+    def configure_optimizers(self):
+        lr, scale = self.lr, float(self.scene_scale)
+        groups = [
+            {"params": [self.splats[k]], "name": k, "lr": getattr(lr, k) * (scale if k == "means" else 1)}
+            for k in SPLAT_KEYS
+        ]
+        if self.deformation is not None:
+            grid = list(self.deformation.grid.parameters())
+            grid_ids = {id(p) for p in grid}
+            mlp = [p for p in self.deformation.parameters() if id(p) not in grid_ids]
+            groups += [
+                {"params": mlp, "name": "deformation", "lr": lr.deformation},
+                {"params": grid, "name": "grid", "lr": lr.grid},
+            ]
+        opt = torch.optim.Adam(groups, lr=0.0, eps=1e-15)
+        coarse = self.hparams.coarse_steps
+
+        def factor(name: str, base: float):
+            if name == "means":
+                return lambda s: exp_decay(s, lr.means, lr.means_final, lr.max_steps) / lr.means
+            if name in ("deformation", "grid"):
+                init, final = getattr(lr, name), getattr(lr, f"{name}_final")
+                return lambda s: exp_decay(max(s - coarse, 0), init, final, lr.max_steps) / init
+            return lambda s: 1.0
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [factor(g["name"], g["lr"]) for g in groups])
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ----------------------------------------------------------------------- validation / test
+    def _eval_batch(self, batch: GridBatch, prefix: str, log: bool = True) -> dict[str, Tensor]:
+        batch = GridBatch.coerce(batch)
+        preds = []
+        for i in range(batch.rgb.shape[0]):
+            out = self.render(
+                batch.times[i, 0],
+                batch.K[i, :1],
+                batch.w2c[i, 0, :1],
+                deform=self.deformation is not None and (self.is_fine or prefix == "test"),
+            )
+            preds.append(out.rgb[0].permute(2, 0, 1))
+        pred, gt = torch.stack(preds).clamp(0, 1), (batch.rgb[:, 0, 0] + 1) / 2
+        metrics = self.metrics(pred, gt)
+        if batch.mask is not None:  # PSNR on moving objects only (masks: object ids > 0)
+            m = (batch.mask[:, 0, 0] > 0).expand_as(gt)
+            if m.any():
+                metrics["psnr_dynamic"] = -10 * torch.log10(((pred - gt)[m] ** 2).mean().clamp_min(1e-10))
+        if log:
+            self.log_dict({f"{prefix}/{k}": v for k, v in metrics.items()}, batch_size=len(pred))
+        return {"pred": pred, "gt": gt, **metrics}
+
+    def validation_step(self, batch: GridBatch, batch_idx: int) -> None:
+        out = self._eval_batch(batch, "val")
+        every = self.hparams.log_images_every_n_val
+        if batch_idx == 0 and every > 0 and self._val_seen % every == 0:
+            log_images(
+                self.loggers,
+                "val/render_vs_gt",
+                torch.cat([out["pred"][:4], out["gt"][:4]]),
+                self.global_step,
+                max_images=8,
+                nrow=min(4, len(out["pred"])),
+            )
+            log_video(self.loggers, "val/render", out["pred"], self.global_step, fps=self.info.fps)
+
+    def on_validation_epoch_end(self) -> None:
+        self._val_seen += 1
+
+    def test_step(self, batch: GridBatch, batch_idx: int) -> None:
+        self._eval_batch(batch, "test")
+
+    def predict_step(self, batch: GridBatch, batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_batch(batch, "predict", log=False)
+
+    def extra_repr(self) -> str:
+        return f"densify={asdict(self.densify)}"

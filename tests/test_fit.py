@@ -1,0 +1,313 @@
+"""Stage 3: 4D Gaussian fitter (HexPlane, budgeted densification, resume, NaN guard, export)."""
+
+from __future__ import annotations
+
+import math
+
+import imageio.v2 as iio
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fourdgen.callbacks.export import Export4DGS
+from fourdgen.data.scene_frames import SceneFramesDataModule
+from fourdgen.data.synthetic import SyntheticConfig
+from fourdgen.gaussians.deformation import DeformationField
+from fourdgen.gaussians.densify import BudgetStrategy
+from fourdgen.gaussians.optim import LearningRates
+from fourdgen.gaussians.ply import load_ply
+from fourdgen.gaussians.regularizers import NovelViewRegularizer
+from fourdgen.nn.hexplane import PLANES, HexPlane
+from fourdgen.stages.fit import Gaussian4DFitter
+
+SCENE = SyntheticConfig(
+    num_views=4, num_frames=6, height=24, width=32, layout="arc", arc_degrees=50, supersample=2, seed=5
+)
+
+
+def _dm(tmp_path, **kw):
+    return SceneFramesDataModule(
+        scene=str(tmp_path / "scene"),
+        synthetic=SCENE,
+        holdout_views=[2],
+        init_points=kw.pop("init_points", 2500),
+        **kw,
+    )
+
+
+def _fitter(steps: int, **kw) -> Gaussian4DFitter:
+    defaults = dict(
+        coarse_steps=steps // 4,
+        init_opacity=0.3,
+        lpips_net=None,
+        path_samples=8,
+        deformation=DeformationField(features=8, resolution=(32, 32, 32, 6), multires=(1,), width=32),
+        densify=BudgetStrategy(
+            refine_start_iter=40,
+            refine_every=40,
+            refine_stop_iter=10**6,
+            reset_every=10**6,
+            max_gaussians=4000,
+            prune_to=0,
+        ),
+        lr=LearningRates(
+            max_steps=steps, deformation=1.6e-3, deformation_final=1.6e-4, grid=1.6e-2, grid_final=1.6e-3
+        ),
+    )
+    return Gaussian4DFitter(**{**defaults, **kw})
+
+
+def _trainer(tmp_path, steps, **kw):
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        **kw,
+    )
+
+
+# ----------------------------------------------------------------------------------- HexPlane
+def _bilinear(plane, u, v):
+    """Plain reference: bilinear lookup, align_corners=True, border clamp. plane [C, H, W]."""
+    C, H, W = plane.shape
+    x = min(max((u + 1) / 2 * (W - 1), 0.0), W - 1.0)
+    y = min(max((v + 1) / 2 * (H - 1), 0.0), H - 1.0)
+    x0, y0 = math.floor(x), math.floor(y)
+    x1, y1 = min(x0 + 1, W - 1), min(y0 + 1, H - 1)
+    fx, fy = x - x0, y - y0
+    return (
+        plane[:, y0, x0] * (1 - fx) * (1 - fy)
+        + plane[:, y0, x1] * fx * (1 - fy)
+        + plane[:, y1, x0] * (1 - fx) * fy
+        + plane[:, y1, x1] * fx * fy
+    )
+
+
+def test_hexplane_matches_reference():
+    torch.manual_seed(0)
+    hp = HexPlane(features=3, resolution=(5, 6, 7, 4), multires=(1, 2))
+    for planes in hp.levels:
+        for p in planes:
+            p.data.uniform_(0.5, 1.5)
+    hp.set_bounds(torch.tensor([-2.0, -1, 0]), torch.tensor([2.0, 3, 1]))
+    xyz = torch.rand(7, 3) * torch.tensor([5.0, 5, 2]) - torch.tensor([2.5, 1.5, 0.5])  # some outside
+    t = torch.rand(7)
+    out = hp(xyz, t)
+    coords = hp.normalize(xyz, t)
+    for n in range(7):
+        ref = []
+        for planes in hp.levels:
+            f = torch.ones(3)
+            for (a, b), p in zip(PLANES, planes, strict=True):
+                f = f * _bilinear(p[0], float(coords[n, a]), float(coords[n, b]))
+            ref.append(f)
+        torch.testing.assert_close(out[n], torch.cat(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_deformation_starts_static_and_time_planes_regularise():
+    field = DeformationField(features=4, resolution=(8, 8, 8, 5), multires=(1,), width=16)
+    d = field(torch.randn(50, 3), 0.7)
+    assert d.d_means.abs().max() == 0 and d.d_log_scales.abs().max() == 0 and d.d_quats.abs().max() == 0
+    reg = field.regularization()
+    assert reg["time_l1"] == 0 and reg["time_smooth"] == 0  # time planes start at exactly 1
+    field.grid.levels[0][2].data[..., 2, :] += 1.0  # a bump in time on the xt plane
+    reg = field.regularization()
+    assert reg["time_l1"] > 0 and reg["time_smooth"] > 0 and reg["tv"] > 0
+
+
+# -------------------------------------------------------------------------------- budget
+def _fake_params(n):
+    return nn.ParameterDict(
+        {
+            "means": torch.randn(n, 3),
+            "scales": torch.full((n, 3), -6.0),  # below grow_scale3d: duplicate
+            "quats": F.normalize(torch.randn(n, 4), dim=-1),
+            "opacities": torch.zeros(n),
+            "sh0": torch.zeros(n, 1, 3),
+            "shN": torch.zeros(n, 0, 3),
+        }
+    )
+
+
+def _refine(strategy, params, grads, step=100):
+    opts = {k: torch.optim.Adam([params[k]]) for k in params}
+    state = strategy.initialize_state(scene_scale=1.0)
+    state["grad2d"], state["count"] = grads.clone(), torch.ones_like(grads)
+    strategy._grow_gs(params, opts, state, step)
+    strategy._prune_gs(params, opts, state, step)
+    return params
+
+
+def test_budget_caps_growth_and_prunes_only_above_prune_to():
+    s = BudgetStrategy(max_gaussians=130, prune_to=80, grow_grad2d=0.1, prune_opa=0.015, reset_every=10**6)
+    p = _fake_params(100)
+    grads = torch.zeros(100)
+    grads[:50] = torch.linspace(0.2, 1.0, 50)  # 50 candidates, room for 30
+    p = _refine(s, p, grads)
+    assert len(p["means"]) == 130
+    # the 30 highest-gradient candidates (indices 20..49) were duplicated: their copies are appended
+    torch.testing.assert_close(p["means"][100:], p["means"][20:50])
+    # 130 > prune_to: transparent ones go
+    p["opacities"].data[:] = 5.0
+    p["opacities"].data[:40] = -10.0
+    p = _refine(s, p, torch.zeros(130))
+    assert len(p["means"]) == 90
+    # at or below prune_to nothing is pruned
+    p2 = _fake_params(60)
+    p2["opacities"].data[:] = -10.0
+    assert len(_refine(s, p2, torch.zeros(60))["means"]) == 60
+
+
+def test_opacity_reset_runs():
+    s = BudgetStrategy(reset_every=10, refine_start_iter=10**6, prune_opa=0.015)
+    p = _fake_params(5)
+    p["opacities"].data[:] = 3.0
+    opts = {k: torch.optim.Adam([p[k]]) for k in p}
+    state = s.initialize_state()
+    info = {
+        "width": 8,
+        "height": 8,
+        "n_cameras": 1,
+        "radii": torch.ones(1, 5, 2),
+        "gaussian_ids": None,
+        "means2d": torch.zeros(1, 5, 2, requires_grad=True),
+    }
+    info["means2d"].grad = torch.zeros(1, 5, 2)
+    s.step_post_backward(p, opts, state, step=10, info=info)
+    assert torch.sigmoid(p["opacities"]).max() <= 0.03 + 1e-6
+
+
+# ------------------------------------------------------------------------------- fitting
+def test_dynamic_fit_beats_static_on_moving_objects(tmp_path):
+    """The done criterion of stage 3: with real motion, deformation must clearly win on the moving
+    objects of a held-out view (and the fit must learn at all)."""
+    steps = 700
+    results = {}
+    for name, deform in (("static", False), ("dynamic", True)):
+        L.seed_everything(0)
+        dm, model = _dm(tmp_path), _fitter(steps, deform=deform)
+        trainer = _trainer(tmp_path, steps)
+        trainer.fit(model, dm)
+        results[name] = trainer.test(model, dm, verbose=False)[0]
+    init = _trainer(tmp_path, 0).test(_fitter(steps), _dm(tmp_path), verbose=False)[0]
+    print({k: {m: round(v, 2) for m, v in r.items()} for k, r in {**results, "init": init}.items()})
+    assert results["dynamic"]["test/psnr"] > init["test/psnr"] + 3
+    assert results["dynamic"]["test/psnr_dynamic"] > results["static"]["test/psnr_dynamic"] + 1.5
+
+
+class _Recorder(NovelViewRegularizer):
+    name = "recorder"
+
+    def __init__(self):
+        super().__init__(weight=0.5)
+        self.frozen = nn.Linear(4, 4)  # a "loaded" model: must not reach the fitter's checkpoint
+        self.frozen.requires_grad_(False)
+        self.calls = []
+
+    def forward(self, render):
+        self.calls.append(render.rgb.shape)
+        return render.rgb.mean()
+
+
+def test_regularizer_slot_and_checkpoint(tmp_path):
+    reg = _Recorder()
+    model = _fitter(8, regularizers=[reg], coarse_steps=2)
+    trainer = _trainer(tmp_path, 3)
+    trainer.fit(model, _dm(tmp_path, init_points=300))
+    assert reg.calls == [(6, 3, 24, 32)] * 3  # the whole clip from one novel camera each step
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    keys = torch.load(tmp_path / "c.ckpt", weights_only=False)["state_dict"].keys()
+    assert not any("frozen" in k or "recorder" in k for k in keys)
+    # gradients of the regulariser reach the Gaussians
+    model.splats["sh0"].grad = None
+    out = model._render_novel_view(None)
+    reg(out).backward()
+    assert model.splats["sh0"].grad.abs().sum() > 0
+
+
+class _NaN(NovelViewRegularizer):
+    name = "nan"
+
+    def forward(self, render):
+        return render.rgb.sum() * float("nan")
+
+
+def test_nan_loss_stops_before_corrupting_weights(tmp_path):
+    model = _fitter(8, regularizers=[_NaN(start_step=2)])
+    trainer = _trainer(tmp_path, 5)
+    with pytest.raises(FloatingPointError, match="train/reg_nan is nan at global step 2"):
+        trainer.fit(model, _dm(tmp_path, init_points=300))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_resume_with_changed_number_of_gaussians(tmp_path):
+    dm = _dm(tmp_path, init_points=400)
+    model = _fitter(
+        200,
+        densify=BudgetStrategy(
+            refine_start_iter=5,
+            refine_every=5,
+            grow_grad2d=1e-6,
+            max_gaussians=700,
+            prune_to=10**6,
+            reset_every=10**6,
+        ),
+    )
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ck", save_last=True, every_n_train_steps=12
+    )
+    trainer = L.Trainer(
+        max_steps=12,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[ckpt],
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, dm)
+    n = len(model.splats["means"])
+    assert 400 < n <= 700
+    resumed = _fitter(200, densify=model.densify)
+    t2 = L.Trainer(
+        max_steps=14,
+        accelerator="cpu",
+        logger=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    t2.fit(resumed, _dm(tmp_path, init_points=400), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert t2.global_step == 14
+    assert len(resumed.splats["means"]) >= n
+    state = t2.optimizers[0].state[resumed.splats["means"]]
+    assert state["exp_avg"].shape == resumed.splats["means"].shape
+
+
+def test_random_init_without_geometry_and_export(tmp_path):
+    dm = _dm(tmp_path)
+    dm.prepare_data()
+    dm.setup()
+    scene = dm._loaded["scene"]
+    for v in scene.views:  # a scene with RGB and cameras only
+        v.xyz = v.depth = None
+    model = _fitter(4, init_random_points=500, init_random_depth=(2.0, 8.0))
+    export = Export4DGS(out_dir=str(tmp_path / "out"), path_samples=5)
+    trainer = _trainer(tmp_path, 2, callbacks=[export])
+    trainer.fit(model, dm)
+    assert len(model.splats["means"]) == 500
+    plys = sorted((tmp_path / "out/ply").glob("*.ply"))
+    assert len(plys) == 6 and len(load_ply(plys[3])) == 500
+    assert sum(1 for _ in iio.get_reader(tmp_path / "out/flythrough.mp4")) == 5
+    assert len(list((tmp_path / "out/renders").glob("view_*.mp4"))) == 4
