@@ -373,3 +373,13 @@ def test_open_arc_across_the_seam_and_up_axis():
     w2c_z = look_at(eyes, torch.zeros(3, 3), up=torch.tensor([0.0, 0.0, 1.0]))
     _, order = interpolate_path(w2c_z, 12, up=torch.tensor([0.0, 0.0, 1.0]), center=torch.zeros(3))
     assert order.tolist() == [1, 2, 0]
+
+
+def test_focus_point_of_a_rig():
+    from fourdgen.geometry.cameras import focus_point, look_at
+
+    target = torch.tensor([0.3, -0.4, 1.2])
+    ang = torch.linspace(0, 2.5, 5)
+    eyes = target + torch.stack([3 * torch.sin(ang), torch.full_like(ang, 1.0), -3 * torch.cos(ang)], -1)
+    w2c = look_at(eyes, target.expand_as(eyes))
+    torch.testing.assert_close(focus_point(w2c), target, atol=1e-4, rtol=0)

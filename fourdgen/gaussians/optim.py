@@ -17,9 +17,10 @@ from torch.optim import Optimizer
 
 @dataclass
 class LearningRates:
-    """Per-group learning rates (4DGaussians defaults). ``means`` is multiplied by the scene scale
-    and decays exponentially to ``means_final`` over ``max_steps``; the deformation MLP and the
-    HexPlane decay likewise, counted from the start of the fine stage."""
+    """Per-group learning rates (4DGaussians defaults). ``means``, ``deformation`` and ``grid`` are
+    multiplied by the scene scale (camera extent), as 4DGaussians does, and decay exponentially to
+    their ``*_final`` values over ``max_steps``; the deformation MLP and the HexPlane count from
+    the start of the fine stage."""
 
     means: float = 1.6e-4
     means_final: float = 1.6e-6

@@ -152,3 +152,16 @@ def pixel_rays(K: Tensor, c2w: Tensor, height: int, width: int) -> tuple[Tensor,
     dirs = (R @ d_cam[..., None])[..., 0]
     origins = c2w[..., :3, 3].reshape(*lead, 1, 1, 3).expand_as(dirs)
     return origins, dirs
+
+
+def focus_point(w2c: Tensor) -> Tensor:
+    """The point closest (least squares) to all cameras' optical axes ``[3]``: where a rig of
+    ``w2c [N, 4, 4]`` looks. Solves ``sum_i (I - d_i d_i^T) p = sum_i (I - d_i d_i^T) c_i``."""
+    w2c = w2c.reshape(-1, 4, 4).double()
+    c = camera_centers(w2c)
+    d = w2c[:, 2, :3]  # optical axis (camera +z) in world coordinates
+    P = torch.eye(3, dtype=w2c.dtype, device=w2c.device) - d[:, :, None] * d[:, None, :]
+    A, b = P.sum(0), (P @ c[:, :, None]).sum(0)[:, 0]
+    if torch.linalg.matrix_rank(A) < 3:  # parallel axes: no intersection, look ahead of the rig
+        return (c.mean(0) + d.mean(0)).float()
+    return torch.linalg.solve(A, b).float()

@@ -26,7 +26,7 @@ from fourdgen.gaussians.densify import BudgetStrategy
 from fourdgen.gaussians.optim import LearningRates, exp_decay, group_views
 from fourdgen.gaussians.rasterize import RenderOutput, rasterize
 from fourdgen.gaussians.regularizers import NovelViewRegularizer, NovelViewRender
-from fourdgen.geometry.cameras import camera_centers, invert_rigid
+from fourdgen.geometry.cameras import camera_centers, focus_point, invert_rigid
 from fourdgen.geometry.interpolation import interpolate_loop
 from fourdgen.metrics.image import ImageMetrics
 from fourdgen.stages.common import check_finite
@@ -47,7 +47,9 @@ class Gaussian4DFitter(L.LightningModule):
         sh_degree: SH degree of the colours (0 = RGB).
         init_opacity / init_random_points / init_random_depth: initialisation; random points in the
             training cameras' frusta (depth range in scene units) when the scene has no geometry.
-        bounds_quantile: the HexPlane box spans these quantiles of the initial points (padded 10%).
+        bounds_radius / bounds_quantile: the HexPlane box spans the ``[q, 1 - q]`` quantiles (padded
+            10%) of the initial points within ``bounds_radius`` x (mean camera distance) of the
+            cameras' focus point.
         ssim_weight: lambda of (1 - lambda) L1 + lambda (1 - SSIM).
         tv_weight / time_smooth_weight / time_l1_weight: HexPlane regularisers (fine stage).
         regularizers: novel-view losses; ``regularize_every`` steps a camera of the interpolated path
@@ -69,7 +71,8 @@ class Gaussian4DFitter(L.LightningModule):
         init_opacity: float = 0.1,
         init_random_points: int = 10_000,
         init_random_depth: tuple[float, float] = (1.0, 10.0),
-        bounds_quantile: float = 0.05,
+        bounds_radius: float = 0.75,
+        bounds_quantile: float = 0.01,
         ssim_weight: float = 0.2,
         tv_weight: float = 2e-4,
         time_smooth_weight: float = 1e-3,
@@ -146,10 +149,16 @@ class Gaussian4DFitter(L.LightningModule):
             self.splats[k] = nn.Parameter(self.splats[k].detach().clone())
         self.scene_scale.fill_(float(scale))
         if self.deformation is not None:
-            # Robust box: a far background (sky dome, distant ground) would otherwise stretch the
-            # HexPlane cells over the whole scene; points outside are clamped to its border.
+            # Foreground box: points within `bounds_radius` x (mean camera distance) of where the
+            # cameras look. A far background (sky, distant ground) would otherwise stretch the HexPlane
+            # cells over the whole scene; points outside are clamped to its border.
+            rig = info.w2c[info.train_views, 0]
+            focus = focus_point(rig)
+            radius = h.bounds_radius * (camera_centers(rig) - focus).norm(dim=-1).mean()
+            fg = points[(points - focus).norm(dim=-1) < radius]
+            fg = fg if len(fg) >= 16 else points
             q = torch.tensor([h.bounds_quantile, 1 - h.bounds_quantile])
-            lo, hi = torch.quantile(points.float(), q, dim=0)
+            lo, hi = torch.quantile(fg.float(), q, dim=0)
             pad = 0.1 * (hi - lo).clamp_min(1e-3)
             self.deformation.set_bounds(lo - pad, hi + pad)
 
@@ -323,8 +332,8 @@ class Gaussian4DFitter(L.LightningModule):
             grid_ids = {id(p) for p in grid}
             mlp = [p for p in self.deformation.parameters() if id(p) not in grid_ids]
             groups += [
-                {"params": mlp, "name": "deformation", "lr": lr.deformation},
-                {"params": grid, "name": "grid", "lr": lr.grid},
+                {"params": mlp, "name": "deformation", "lr": lr.deformation * scale},
+                {"params": grid, "name": "grid", "lr": lr.grid * scale},
             ]
         opt = torch.optim.Adam(groups, lr=0.0, eps=1e-15)
         coarse = self.hparams.coarse_steps

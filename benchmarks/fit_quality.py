@@ -1,0 +1,107 @@
+"""Held-out quality of a 4D Gaussian fit, deformation on vs off, through the fourdgen CLI.
+
+Fits a recipe twice (``deform: true`` and ``false``) on the same synthetic scene and prints the
+held-out view's PSNR/SSIM/LPIPS, PSNR on the moving objects only, time per step and Gaussians.
+
+    python benchmarks/fit_quality.py --config lightning_configs/quickstart.yaml
+    python benchmarks/fit_quality.py --config lightning_configs/fit/full4d.yaml --steps 5000 --coarse 1000 \
+        --views 7 --frames 16 --size 256 --holdout 3 --no-export
+
+Extra ``--set key=value`` pairs are passed to the CLI as ``--key=value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+
+from fourdgen.cli import FourDGenCLI
+
+
+def run(args: argparse.Namespace, deform: bool, workdir: str) -> dict:
+    cli_args = [
+        f"--config={args.config}",
+        f"--model.init_args.deform={str(deform).lower()}",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={workdir}",
+    ]
+    if args.steps:
+        cli_args += [
+            f"--trainer.max_steps={args.steps}",
+            f"--model.init_args.lr.max_steps={args.steps}",
+            f"--model.init_args.densify.refine_stop_iter={int(args.steps * 0.8)}",
+        ]
+    if args.coarse is not None:
+        cli_args.append(f"--model.init_args.coarse_steps={args.coarse}")
+    if args.views:
+        synth = {
+            "num_views": args.views,
+            "num_frames": args.frames,
+            "height": args.size,
+            "width": args.size,
+            "layout": "orbit",
+            "elevation_deg": 25,
+            "seed": args.seed,
+        }
+        cli_args += [
+            f"--data.init_args.scene={args.scene_dir}",
+            f"--data.init_args.synthetic={json.dumps(synth)}",
+            f"--data.init_args.holdout_views=[{args.holdout}]",
+        ]
+    if args.no_export:
+        cli_args += ["--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"]
+    cli_args += [f"--{kv}" for kv in args.set]
+    cli = FourDGenCLI(args=cli_args, run=False)
+    t0 = time.perf_counter()
+    cli.trainer.fit(cli.model, cli.datamodule)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    fit_s = time.perf_counter() - t0
+    metrics = cli.trainer.test(cli.model, cli.datamodule, verbose=False)[0]
+    return {
+        **{k.removeprefix("test/"): v for k, v in metrics.items()},
+        "fit_s": fit_s,
+        "ms_per_step": 1000 * fit_s / max(cli.trainer.global_step, 1),
+        "gaussians": len(cli.model.splats["means"]),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--steps", type=int, default=0, help="override trainer.max_steps (0: recipe's)")
+    p.add_argument("--coarse", type=int, default=None)
+    p.add_argument(
+        "--views", type=int, default=0, help="synthetic orbit scene with this many views (0: recipe's)"
+    )
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--holdout", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scene-dir", default=None)
+    p.add_argument("--no-export", action="store_true")
+    p.add_argument("--only", choices=["dynamic", "static"], default=None)
+    p.add_argument("--set", nargs="*", default=[], help="extra CLI overrides key=value")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        args.scene_dir = args.scene_dir or f"{tmp}/scene"
+        rows = {}
+        for name, deform in (("dynamic", True), ("static", False)):
+            if args.only in (None, name):
+                rows[name] = run(args, deform, f"{tmp}/{name}")
+    keys = ["psnr", "psnr_dynamic", "ssim", "lpips", "gaussians", "ms_per_step", "fit_s"]
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"\nheld-out view, {args.config}, device {dev}")
+    print("| fit | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for name, r in rows.items():
+        print(f"| {name} | " + " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()
