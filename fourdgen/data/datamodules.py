@@ -178,6 +178,13 @@ class BaseDataModule(L.LightningDataModule):
         super().__init__()
         self.batch_size, self.num_workers = batch_size, num_workers
 
+    def _plain_synthetic(self, synthetic: SyntheticConfig | dict | None) -> None:
+        """Store ``hparams.synthetic`` as a plain dict: checkpoints load with ``weights_only=True``."""
+        if synthetic is not None:
+            self.hparams["synthetic"] = (
+                asdict(synthetic) if isinstance(synthetic, SyntheticConfig) else dict(synthetic)
+            )
+
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(
             ds,
@@ -225,10 +232,7 @@ class GridDataModule(BaseDataModule):
     ):
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters()
-        if synthetic is not None:  # plain dict: checkpoints load with weights_only=True
-            self.hparams["synthetic"] = (
-                asdict(synthetic) if isinstance(synthetic, SyntheticConfig) else dict(synthetic)
-            )
+        self._plain_synthetic(synthetic)
         self.root = Path(root)
         self.splits: dict[str, list[Path]] = {}
 

@@ -7,7 +7,7 @@ what it needs before training: cameras, timestamps and an initial point cloud.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -103,10 +103,7 @@ class SceneFramesDataModule(BaseDataModule):
     ):
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters()
-        if synthetic is not None:  # plain dict: checkpoints load with weights_only=True
-            self.hparams["synthetic"] = (
-                asdict(synthetic) if isinstance(synthetic, SyntheticConfig) else dict(synthetic)
-            )
+        self._plain_synthetic(synthetic)
         self.root = Path(scene)
         self._loaded: dict | None = None
 
