@@ -250,7 +250,7 @@ class Gaussian4DFitter(L.LightningModule):
         batch = GridBatch.coerce(batch)
         h = self.hparams
         self._render_infos = []
-        l1 = ssim = 0.0
+        l1 = ssim = psnr = 0.0
         B = batch.rgb.shape[0]
         for i in range(B):  # frames of one batch can have different times: one render each
             out = self.render(batch.times[i, 0], batch.K[i, :1], batch.w2c[i, 0, :1])
@@ -259,6 +259,7 @@ class Gaussian4DFitter(L.LightningModule):
             gt = (batch.rgb[i, 0, 0][None] + 1) / 2
             l1 = l1 + (pred - gt).abs().mean() / B
             ssim = ssim + structural_similarity_index_measure(pred, gt, data_range=1.0) / B
+            psnr = psnr - 10 * torch.log10(((pred - gt) ** 2).mean().detach().clamp_min(1e-10)) / B
         losses = {"l1": l1, "dssim": 1 - ssim}
         loss = (1 - h.ssim_weight) * l1 + h.ssim_weight * (1 - ssim)
         if self.is_fine:
@@ -284,9 +285,7 @@ class Gaussian4DFitter(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=B)
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         self.log("train/num_gaussians", float(len(self.splats["means"])), prog_bar=True, batch_size=B)
-        self.log(
-            "train/psnr", -10 * torch.log10(((pred - gt) ** 2).mean().detach().clamp_min(1e-10)), batch_size=B
-        )
+        self.log("train/psnr", psnr, batch_size=B)
         return loss
 
     def _render_novel_view(self, batch: GridBatch) -> NovelViewRender:
@@ -393,6 +392,3 @@ class Gaussian4DFitter(L.LightningModule):
 
     def predict_step(self, batch: GridBatch, batch_idx: int) -> dict[str, Tensor]:
         return self._eval_batch(batch, "predict", log=False)
-
-    def extra_repr(self) -> str:
-        return f"densify={asdict(self.densify)}"
