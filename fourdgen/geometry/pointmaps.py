@@ -1,0 +1,107 @@
+"""Pointmap (XYZ video) normalisation for RGB+XYZ video diffusion (4DNeX).
+
+Pipeline (4DNeX, section 3 and its released code): pointmaps in the first camera's frame ->
+per-frame clip to the [2, 98] percentiles of the valid points -> centre each frame at
+(min + max) / 2 -> one global scale so every frame fits in [-1, 1] -> (VAE) -> latents
+renormalised as (z + 0.13) / 1.70. Every step is recorded so generated pointmaps can be mapped
+back (:func:`denormalize_pointmaps`).
+
+Per-frame centring (4DNeX's choice) removes the frame-to-frame drift of the clip's bounding-box
+centre; ``center="global"`` keeps one centre for the clip instead. Post-optimisation works on
+normalised pointmaps either way, recovering cameras up to that per-frame offset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+LATENT_SHIFT, LATENT_SCALE = 0.13, 1.70  # 4DNeX's pointmap-latent renormalisation
+
+
+@dataclass
+class PointmapNorm:
+    """What :func:`normalize_pointmaps` did: ``centers [T, 3]``, ``scale`` (scalar tensor),
+    per-frame clip bounds ``lo, hi [T, 3]``."""
+
+    centers: Tensor
+    scale: Tensor
+    lo: Tensor
+    hi: Tensor
+
+
+def normalize_pointmaps(
+    xyz: Tensor,
+    valid: Tensor | None = None,
+    percentiles: tuple[float, float] = (2.0, 98.0),
+    center: str = "per_frame",
+    eps: float = 1e-6,
+) -> tuple[Tensor, PointmapNorm]:
+    """``xyz [T, H, W, 3]`` (first-camera frame), ``valid [T, H, W]`` -> normalised ``[T, H, W, 3]``
+    in [-1, 1] and the :class:`PointmapNorm` to undo it. Invalid points are clipped like the others."""
+    T = xyz.shape[0]
+    flat = xyz.reshape(T, -1, 3).float()
+    vmask = (
+        torch.ones(flat.shape[:2], dtype=torch.bool, device=xyz.device)
+        if valid is None
+        else valid.reshape(T, -1)
+    )
+    q = torch.tensor([percentiles[0] / 100, percentiles[1] / 100], device=xyz.device)
+    lo, hi = [], []
+    for t in range(T):
+        pts = flat[t][vmask[t]] if vmask[t].any() else flat[t]
+        b = torch.quantile(pts, q, dim=0)  # [2, 3]
+        lo.append(b[0])
+        hi.append(b[1])
+    lo, hi = torch.stack(lo), torch.stack(hi)
+    if center == "per_frame":
+        centers = (lo + hi) / 2
+    elif center == "global":
+        centers = ((lo.amin(0) + hi.amax(0)) / 2).expand(T, 3)
+    else:
+        raise ValueError(f"normalize_pointmaps: center must be 'per_frame' or 'global', got {center!r}")
+    clipped = torch.maximum(torch.minimum(flat, hi[:, None]), lo[:, None])
+    scale = torch.maximum((hi - centers).abs(), (lo - centers).abs()).amax().clamp_min(eps)
+    out = (clipped - centers[:, None]) / scale
+    return out.reshape(xyz.shape).to(xyz.dtype), PointmapNorm(centers=centers, scale=scale, lo=lo, hi=hi)
+
+
+def denormalize_pointmaps(xyz_norm: Tensor, norm: PointmapNorm) -> Tensor:
+    """Inverse of :func:`normalize_pointmaps` (exact for points inside the clip bounds)."""
+    T = xyz_norm.shape[0]
+    flat = xyz_norm.reshape(T, -1, 3).float() * norm.scale + norm.centers[:, None]
+    return flat.reshape(xyz_norm.shape).to(xyz_norm.dtype)
+
+
+def xyz_condition_grid(height: int, width: int) -> Tensor:
+    """4DNeX's initial XYZ map for the first frame ``[H, W, 3]`` in [-1, 1]-ish: x and y are
+    linspaces over columns and rows, z the slanted plane ``1 - row / H``."""
+    y, x = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+    z = 1 - torch.arange(height, dtype=torch.float32)[:, None].expand(height, width) / height
+    return torch.stack([x, y, z], dim=-1)
+
+
+def guided_mask(num_frames: int, rgb_value: float = 1.0, xyz_value: float = 0.5) -> Tensor:
+    """Guided mask per frame and half ``[T, 2]`` (column 0: RGB half, 1: XYZ half): the first
+    frame is a condition (1 on RGB, 0.5 on the synthetic XYZ guess), later frames 0."""
+    m = torch.zeros(num_frames, 2)
+    m[0, 0], m[0, 1] = rgb_value, xyz_value
+    return m
+
+
+def renormalize_latents(z: Tensor, shift: float = LATENT_SHIFT, scale: float = LATENT_SCALE) -> Tensor:
+    """Pointmap latents -> the diffusion model's range: ``(z + shift) / scale``."""
+    return (z + shift) / scale
+
+
+def denormalize_latents(z: Tensor, shift: float = LATENT_SHIFT, scale: float = LATENT_SCALE) -> Tensor:
+    return z * scale - shift
+
+
+def latent_stats(latents: Tensor) -> tuple[float, float]:
+    """(shift, scale) that map a sample of pointmap latents to zero mean and unit std, for data
+    other than 4DNeX-10M: ``shift = -mean``, ``scale = std``."""
+    z = latents.float()
+    return -z.mean().item(), z.std().item()
