@@ -1,0 +1,147 @@
+"""Post-optimisation: cameras, shared intrinsics and depth from a generated pointmap clip
+(One4D section 3.4, eq. 11-12; MonST3R / Geo4D).
+
+Model: pixel (u, v) of frame t sees ``X = R_t^T K^-1 D_t(u, v) [u, v, 1] + o_t`` (``R_t``
+world-to-camera rotation, ``o_t`` camera centre). Objective: ``sum ||X - X_pred||`` over valid
+pixels + ``w * sum_t (||R_t^T R_{t+1} - I||_F + ||o_{t+1} - o_t||)``.
+
+Choices the paper leaves open (documented here):
+- The depth of every pixel has a closed-form optimum for a given camera (project the point onto
+  its ray), so it is eliminated (variable projection) instead of optimised; it is returned.
+- Initialisation: the global frame is the first camera (fourdgen's pointmap convention), so the
+  focal lengths come from frame 0 in closed form (principal point at the image centre); every
+  camera starts from a normalised DLT on its exact pixel-to-point correspondences.
+- Refinement: Adam on (log focal, axis-angle rotation offsets, centres), robust L2-norm residuals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fourdgen.geometry.cameras import make_intrinsics, make_rigid, pixel_centers
+from fourdgen.geometry.rotations import matrix_to_quaternion, quaternion_to_matrix
+
+
+@dataclass
+class PostOptResult:
+    """``K [3, 3]``, ``w2c [T, 4, 4]`` (world = the pointmaps' frame), ``depth [T, H, W]``, final loss."""
+
+    K: Tensor
+    w2c: Tensor
+    depth: Tensor
+    loss: float
+
+
+def _axis_angle_to_matrix(v: Tensor) -> Tensor:
+    """Rodrigues via quaternions; ``v [..., 3]`` -> ``[..., 3, 3]``."""
+    angle = v.norm(dim=-1, keepdim=True)
+    half = angle / 2
+    axis = v / angle.clamp_min(1e-12)
+    q = torch.cat([torch.cos(half), axis * torch.sin(half)], -1)
+    return quaternion_to_matrix(q)
+
+
+def _focal_from_first_frame(xyz0: Tensor, valid0: Tensor, uv: Tensor, c: Tensor) -> Tensor:
+    """Least-squares ``fx, fy`` with ``u - cx = fx X / Z`` for frame 0 in its own camera frame."""
+    X = xyz0[valid0]
+    ratio = X[:, :2] / X[:, 2:].clamp_min(1e-6)
+    du = uv[valid0] - c
+    return (du * ratio).sum(0) / (ratio * ratio).sum(0).clamp_min(1e-12)
+
+
+def _dlt(rays: Tensor, X: Tensor) -> Tensor:
+    """Camera ``w2c [4, 4]`` from normalised image rays ``[N, 3]`` (z = 1) and world points ``[N, 3]``
+    by a Hartley-normalised DLT, projected onto a rigid transform."""
+    mu = X.mean(0)
+    s = (X - mu).norm(dim=-1).mean().clamp_min(1e-9) / 3**0.5
+    Xn = (X - mu) / s
+    Xh = torch.cat([Xn, torch.ones_like(Xn[:, :1])], -1)  # [N, 4]
+    a, b = rays[:, :1], rays[:, 1:2]
+    zero = torch.zeros_like(Xh)
+    A = torch.cat([torch.cat([-Xh, zero, a * Xh], -1), torch.cat([zero, -Xh, b * Xh], -1)])  # [2N, 12]
+    P = torch.linalg.svd(A.double())[2][-1].reshape(3, 4)
+    M = P[:, :3]
+    if torch.linalg.det(M) < 0:
+        P = -P
+        M = P[:, :3]
+    U, S, Vh = torch.linalg.svd(M)
+    R = U @ Vh
+    t = P[:, 3] / S.mean()
+    # undo the point normalisation: x_cam = R (X - mu) / s + t  =>  scale back by s
+    t = s * t - R @ mu.double()
+    return make_rigid(R.float(), t.float())
+
+
+def recover_cameras(
+    xyz: Tensor,
+    valid: Tensor | None = None,
+    steps: int = 200,
+    lr: float = 1e-2,
+    smooth_weight: float = 0.01,
+    max_points: int = 4096,
+    seed: int = 0,
+) -> PostOptResult:
+    """Recover ``K``, ``w2c`` and depth from pointmaps ``xyz [T, H, W, 3]`` in one global frame
+    (``valid [T, H, W]`` marks trusted points)."""
+    T, H, W, _ = xyz.shape
+    xyz = xyz.float()
+    valid = torch.ones(T, H, W, dtype=torch.bool, device=xyz.device) if valid is None else valid
+    uv = pixel_centers(H, W, device=xyz.device)
+    c = torch.tensor([W / 2, H / 2], device=xyz.device)
+    f0 = _focal_from_first_frame(xyz[0], valid[0], uv, c)
+    g = torch.Generator().manual_seed(seed)
+    idx = []
+    for t in range(T):  # a fixed random subset of valid pixels per frame
+        ids = valid[t].flatten().nonzero()[:, 0].cpu()
+        idx.append(ids[torch.randperm(len(ids), generator=g)[:max_points]].to(xyz.device))
+    n = min(len(i) for i in idx)
+    idx = torch.stack([i[:n] for i in idx])  # [T, n]
+    pix = uv.reshape(-1, 2)[idx]  # [T, n, 2]
+    pts = xyz.reshape(T, -1, 3).gather(1, idx[..., None].expand(-1, -1, 3))  # [T, n, 3]
+    rays0 = torch.cat([(pix - c) / f0, torch.ones_like(pix[..., :1])], -1)
+    init = torch.stack([_dlt(rays0[t], pts[t]) for t in range(T)])
+    R0 = init[:, :3, :3]
+    o0 = -(R0.transpose(1, 2) @ init[:, :3, 3:])[..., 0]
+
+    log_f = f0.log().clone().requires_grad_(True)
+    rot = torch.zeros(T, 3, device=xyz.device, requires_grad=True)
+    centre = o0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([{"params": [log_f], "lr": lr * 0.1}, {"params": [rot, centre], "lr": lr}])
+    scale = (pts - pts.mean(1, keepdim=True)).norm(dim=-1).mean().clamp_min(1e-6)  # residuals in scene units
+
+    def residuals(log_f, rot, centre, pix_, pts_):
+        R = _axis_angle_to_matrix(rot) @ R0  # [T, 3, 3] world-to-camera
+        d_cam = torch.cat([(pix_ - c) / log_f.exp(), torch.ones_like(pix_[..., :1])], -1)
+        d = d_cam @ R  # rows: R^T d_cam  -> world directions [T, n, 3]
+        depth = ((pts_ - centre[:, None]) * d).sum(-1) / (d * d).sum(-1)
+        X = centre[:, None] + depth.clamp_min(1e-6)[..., None] * d
+        return X - pts_, R
+
+    loss_val = float("nan")
+    for _ in range(steps):
+        res, R = residuals(log_f, rot, centre, pix, pts)
+        align = res.norm(dim=-1).mean() / scale
+        smooth = (R[:-1].transpose(1, 2) @ R[1:] - torch.eye(3, device=R.device)).flatten(1).norm(
+            dim=-1
+        ).sum() + (centre[1:] - centre[:-1]).norm(dim=-1).sum() / scale
+        loss = align + smooth_weight * smooth
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        loss_val = loss.item()
+    with torch.no_grad():
+        R = _axis_angle_to_matrix(rot) @ R0
+        f = log_f.exp()
+        d_cam = torch.cat([(uv - c) / f, torch.ones_like(uv[..., :1])], -1).reshape(1, -1, 3)
+        d = d_cam @ R  # [T, HW, 3]
+        depth = ((xyz.reshape(T, -1, 3) - centre[:, None]) * d).sum(-1) / (d * d).sum(-1)
+        t_vec = -(R @ centre[..., None])[..., 0]
+        w2c = make_rigid(R, t_vec)
+    K = make_intrinsics(f[0], f[1], c[0], c[1]).to(xyz.device)
+    return PostOptResult(K=K, w2c=w2c, depth=depth.reshape(T, H, W).clamp_min(0), loss=loss_val)
+
+
+__all__ = ["PostOptResult", "recover_cameras", "matrix_to_quaternion"]
