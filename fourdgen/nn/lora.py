@@ -1,0 +1,125 @@
+"""LoRA on the Wan DiT with peft, exported in the format diffusers loads.
+
+Adapters are written as ``pytorch_lora_weights.safetensors`` (``WanPipeline.save_lora_weights``),
+which a stock diffusers ``WanTransformer3DModel.load_lora_adapter`` or ``WanPipeline.load_lora_weights``
+reads. Every other trained tensor (domain embeddings, control links, new layers) goes to
+``fourdgen_extra.safetensors`` beside it: 4DNeX's release shipped only the LoRA and its domain
+embeddings were lost, so both files are always written together.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+EXTRA_FILE = "fourdgen_extra.safetensors"
+ATTN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # 4DNeX
+
+
+def add_lora(
+    transformer: nn.Module,
+    rank: int = 64,
+    alpha: float = 32,
+    targets: tuple[str, ...] = ATTN_TARGETS,
+    adapter_name: str = "default",
+    keep_trainable: tuple[str, ...] = ("domain_embedding",),
+) -> nn.Module:
+    """Inject a LoRA adapter (B zero-initialised: the model is unchanged at first). Base weights
+    must be loaded before this (peft renames ``to_q.weight`` to ``to_q.base_layer.weight``).
+
+    peft freezes every other parameter; those whose names contain one of ``keep_trainable`` (new
+    layers such as the domain embedding) are made trainable again.
+    """
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
+    transformer.add_adapter(cfg, adapter_name=adapter_name)
+    for name, p in transformer.named_parameters():
+        if any(k in name for k in keep_trainable):
+            p.requires_grad_(True)
+    return transformer
+
+
+def extra_trainable_state(module: nn.Module) -> dict[str, Tensor]:
+    """Trainable tensors that are not LoRA weights (e.g. ``patch_embedding.domain_embedding``)."""
+    return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad and "lora_" not in n}
+
+
+def _full(t: Tensor) -> Tensor:
+    # FSDP2 shards are DTensors: gather before saving.
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def save_lora(
+    transformer: nn.Module,
+    out_dir: str | os.PathLike,
+    adapter_name: str = "default",
+    extra: dict[str, Tensor] | None = None,
+) -> Path:
+    """Write the adapter (diffusers format) and ``extra`` tensors (default: all non-LoRA trainable
+    parameters). Files are written in a temp dir and moved into place, so a crash leaves the old
+    export intact."""
+    from diffusers import WanPipeline
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lora = {
+        k: _full(v).contiguous().cpu()
+        for k, v in get_peft_model_state_dict(transformer, adapter_name=adapter_name).items()
+    }
+    extra = extra_trainable_state(transformer) if extra is None else extra
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        # The adapter config travels in the file's metadata, but some loaders ignore it (diffusers'
+        # load_lora_adapter given a file path assumes alpha = rank). So alpha / rank is baked
+        # into the B matrices and the metadata says alpha = rank: every loader then agrees.
+        cfg = transformer.peft_config[adapter_name]
+        if cfg.rank_pattern or cfg.alpha_pattern:
+            raise NotImplementedError("save_lora: per-module rank/alpha patterns are not supported")
+        scale = cfg.lora_alpha / cfg.r
+        lora = {k: v * scale if "lora_B" in k else v for k, v in lora.items()}
+        meta = {**cfg.to_dict(), "lora_alpha": cfg.r}
+        meta = {k: (list(v) if isinstance(v, set) else v) for k, v in meta.items()}
+        WanPipeline.save_lora_weights(
+            tmp, transformer_lora_layers=lora, safe_serialization=True, transformer_lora_adapter_metadata=meta
+        )
+        save_file({k: _full(v).contiguous().cpu() for k, v in extra.items()}, os.path.join(tmp, EXTRA_FILE))
+        for name in (LORA_FILE, EXTRA_FILE):
+            os.replace(os.path.join(tmp, name), out / name)
+    return out
+
+
+def load_lora(
+    transformer: nn.Module,
+    lora_dir: str | os.PathLike,
+    adapter_name: str = "default",
+    strict_extra: bool = True,
+) -> nn.Module:
+    """Load an adapter written by :func:`save_lora` (or any diffusers Wan LoRA) and the extra
+    tensors into ``transformer`` (which must already have the modules they belong to)."""
+    d = Path(lora_dir)
+    if not (d / LORA_FILE).is_file():
+        raise FileNotFoundError(f"{d}: no {LORA_FILE} (expected a fourdgen/diffusers LoRA export)")
+    # directory + weight_name: the path form skips the file's adapter metadata (rank/alpha)
+    transformer.load_lora_adapter(
+        str(d), weight_name=LORA_FILE, adapter_name=adapter_name, prefix="transformer"
+    )
+    if (d / EXTRA_FILE).is_file():
+        extra = load_file(str(d / EXTRA_FILE))
+        params = dict(transformer.named_parameters())
+        missing = [k for k in extra if k not in params]
+        if missing and strict_extra:
+            raise KeyError(
+                f"{d / EXTRA_FILE}: tensors {missing} have no matching parameter; install the "
+                "same components (e.g. width fusion) before loading"
+            )
+        with torch.no_grad():
+            for k, v in extra.items():
+                if k in params:
+                    params[k].copy_(v)
+    return transformer
