@@ -37,18 +37,18 @@ def _trained_lora(model):
 
 
 def test_lora_starts_as_identity_and_only_lora_and_extras_train(tmp_path):
-    model = build_transformer(path=str(_base(tmp_path)))
+    base = _base(tmp_path)
+    model = build_transformer(path=str(base))
     x = torch.randn(1, 16, 2, 4, 8)
     ref = _run(model, x)
-    install_width_fusion(model)
     add_lora(model, rank=4, alpha=2)
-    x2 = fuse_width(x, x)
-    out = _run(model, x2)
-    assert out.shape == x2.shape
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    torch.testing.assert_close(_run(model, x), ref, rtol=0, atol=0)  # B starts at zero
+    fused = install_width_fusion(build_transformer(path=str(base)))
+    add_lora(fused, rank=4, alpha=2)
+    assert _run(fused, fuse_width(x, x)).shape == (1, 16, 2, 4, 16)
+    trainable = {n for n, p in fused.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n == "patch_embedding.domain_embedding" for n in trainable)
-    assert set(extra_trainable_state(model)) == {"patch_embedding.domain_embedding"}
-    del ref
+    assert set(extra_trainable_state(fused)) == {"patch_embedding.domain_embedding"}
 
 
 def test_round_trip_with_extras_is_exact(tmp_path):

@@ -57,4 +57,3 @@ def test_materialize_matches_a_normally_built_model():
             assert 0.5 < (p.std() / q.std()).item() < 2.0, name
     out = _forward(meta)
     assert out.shape == (1, 16, 3, 8, 8) and torch.isfinite(out).all()
-

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fourdgen.geometry.cameras import intrinsics_from_fov, invert_rigid, look_at, pixel_rays, scale_intrinsics
+from fourdgen.geometry.rotations import axis_angle_to_matrix
 
 _EPS = 1e-4
 _LIGHT = F.normalize(torch.tensor([0.4, 1.0, 0.3]), dim=0)
@@ -134,13 +135,6 @@ def make_objects(cfg: SyntheticConfig) -> list[ObjectSpec]:
     return objs
 
 
-def _axis_angle(axis: Tensor, angle: float) -> Tensor:
-    """Rotation matrix [3, 3] (Rodrigues)."""
-    x, y, z = axis.tolist()
-    Kx = torch.tensor([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
-    return torch.eye(3) + math.sin(angle) * Kx + (1 - math.cos(angle)) * (Kx @ Kx)
-
-
 def object_state(obj: ObjectSpec, t: float) -> tuple[Tensor, Tensor, Tensor]:
     """(centre [3], rotation [3, 3] local->world, size [3]) at normalised time ``t`` in [0, 1]."""
     w = 1.5 * math.pi * t  # 3/4 of a cycle: no two frames of the clip coincide
@@ -151,7 +145,7 @@ def object_state(obj: ObjectSpec, t: float) -> tuple[Tensor, Tensor, Tensor]:
             math.cos(w + obj.move_phase) - math.cos(obj.move_phase),
         ]
     )
-    R = _axis_angle(obj.spin_axis, obj.spin * t)
+    R = axis_angle_to_matrix(obj.spin_axis * (obj.spin * t))
     pulse = obj.deform * math.sin(w)
     size = obj.size * torch.tensor([1 + pulse, 1 - 0.5 * pulse, 1 + pulse])
     return obj.center + offset, R, size

@@ -58,10 +58,6 @@ class GroupView:
     def state(self):
         return self.optimizer.state
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.param_groups[0]["params"]:
-            p.grad = None
-
 
 def group_views(optimizer: Optimizer, names: list[str]) -> dict[str, GroupView]:
     """Views for the groups whose ``name`` entry is in ``names``."""

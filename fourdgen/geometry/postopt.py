@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fourdgen.geometry.cameras import make_intrinsics, make_rigid, pixel_centers
-from fourdgen.geometry.rotations import matrix_to_quaternion, quaternion_to_matrix
+from fourdgen.geometry.rotations import axis_angle_to_matrix
 
 
 @dataclass
@@ -33,15 +33,6 @@ class PostOptResult:
     w2c: Tensor
     depth: Tensor
     loss: float
-
-
-def _axis_angle_to_matrix(v: Tensor) -> Tensor:
-    """Rodrigues via quaternions; ``v [..., 3]`` -> ``[..., 3, 3]``."""
-    angle = v.norm(dim=-1, keepdim=True)
-    half = angle / 2
-    axis = v / angle.clamp_min(1e-12)
-    q = torch.cat([torch.cos(half), axis * torch.sin(half)], -1)
-    return quaternion_to_matrix(q)
 
 
 def _focal_from_first_frame(xyz0: Tensor, valid0: Tensor, uv: Tensor, c: Tensor) -> Tensor:
@@ -113,7 +104,7 @@ def recover_cameras(
     scale = (pts - pts.mean(1, keepdim=True)).norm(dim=-1).mean().clamp_min(1e-6)  # residuals in scene units
 
     def residuals(log_f, rot, centre, pix_, pts_):
-        R = _axis_angle_to_matrix(rot) @ R0  # [T, 3, 3] world-to-camera
+        R = axis_angle_to_matrix(rot) @ R0  # [T, 3, 3] world-to-camera
         d_cam = torch.cat([(pix_ - c) / log_f.exp(), torch.ones_like(pix_[..., :1])], -1)
         d = d_cam @ R  # rows: R^T d_cam  -> world directions [T, n, 3]
         depth = ((pts_ - centre[:, None]) * d).sum(-1) / (d * d).sum(-1)
@@ -133,7 +124,7 @@ def recover_cameras(
         opt.step()
         loss_val = loss.item()
     with torch.no_grad():
-        R = _axis_angle_to_matrix(rot) @ R0
+        R = axis_angle_to_matrix(rot) @ R0
         f = log_f.exp()
         d_cam = torch.cat([(uv - c) / f, torch.ones_like(uv[..., :1])], -1).reshape(1, -1, 3)
         d = d_cam @ R  # [T, HW, 3]
@@ -142,6 +133,3 @@ def recover_cameras(
         w2c = make_rigid(R, t_vec)
     K = make_intrinsics(f[0], f[1], c[0], c[1]).to(xyz.device)
     return PostOptResult(K=K, w2c=w2c, depth=depth.reshape(T, H, W).clamp_min(0), loss=loss_val)
-
-
-__all__ = ["PostOptResult", "recover_cameras", "matrix_to_quaternion"]

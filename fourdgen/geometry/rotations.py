@@ -105,6 +105,13 @@ def slerp(q0: Tensor, q1: Tensor, t: Tensor | float, eps: float = 1e-6) -> Tenso
     return q / q.norm(dim=-1, keepdim=True)
 
 
+def axis_angle_to_matrix(v: Tensor) -> Tensor:
+    """Rotation matrices ``[..., 3, 3]`` of axis-angle vectors ``v [..., 3]`` (angle = ``|v|``)."""
+    angle = v.norm(dim=-1, keepdim=True)
+    axis = v / angle.clamp_min(1e-12)
+    return quaternion_to_matrix(torch.cat([torch.cos(angle / 2), axis * torch.sin(angle / 2)], -1))
+
+
 def rotation_angle(R: Tensor) -> Tensor:
     """Rotation angle in radians ``[...]`` of ``R [..., 3, 3]`` (in [0, pi])."""
     q = matrix_to_quaternion(R)

@@ -15,19 +15,7 @@ from torch import Tensor
 
 from fourdgen.geometry.align import align_cameras
 from fourdgen.geometry.cameras import camera_centers, invert_rigid
-
-
-def rotation_angle(R: Tensor) -> Tensor:
-    """Geodesic angle in radians ``[...]`` of rotations ``R [..., 3, 3]``.
-
-    Uses atan2(|sin|, cos) rather than acos(cos): acos loses precision for small angles.
-    """
-    cos = (R.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
-    skew = torch.stack(
-        [R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], -1
-    )
-    sin = skew.norm(dim=-1) / 2
-    return torch.atan2(sin, cos)
+from fourdgen.geometry.rotations import rotation_angle
 
 
 def _check(w2c_pred: Tensor, w2c_gt: Tensor, min_frames: int) -> None:

@@ -26,8 +26,9 @@ from fourdgen.gaussians.densify import BudgetStrategy
 from fourdgen.gaussians.optim import LearningRates, exp_decay, group_views
 from fourdgen.gaussians.rasterize import RenderOutput, rasterize
 from fourdgen.gaussians.regularizers import NovelViewRegularizer, NovelViewRender
-from fourdgen.geometry.cameras import camera_centers, focus_point, invert_rigid
+from fourdgen.geometry.cameras import camera_centers, focus_point
 from fourdgen.geometry.interpolation import interpolate_loop
+from fourdgen.geometry.projection import unproject
 from fourdgen.metrics.image import ImageMetrics
 from fourdgen.stages.common import check_finite
 
@@ -168,16 +169,7 @@ class Gaussian4DFitter(L.LightningModule):
         views = torch.tensor(info.train_views)[torch.randint(len(info.train_views), (n,), generator=g)]
         uv = torch.rand(n, 2, generator=g) * torch.tensor([info.width, info.height])
         z = depth[0] + (depth[1] - depth[0]) * torch.rand(n, generator=g)
-        K = info.K[views]
-        x = (
-            torch.stack(
-                [(uv[:, 0] - K[:, 0, 2]) / K[:, 0, 0], (uv[:, 1] - K[:, 1, 2]) / K[:, 1, 1], torch.ones(n)],
-                -1,
-            )
-            * z[:, None]
-        )
-        c2w = invert_rigid(info.w2c[views, 0])
-        pts = (c2w[:, :3, :3] @ x[:, :, None])[..., 0] + c2w[:, :3, 3]
+        pts = unproject(uv[:, None], z[:, None], info.K[views], info.w2c[views, 0])[:, 0]
         return pts, torch.rand(n, 3, generator=g)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
