@@ -112,6 +112,30 @@ def test_hexplane_matches_reference():
         torch.testing.assert_close(out[n], torch.cat(ref), rtol=1e-5, atol=1e-5)
 
 
+def test_hexplane_shared_time_path_matches_grid_sample():
+    """One time for all points takes the matmul path; values and gradients equal grid_sample's."""
+    torch.manual_seed(1)
+    hp = HexPlane(features=4, resolution=(5, 6, 7, 9), multires=(1, 2), shared_time_matmul=True).double()
+    for planes in hp.levels:
+        for p in planes:
+            p.data.uniform_(0.5, 1.5)
+    xyz = (torch.rand(200, 3, dtype=torch.float64) * 2.4 - 1.2).requires_grad_(True)  # some outside
+    grads = []
+    for t in (torch.tensor(0.37, dtype=torch.float64), torch.full((200,), 0.37, dtype=torch.float64)):
+        # scalar t: the matmul path for the time planes; [N] t: grid_sample for all planes
+        out = hp(xyz, t)
+        (out * torch.linspace(-1, 1, out.shape[1], dtype=torch.float64)).sum().backward()
+        grads.append((out.detach(), xyz.grad.clone(), [p.grad.clone() for p in hp.parameters()]))
+        xyz.grad = None
+        hp.zero_grad(set_to_none=True)
+    (o1, x1, p1), (o2, x2, p2) = grads
+    torch.testing.assert_close(o1, o2)
+    torch.testing.assert_close(x1, x2)
+    for a, b in zip(p1, p2, strict=True):
+        torch.testing.assert_close(a, b)
+    assert x1.abs().sum() > 0 and all(g.abs().sum() > 0 for g in p1)
+
+
 def test_deformation_starts_static_and_time_planes_regularise():
     field = DeformationField(features=4, resolution=(8, 8, 8, 5), multires=(1,), width=16)
     d = field(torch.randn(50, 3), 0.7)

@@ -74,7 +74,7 @@ class DeformationField(nn.Module):
 
     def forward(self, means: Tensor, t: Tensor | float) -> Deformation:
         """``means [N, 3]`` canonical positions, ``t`` scalar or ``[N]`` normalised time."""
-        t = torch.as_tensor(t, dtype=means.dtype, device=means.device).expand(means.shape[0])
+        t = torch.as_tensor(t, dtype=means.dtype, device=means.device)  # scalar: HexPlane's fast path
         h = self.feature_out(self.grid(means, t))
         zeros = means.new_zeros
         return Deformation(

@@ -14,11 +14,44 @@ import itertools
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 # Plane (a, b) samples coordinates a and b of (x, y, z, t); order: xy, xz, xt, yz, yt, zt.
 PLANES: tuple[tuple[int, int], ...] = tuple(itertools.combinations(range(4), 2))
 TIME_PLANES = tuple(i for i, p in enumerate(PLANES) if 3 in p)
 SPACE_PLANES = tuple(i for i, p in enumerate(PLANES) if 3 not in p)
+
+
+def _interp_weights(pos: Tensor, size: int) -> Tensor:
+    """Dense linear-interpolation weights ``[N, size]`` of grid positions ``pos [N]`` in [0, size-1]
+    (two non-zeros per row; differentiable in ``pos``)."""
+    i0 = pos.detach().floor().clamp(0, size - 2).long()
+    frac = pos - i0
+    w = torch.stack([1 - frac, frac], dim=-1)
+    return pos.new_zeros(len(pos), size).scatter(1, torch.stack([i0, i0 + 1], dim=-1), w)
+
+
+def _line_lookup(line: Tensor, pos: Tensor) -> Tensor:
+    """``line [C, A]`` sampled at ``pos [N]`` (grid units) -> ``[N, C]``, as a dense matmul."""
+    return _interp_weights(pos, line.shape[-1]) @ line.T
+
+
+def shared_time_lookup(plane: Tensor, u: Tensor, t: Tensor) -> Tensor:
+    """Bilinear lookup of a time plane ``[1, C, T, A]`` at ``(u [N] in [-1, 1], one t in [0, 1])``.
+
+    Same values and gradients as ``grid_sample(align_corners=True, padding_mode="border")``. When
+    every point shares one time (one render), grid_sample's CUDA backward scatters N points into
+    the A cells of one row with atomics, which serialise (N / A points per cell). Here the row is
+    blended first and the lookup is a ``[N, A] x [A, C]`` matmul, whose backward is a matmul too.
+    The weights are recomputed in backward (checkpoint), so memory stays O(N C).
+    """
+    T, A = plane.shape[-2:]
+    pt = t.clamp(0, 1) * (T - 1)
+    line = torch.einsum("t,cta->ca", _interp_weights(pt.reshape(1), T)[0].to(plane.dtype), plane[0])
+    pos = ((u.clamp(-1, 1) + 1) / 2 * (A - 1)).to(plane.dtype)
+    if torch.is_grad_enabled() and (line.requires_grad or pos.requires_grad):
+        return checkpoint(_line_lookup, line, pos, use_reentrant=False)
+    return _line_lookup(line, pos)
 
 
 class HexPlane(nn.Module):
@@ -30,6 +63,9 @@ class HexPlane(nn.Module):
         multires: spatial upsampling factor per level (time keeps its base resolution).
         bounds: ``[2, 3]`` min/max corner of the spatial box mapped onto [-1, 1]; points outside
             are clamped to the border by ``grid_sample``.
+        shared_time_matmul: look time planes up with :func:`shared_time_lookup` when all points
+            share one time (``None``: on CUDA only, where it avoids grid_sample's atomics; on CPU
+            grid_sample is faster).
 
     Output: ``[N, features * len(multires)]``.
     """
@@ -40,9 +76,11 @@ class HexPlane(nn.Module):
         resolution: tuple[int, int, int, int] = (64, 64, 64, 25),
         multires: tuple[int, ...] = (1, 2),
         bounds: Tensor | None = None,
+        shared_time_matmul: bool | None = None,
     ):
         super().__init__()
         self.features, self.multires = features, tuple(multires)
+        self.shared_time_matmul = shared_time_matmul
         self.levels = nn.ModuleList()
         for m in self.multires:
             res = [r * m for r in resolution[:3]] + [resolution[3]]
@@ -72,12 +110,20 @@ class HexPlane(nn.Module):
         x = (xyz - lo) / (hi - lo).clamp_min(1e-8) * 2 - 1
         return torch.cat([x, (t * 2 - 1)[:, None]], dim=-1)
 
-    def forward(self, xyz: Tensor, t: Tensor) -> Tensor:
-        coords = self.normalize(xyz, t)
+    def forward(self, xyz: Tensor, t: Tensor | float) -> Tensor:
+        """``xyz [N, 3]``, ``t [N]`` or a scalar shared by all points -> ``[N, out_dim]``."""
+        t = torch.as_tensor(t, dtype=xyz.dtype, device=xyz.device)
+        shared = t.numel() == 1
+        coords = self.normalize(xyz, t.reshape(1).expand(len(xyz)) if shared else t)
+        fast = self.shared_time_matmul if self.shared_time_matmul is not None else xyz.is_cuda
+        shared = shared and fast
         out = []
         for planes in self.levels:
             feat = 1.0
             for (a, b), plane in zip(PLANES, planes, strict=True):
+                if shared and b == 3:
+                    feat = feat * shared_time_lookup(plane, coords[:, a], t.reshape(()))
+                    continue
                 grid = coords[:, [a, b]].view(1, -1, 1, 2).to(plane.dtype)
                 sampled = F.grid_sample(
                     plane, grid, mode="bilinear", padding_mode="border", align_corners=True

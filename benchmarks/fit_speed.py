@@ -1,0 +1,117 @@
+"""Training speed and peak memory of the 4D Gaussian fitter at fixed Gaussian counts.
+
+Runs the Full-4D recipe through the fourdgen CLI on a synthetic orbit scene with densification off,
+so the number of Gaussians stays at ``--points`` (initialised from the scene's depth), and times
+training steps after a warm-up. ``dynamic`` is the fine stage (deformation on from step 0),
+``static`` is the coarse stage. Prints iterations/s and peak GPU memory.
+
+    python benchmarks/fit_speed.py --points 120000 1000000 --size 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import lightning as L
+import torch
+
+from fourdgen.cli import FourDGenCLI
+
+
+class StepTimer(L.Callback):
+    """Wall time of each training step after ``warmup`` steps (synchronised on CUDA)."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.times, self._t0 = warmup, [], 0.0
+
+    def _sync(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.warmup and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._sync()
+        if trainer.global_step > self.warmup:
+            self.times.append(time.perf_counter() - self._t0)
+
+
+def run(args: argparse.Namespace, points: int, dynamic: bool, workdir: str) -> dict:
+    synth = {
+        "num_views": args.views,
+        "num_frames": args.frames,
+        "height": args.size,
+        "width": args.size,
+        "layout": "orbit",
+        "elevation_deg": 25,
+    }
+    steps = args.warmup + args.steps
+    cli = FourDGenCLI(
+        args=[
+            f"--config={args.config}",
+            f"--model.init_args.deform={str(dynamic).lower()}",
+            "--model.init_args.coarse_steps=0",
+            "--model.init_args.densify.refine_stop_iter=0",  # keep N fixed
+            f"--data.init_args.scene={args.scene_dir}",
+            f"--data.init_args.synthetic={json.dumps(synth)}",
+            "--data.init_args.holdout_views=[]",
+            f"--data.init_args.init_points={points}",
+            f"--trainer.max_steps={steps}",
+            "--trainer.accelerator=auto",
+            "--trainer.limit_val_batches=0",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.callbacks=[]",
+            f"--trainer.default_root_dir={workdir}",
+        ],
+        run=False,
+    )
+    timer = StepTimer(args.warmup)
+    cli.trainer.callbacks.append(timer)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    n = len(cli.model.splats["means"])
+    ms = 1000 * sum(timer.times) / len(timer.times)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    return {"gaussians": n, "ms_per_step": ms, "it_per_s": 1000 / ms, "peak_gib": peak}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="lightning_configs/fit/full4d.yaml")
+    p.add_argument("--points", type=int, nargs="+", default=[120_000, 1_000_000])
+    p.add_argument("--modes", nargs="+", choices=["static", "dynamic"], default=["static", "dynamic"])
+    p.add_argument("--views", type=int, default=6)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--scene-dir", default=None)
+    args = p.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        args.scene_dir = args.scene_dir or f"{tmp}/scene"
+        for points in args.points:
+            for mode in args.modes:
+                r = run(args, points, mode == "dynamic", f"{tmp}/{mode}{points}")
+                rows.append({"mode": mode, **r})
+                print(rows[-1], flush=True)
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"\n{args.config}, {args.views} views x {args.frames} frames at {args.size}x{args.size}, {dev}")
+    print("| Gaussians | mode | ms/step | it/s | peak GiB |\n|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['gaussians']:,} | {r['mode']} | {r['ms_per_step']:.1f} | {r['it_per_s']:.1f} "
+            f"| {r['peak_gib']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
