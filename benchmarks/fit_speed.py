@@ -3,7 +3,8 @@
 Runs the Full-4D recipe through the fourdgen CLI on a synthetic orbit scene with densification off,
 so the number of Gaussians stays at ``--points`` (initialised from the scene's depth), and times
 training steps after a warm-up. ``dynamic`` is the fine stage (deformation on from step 0),
-``static`` is the coarse stage. Prints iterations/s and peak GPU memory.
+``static`` is the coarse stage, ``dynamic-compiled`` the fine stage with ``compile: true``.
+Prints iterations/s and peak GPU memory.
 
     python benchmarks/fit_speed.py --points 120000 1000000 --size 512
 """
@@ -24,16 +25,27 @@ from fourdgen.cli import FourDGenCLI
 class StepTimer(L.Callback):
     """Wall time of each training step after ``warmup`` steps (synchronised on CUDA)."""
 
-    def __init__(self, warmup: int):
+    def __init__(self, warmup: int, profile: bool = False):
         self.warmup, self.times, self._t0 = warmup, [], 0.0
+        self.profiler = None
+        if profile:
+            acts = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+            )
+            self.profiler = torch.profiler.profile(
+                activities=acts, schedule=torch.profiler.schedule(wait=0, warmup=1, active=5, repeat=1)
+            )
 
     def _sync(self) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.warmup and torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        if trainer.global_step == self.warmup:
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            if self.profiler is not None:
+                self.profiler.start()
         self._sync()
         self._t0 = time.perf_counter()
 
@@ -41,9 +53,16 @@ class StepTimer(L.Callback):
         self._sync()
         if trainer.global_step > self.warmup:
             self.times.append(time.perf_counter() - self._t0)
+            if self.profiler is not None:
+                self.profiler.step()
+
+    def table(self) -> str:
+        self.profiler.stop()
+        key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        return self.profiler.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60)
 
 
-def run(args: argparse.Namespace, points: int, dynamic: bool, workdir: str) -> dict:
+def run(args: argparse.Namespace, points: int, dynamic: bool, compile: bool, workdir: str) -> dict:
     synth = {
         "num_views": args.views,
         "num_frames": args.frames,
@@ -57,6 +76,7 @@ def run(args: argparse.Namespace, points: int, dynamic: bool, workdir: str) -> d
         args=[
             f"--config={args.config}",
             f"--model.init_args.deform={str(dynamic).lower()}",
+            f"--model.init_args.compile={str(compile).lower()}",
             "--model.init_args.coarse_steps=0",
             "--model.init_args.densify.refine_stop_iter=0",  # keep N fixed
             f"--data.init_args.scene={args.scene_dir}",
@@ -74,9 +94,11 @@ def run(args: argparse.Namespace, points: int, dynamic: bool, workdir: str) -> d
         ],
         run=False,
     )
-    timer = StepTimer(args.warmup)
+    timer = StepTimer(args.warmup, profile=args.profile)
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, cli.datamodule)
+    if args.profile:
+        print(f"profile: {points} Gaussians, dynamic={dynamic}, compile={compile}\n{timer.table()}")
     n = len(cli.model.splats["means"])
     ms = 1000 * sum(timer.times) / len(timer.times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
@@ -87,7 +109,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="lightning_configs/fit/full4d.yaml")
     p.add_argument("--points", type=int, nargs="+", default=[120_000, 1_000_000])
-    p.add_argument("--modes", nargs="+", choices=["static", "dynamic"], default=["static", "dynamic"])
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["static", "dynamic", "dynamic-compiled"],
+        default=["static", "dynamic", "dynamic-compiled"],
+    )
+    p.add_argument("--profile", action="store_true", help="print the slowest kernels of 5 steps")
     p.add_argument("--views", type=int, default=6)
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--size", type=int, default=512)
@@ -100,7 +128,8 @@ def main() -> None:
         args.scene_dir = args.scene_dir or f"{tmp}/scene"
         for points in args.points:
             for mode in args.modes:
-                r = run(args, points, mode == "dynamic", f"{tmp}/{mode}{points}")
+                dynamic, compile = mode != "static", mode == "dynamic-compiled"
+                r = run(args, points, dynamic, compile, f"{tmp}/{mode}{points}")
                 rows.append({"mode": mode, **r})
                 print(rows[-1], flush=True)
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fourdgen.callbacks.export import Export4DGS
+from fourdgen.data.batch import GridBatch
 from fourdgen.data.scene_frames import SceneFramesDataModule
 from fourdgen.data.synthetic import SyntheticConfig
 from fourdgen.gaussians.deformation import DeformationField
@@ -60,11 +61,11 @@ def _fitter(steps: int, **kw) -> Gaussian4DFitter:
 
 
 def _trainer(tmp_path, steps, **kw):
+    kw.setdefault("enable_checkpointing", False)
     return L.Trainer(
         max_steps=steps,
         accelerator="cpu",
         logger=False,
-        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -272,51 +273,60 @@ def test_nan_loss_stops_before_corrupting_weights(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_resume_with_changed_number_of_gaussians(tmp_path):
+def _fixed_loss(model: Gaussian4DFitter, dm) -> float:
+    """Photometric loss of every training frame, deformation on (no randomness)."""
+    batch = GridBatch.collate([dm.train_dataloader().dataset[i] for i in range(8)])
+    with torch.no_grad():
+        total = 0.0
+        for i in range(len(batch.rgb)):
+            out = model.render(batch.times[i, 0], batch.K[i, :1], batch.w2c[i, 0, :1], deform=True)
+            total += float((out.rgb[0].permute(2, 0, 1) - (batch.rgb[i, 0, 0] + 1) / 2).abs().mean())
+    return total
+
+
+class _AtTrainStart(L.Callback):
+    def __init__(self, fn):
+        self.fn, self.value = fn, None
+
+    def on_train_start(self, trainer, pl_module):
+        self.value = self.fn(pl_module, trainer.datamodule)
+
+
+def test_resume_mid_fine_stage_with_changed_number_of_gaussians(tmp_path):
+    """Checkpoint in the fine stage after densification; the resumed fit starts from exactly the
+    saved Gaussians, deformation and Adam moments (so the loss cannot jump), then keeps training."""
     dm = _dm(tmp_path, init_points=400)
-    model = _fitter(
-        200,
-        densify=BudgetStrategy(
-            refine_start_iter=5,
-            refine_every=5,
-            grow_grad2d=1e-6,
-            max_gaussians=700,
-            prune_to=10**6,
-            reset_every=10**6,
-        ),
+    densify = dict(
+        refine_start_iter=5,
+        refine_every=5,
+        grow_grad2d=1e-6,
+        max_gaussians=700,
+        prune_to=10**6,
+        reset_every=10**6,
     )
+    model = _fitter(200, coarse_steps=6, densify=BudgetStrategy(**densify))
     ckpt = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=tmp_path / "ck", save_last=True, every_n_train_steps=12
     )
-    trainer = L.Trainer(
-        max_steps=12,
-        accelerator="cpu",
-        logger=False,
-        callbacks=[ckpt],
-        limit_val_batches=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = _trainer(tmp_path, 12, callbacks=[ckpt], enable_checkpointing=True)
     trainer.fit(model, dm)
     n = len(model.splats["means"])
-    assert 400 < n <= 700
-    resumed = _fitter(200, densify=model.densify)
-    t2 = L.Trainer(
-        max_steps=14,
-        accelerator="cpu",
-        logger=False,
-        limit_val_batches=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
+    assert 400 < n <= 700 and model.is_fine
+    assert model.deformation.pos_head[-1].weight.abs().sum() > 0  # the deformation has trained
+    before = _fixed_loss(model, dm)
+    saved_opt = trainer.optimizers[0].state_dict()
+
+    resumed = _fitter(200, coarse_steps=6, densify=BudgetStrategy(**densify))
+    probe = _AtTrainStart(_fixed_loss)
+    t2 = _trainer(tmp_path, 16, callbacks=[probe])
     t2.fit(resumed, _dm(tmp_path, init_points=400), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
-    assert t2.global_step == 14
+    assert probe.value == pytest.approx(before, rel=1e-6)  # same model at the resume point: no jump
+    assert t2.global_step == 16 and resumed.is_fine
     assert len(resumed.splats["means"]) >= n
     state = t2.optimizers[0].state[resumed.splats["means"]]
     assert state["exp_avg"].shape == resumed.splats["means"].shape
+    assert float(state["step"]) == float(saved_opt["state"][0]["step"]) + 4  # moments continued
+    assert _fixed_loss(resumed, resumed.trainer.datamodule) < before * 1.05
 
 
 def test_random_init_without_geometry_and_export(tmp_path):

@@ -40,10 +40,10 @@ def shared_time_lookup(plane: Tensor, u: Tensor, t: Tensor) -> Tensor:
     """Bilinear lookup of a time plane ``[1, C, T, A]`` at ``(u [N] in [-1, 1], one t in [0, 1])``.
 
     Same values and gradients as ``grid_sample(align_corners=True, padding_mode="border")``. When
-    every point shares one time (one render), grid_sample's CUDA backward scatters N points into
-    the A cells of one row with atomics, which serialise (N / A points per cell). Here the row is
-    blended first and the lookup is a ``[N, A] x [A, C]`` matmul, whose backward is a matmul too.
-    The weights are recomputed in backward (checkpoint), so memory stays O(N C).
+    every point shares one time (one render), the row is blended first and the lookup is a
+    ``[N, A] x [A, C]`` matmul whose backward is a matmul too, instead of grid_sample's backward
+    scattering N points into one row's A cells with atomics. The weights are recomputed in backward
+    (checkpoint), so memory stays O(N C).
     """
     T, A = plane.shape[-2:]
     pt = t.clamp(0, 1) * (T - 1)
@@ -64,8 +64,8 @@ class HexPlane(nn.Module):
         bounds: ``[2, 3]`` min/max corner of the spatial box mapped onto [-1, 1]; points outside
             are clamped to the border by ``grid_sample``.
         shared_time_matmul: look time planes up with :func:`shared_time_lookup` when all points
-            share one time (``None``: on CUDA only, where it avoids grid_sample's atomics; on CPU
-            grid_sample is faster).
+            share one time. ``None``: only on CUDA under ``torch.compile``, where it measured 1.3x
+            faster than compiled grid_sample; uncompiled it is 2x slower (``benchmarks/deformation.py``).
 
     Output: ``[N, features * len(multires)]``.
     """
@@ -115,7 +115,9 @@ class HexPlane(nn.Module):
         t = torch.as_tensor(t, dtype=xyz.dtype, device=xyz.device)
         shared = t.numel() == 1
         coords = self.normalize(xyz, t.reshape(1).expand(len(xyz)) if shared else t)
-        fast = self.shared_time_matmul if self.shared_time_matmul is not None else xyz.is_cuda
+        fast = self.shared_time_matmul
+        if fast is None:  # the matmul path only pays off once the compiler fuses its weights
+            fast = xyz.is_cuda and torch.compiler.is_compiling()
         shared = shared and fast
         out = []
         for planes in self.levels:

@@ -59,6 +59,8 @@ class Gaussian4DFitter(L.LightningModule):
         lpips_net / lpips_weights / lpips_allow_random_backbone: LPIPS for val/test metrics
             (``lpips_net=None`` skips LPIPS).
         backend: rasterizer backend ("auto": gsplat on CUDA, torch on CPU).
+        compile: ``torch.compile`` the deformation field and its regularisers on CUDA (the field is
+            many small kernels: compiling fuses them, see ``benchmarks/fit_speed.py``).
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class Gaussian4DFitter(L.LightningModule):
         lpips_allow_random_backbone: bool = False,
         backend: str = "auto",
         log_images_every_n_val: int = 1,
+        compile: bool = False,
     ):
         super().__init__()
         # Checkpoints hold plain dicts (Lightning loads them with weights_only=True); rebuild from them.
@@ -113,6 +116,7 @@ class Gaussian4DFitter(L.LightningModule):
         self.info: SceneInfo | None = None
         self._render_infos: list[dict] = []
         self._val_seen = 0
+        self._compiled: dict = {}  # plain dict: compiled callables stay out of modules and checkpoints
 
     # ------------------------------------------------------------------ set-up and checkpoints
     def setup(self, stage: str) -> None:
@@ -195,13 +199,22 @@ class Gaussian4DFitter(L.LightningModule):
         deform = self.is_fine if deform is None else deform
         if not deform or self.deformation is None:
             return dict(p.items())
-        d = self.deformation(p["means"], t)
+        d = self._deform_fn("forward")(p["means"], t)
         return {
             **p,
             "means": p["means"] + d.d_means,
             "scales": p["scales"] + d.d_log_scales,
             "quats": p["quats"] + d.d_quats,
         }
+
+    def _deform_fn(self, name: str):
+        """The deformation field's ``forward``/``regularization``, compiled on CUDA if asked."""
+        fn = getattr(self.deformation, name)
+        if not (self.hparams.compile and self.device.type == "cuda"):
+            return fn
+        if name not in self._compiled:  # the number of Gaussians changes: dynamic shapes
+            self._compiled[name] = torch.compile(fn, dynamic=True)
+        return self._compiled[name]
 
     def render(self, t: float | Tensor, K: Tensor, w2c: Tensor, deform: bool | None = None) -> RenderOutput:
         """Render at time ``t`` into cameras ``K [C, 3, 3]``, ``w2c [C, 4, 4]`` at the scene size."""
@@ -255,7 +268,7 @@ class Gaussian4DFitter(L.LightningModule):
         losses = {"l1": l1, "dssim": 1 - ssim}
         loss = (1 - h.ssim_weight) * l1 + h.ssim_weight * (1 - ssim)
         if self.is_fine:
-            reg = self.deformation.regularization()
+            reg = self._deform_fn("regularization")()
             loss = (
                 loss
                 + h.tv_weight * reg["tv"]
@@ -326,7 +339,8 @@ class Gaussian4DFitter(L.LightningModule):
                 {"params": mlp, "name": "deformation", "lr": lr.deformation * scale},
                 {"params": grid, "name": "grid", "lr": lr.grid * scale},
             ]
-        opt = torch.optim.Adam(groups, lr=0.0, eps=1e-15)
+        # fused: one kernel for all groups on CUDA (the for-each path launches per tensor)
+        opt = torch.optim.Adam(groups, lr=0.0, eps=1e-15, fused=self.device.type == "cuda")
         coarse = self.hparams.coarse_steps
 
         def factor(name: str, base: float):
