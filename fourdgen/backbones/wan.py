@@ -131,6 +131,7 @@ def build_transformer(
     overrides: dict[str, Any] | None = None,
     meta: bool | None = None,
     dtype: torch.dtype = torch.float32,
+    seed: int = 0,
 ) -> WanTransformer3DModel:
     """A Wan DiT from a local checkpoint (``path``) or a preset with random weights.
 
@@ -148,7 +149,8 @@ def build_transformer(
         )
     cfg = {**_COMMON, **TRANSFORMER_PRESETS[preset], **(overrides or {})}
     meta = preset in META_BY_DEFAULT if meta is None else meta
-    with torch.device("meta" if meta else "cpu"):
+    with torch.random.fork_rng(devices=[]), torch.device("meta" if meta else "cpu"):
+        torch.manual_seed(seed)
         model = WanTransformer3DModel(**cfg)
     return model if meta else model.to(dtype)
 
@@ -158,8 +160,10 @@ def build_vae(
     preset: str | None = "tiny",
     subfolder: str = "vae",
     dtype: torch.dtype = torch.float32,
+    seed: int = 0,
 ) -> AutoencoderKLWan:
-    """The Wan VAE from a local checkpoint or a preset (random weights, built on CPU)."""
+    """The Wan VAE from a local checkpoint or a preset (random weights drawn with ``seed``, on CPU,
+    so the DataModule's latent cache and the model build the same VAE)."""
     if path is not None:
         root = _local_dir(path, subfolder, "build_vae")
         return AutoencoderKLWan.from_pretrained(
@@ -167,7 +171,9 @@ def build_vae(
         )
     if preset not in VAE_PRESETS:
         raise ValueError(f"build_vae: preset must be one of {sorted(VAE_PRESETS)}, got {preset!r}")
-    return AutoencoderKLWan(**VAE_PRESETS[preset]).to(dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKLWan(**VAE_PRESETS[preset]).to(dtype)
 
 
 @torch.no_grad()

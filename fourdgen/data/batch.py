@@ -30,7 +30,14 @@ class GridBatch:
         depth:    ``[B, V, T, 1, H, W]`` z-depth (0 = unknown), optional
         mask:     ``[B, V, T, 1, H, W]`` uint8 object ids (0 = background), optional
         text_embeds: ``[B, L, D]`` cached text-encoder states, optional
-        caption, scene_id: lists of B strings
+        neg_text_embeds: ``[B, L, D]`` text states of the negative prompt (CFG), optional
+        image_embeds: ``[B, L, D]`` CLIP image-encoder states (Wan I2V checkpoints), optional
+        rgb_latents / xyz_latents: ``[B, V, C, F, h, w]`` cached VAE latents of ``rgb`` and of the
+            normalised pointmaps (:mod:`fourdgen.diffusion.latents`), optional
+        cond_latents: ``[B, V, C, F, h, w']`` cached latents of the conditioning video, optional
+        xyz_center / xyz_scale: ``[B, V, T, 3]`` / ``[B, V]`` pointmap normalisation (to map
+            generated pointmaps back), optional
+        caption, scene_id: lists of B strings; vae_id: the VAE the latents come from
     """
 
     rgb: Tensor
@@ -44,8 +51,16 @@ class GridBatch:
     depth: Tensor | None = None
     mask: Tensor | None = None
     text_embeds: Tensor | None = None
+    neg_text_embeds: Tensor | None = None
+    image_embeds: Tensor | None = None
+    rgb_latents: Tensor | None = None
+    xyz_latents: Tensor | None = None
+    cond_latents: Tensor | None = None
+    xyz_center: Tensor | None = None
+    xyz_scale: Tensor | None = None
     caption: list[str] = field(default_factory=list)
     scene_id: list[str] = field(default_factory=list)
+    vae_id: list[str] = field(default_factory=list)
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
@@ -103,11 +118,21 @@ class GridBatch:
                 raise ValueError(f"GridBatch.{name}: expected shape {list(shape)}, got {list(t.shape)}")
         if self.observed.dtype != torch.bool:
             raise ValueError(f"GridBatch.observed: expected dtype torch.bool, got {self.observed.dtype}")
-        if self.text_embeds is not None and (self.text_embeds.ndim != 3 or self.text_embeds.shape[0] != B):
+        for name in ("text_embeds", "neg_text_embeds", "image_embeds"):
+            t = getattr(self, name)
+            if t is not None and (t.ndim != 3 or t.shape[0] != B):
+                raise ValueError(f"GridBatch.{name}: expected [{B}, L, D], got {list(t.shape)}")
+        for name in ("rgb_latents", "xyz_latents", "cond_latents"):
+            t = getattr(self, name)
+            if t is not None and (t.ndim != 6 or tuple(t.shape[:2]) != (B, V)):
+                raise ValueError(f"GridBatch.{name}: expected [{B}, {V}, C, F, h, w], got {list(t.shape)}")
+        if self.xyz_center is not None and tuple(self.xyz_center.shape) != (B, V, T, 3):
             raise ValueError(
-                f"GridBatch.text_embeds: expected [{B}, L, D], got {list(self.text_embeds.shape)}"
+                f"GridBatch.xyz_center: expected {[B, V, T, 3]}, got {list(self.xyz_center.shape)}"
             )
-        for name in ("caption", "scene_id"):
+        if self.xyz_scale is not None and tuple(self.xyz_scale.shape) != (B, V):
+            raise ValueError(f"GridBatch.xyz_scale: expected {[B, V]}, got {list(self.xyz_scale.shape)}")
+        for name in ("caption", "scene_id", "vae_id"):
             if getattr(self, name) and len(getattr(self, name)) != B:
                 raise ValueError(f"GridBatch.{name}: expected {B} strings, got {len(getattr(self, name))}")
         return self

@@ -20,6 +20,7 @@ import torch
 from plyfile import PlyData, PlyElement
 
 from fourdgen.gaussians.container import Gaussians, sh_degree_from_bases
+from fourdgen.io import atomic_path
 
 _REQUIRED = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity"]
 _REQUIRED += [f"scale_{i}" for i in range(3)] + [f"rot_{i}" for i in range(4)]
@@ -117,3 +118,19 @@ def load_ply_sequence(directory: str | os.PathLike, prefix: str = "frame") -> li
     """Read back what :func:`save_ply_sequence` wrote, ordered by timestep."""
     paths = sorted(Path(directory).glob(f"{prefix}_[0-9]*.ply"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     return [load_ply(p) for p in paths]
+
+
+def save_point_cloud(path: str | os.PathLike, points: torch.Tensor, colors: torch.Tensor) -> Path:
+    """Coloured point cloud PLY (``x y z red green blue``, what MeshLab/Open3D/CloudCompare read),
+    written atomically. ``points [N, 3]``, ``colors [N, 3]`` in [0, 1]."""
+    pts = points.detach().float().cpu().numpy()
+    rgb = (colors.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    arr = np.empty(len(pts), dtype=[(k, "f4") for k in "xyz"] + [(k, "u1") for k in ("red", "green", "blue")])
+    for i, k in enumerate("xyz"):
+        arr[k] = pts[:, i]
+    for i, k in enumerate(("red", "green", "blue")):
+        arr[k] = rgb[:, i]
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        PlyData([PlyElement.describe(arr, "vertex")]).write(str(tmp))
+    return path

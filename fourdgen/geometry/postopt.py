@@ -16,6 +16,7 @@ Choices the paper leaves open (documented here):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -76,13 +77,23 @@ def recover_cameras(
     seed: int = 0,
 ) -> PostOptResult:
     """Recover ``K``, ``w2c`` and depth from pointmaps ``xyz [T, H, W, 3]`` in one global frame
-    (``valid [T, H, W]`` marks trusted points)."""
+    (``valid [T, H, W]`` marks trusted points). Optimises with autograd even when called under
+    ``no_grad``/``inference_mode`` (e.g. from a validation or predict step)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return _recover_cameras(
+            xyz.clone(), None if valid is None else valid.clone(), steps, lr, smooth_weight, max_points, seed
+        )
+
+
+def _recover_cameras(xyz, valid, steps, lr, smooth_weight, max_points, seed) -> PostOptResult:
     T, H, W, _ = xyz.shape
     xyz = xyz.float()
     valid = torch.ones(T, H, W, dtype=torch.bool, device=xyz.device) if valid is None else valid
     uv = pixel_centers(H, W, device=xyz.device)
     c = torch.tensor([W / 2, H / 2], device=xyz.device)
     f0 = _focal_from_first_frame(xyz[0], valid[0], uv, c)
+    if not (torch.isfinite(f0).all() and (f0 > 0).all()):  # frame 0 not in its camera's frame: 60 deg FoV
+        f0 = torch.full_like(f0, W / (2 * math.tan(math.radians(30))))
     g = torch.Generator().manual_seed(seed)
     idx = []
     for t in range(T):  # a fixed random subset of valid pixels per frame

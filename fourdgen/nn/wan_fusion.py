@@ -115,3 +115,27 @@ def fuse_width(*latents: Tensor) -> Tensor:
 def split_width(latents: Tensor, num_domains: int = 2) -> tuple[Tensor, ...]:
     """Inverse of :func:`fuse_width`."""
     return latents.chunk(num_domains, dim=-1)
+
+
+class WidthFusion:
+    """4DNeX's coupling of the RGB and XYZ branches: one token sequence, XYZ latents to the right
+    of the RGB latents (shared RoPE positions, a domain embedding per half). A recipe picks the
+    coupling by ``class_path``; other couplings (decoupled LoRA, multi-view grids) offer the same
+    methods."""
+
+    num_domains = 2
+    trainable = ("domain_embedding",)  # new parameters that train next to the LoRA
+
+    @property
+    def config(self) -> dict:
+        return {}
+
+    def install(self, transformer: WanTransformer3DModel) -> WanTransformer3DModel:
+        return install_width_fusion(transformer, self.num_domains)
+
+    def fuse(self, rgb: Tensor, xyz: Tensor) -> Tensor:
+        """``[B, C, F, h, w]`` twice -> ``[B, C, F, h, 2w]``."""
+        return fuse_width(rgb, xyz)
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return split_width(x, self.num_domains)

@@ -1,0 +1,36 @@
+"""Exports the trained adapter of the video diffusion stage in diffusers' LoRA format.
+
+Writes ``out_dir/step_XXXXXXX/`` every ``every_n_steps`` and ``out_dir/final/`` at the end of fit:
+``pytorch_lora_weights.safetensors`` (loads into a stock diffusers Wan model or pipeline) and
+``fourdgen_extra.safetensors`` (domain embeddings and other new trained tensors). Only rank 0
+writes; under FSDP the shards are gathered first (``fourdgen.nn.lora.save_lora``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+
+from fourdgen.nn.lora import save_lora
+
+
+class LoraExport(L.Callback):
+    def __init__(self, out_dir: str = "outputs/video/lora", every_n_steps: int = 0):
+        self.out_dir, self.every_n_steps = Path(out_dir), every_n_steps
+
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
+        model = pl_module.transformer
+        if model is None or not getattr(model, "peft_config", None):
+            return  # full fine-tuning: the Lightning checkpoint holds the weights
+        if trainer.is_global_zero:
+            save_lora(model, self.out_dir / name)
+        trainer.strategy.barrier()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            self._export(trainer, pl_module, f"step_{step:07d}")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._export(trainer, pl_module, "final")

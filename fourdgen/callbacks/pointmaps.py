@@ -1,0 +1,72 @@
+"""Writes what the video diffusion stage predicts: videos, cameras, depth and point clouds.
+
+Per clip, under ``out_dir/<scene_id>/``: ``rgb.mp4``, ``xyz.mp4`` (pointmaps as colours),
+``side_by_side.mp4`` (RGB | XYZ | depth), ``cameras.json`` (K, w2c from post-optimisation),
+``depth.npz``, ``points/frame_XXXX.ply`` (coloured point cloud per frame, in the first camera's
+frame, pointmap units). Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from fourdgen.callbacks.media import save_video_mp4
+from fourdgen.gaussians.ply import save_point_cloud
+from fourdgen.io import atomic_path, write_json
+
+
+def _depth_colors(depth: torch.Tensor) -> torch.Tensor:
+    """``[T, H, W]`` -> grey ``[T, H, W, 3]`` in [0, 1], near = bright (one range for the clip)."""
+    valid = depth > 0
+    lo, hi = (depth[valid].min(), depth[valid].max()) if valid.any() else (0.0, 1.0)
+    d = 1 - (depth - lo) / max(float(hi - lo), 1e-6)
+    return (d * valid).clamp(0, 1)[..., None].expand(*depth.shape, 3)
+
+
+class PointmapVideoWriter(L.pytorch.callbacks.BasePredictionWriter):
+    """Write :meth:`VideoDiffusion.predict_step` outputs.
+
+    Args:
+        out_dir: output folder.
+        fps: frame rate of the videos.
+        write_points: per-frame PLY point clouds.
+    """
+
+    def __init__(self, out_dir: str = "outputs/video/predict", fps: float = 8.0, write_points: bool = True):
+        super().__init__(write_interval="batch")
+        self.out_dir, self.fps, self.write_points = Path(out_dir), fps, write_points
+
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+    ):
+        for clip in prediction:
+            self.write_clip(clip)
+
+    def write_clip(self, clip: dict) -> Path:
+        out = self.out_dir / str(clip["scene_id"])
+        rgb = ((clip["rgb"].float().cpu() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)  # [T, H, W, 3]
+        xyz = ((clip["xyz"].float().cpu() + 1) / 2).clamp(0, 1)
+        depth = clip["depth"].float().cpu()
+        save_video_mp4(out / "rgb.mp4", rgb, fps=self.fps)
+        save_video_mp4(out / "xyz.mp4", xyz, fps=self.fps)
+        save_video_mp4(
+            out / "side_by_side.mp4", torch.cat([rgb, xyz, _depth_colors(depth)], dim=2), fps=self.fps
+        )
+        write_json(
+            out / "cameras.json",
+            {"K": clip["K"].cpu().tolist(), "w2c": clip["w2c"].cpu().tolist(), "convention": "opencv"},
+        )
+        with atomic_path(out / "depth.npz") as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, depth=depth.numpy())
+        if self.write_points:
+            for t in range(len(rgb)):
+                save_point_cloud(
+                    out / "points" / f"frame_{t:04d}.ply",
+                    clip["xyz"][t].reshape(-1, 3),
+                    rgb[t].reshape(-1, 3),
+                )
+        return out

@@ -1,0 +1,206 @@
+"""RGB + pointmap clips for 4D video diffusion (4DNeX-style), with text and latent caches.
+
+Each sample is one view's clip (V = 1) from a scene folder, with world-space pointmaps (the
+scene's ``xyz``, or its depth unprojected). ``prepare_data`` fills two caches under ``cache_dir``:
+- ``text/``: embeddings of every caption (+ ``prompt_suffix``) and of the negative prompt;
+- ``latents/``: VAE latents of each clip's RGB and normalised pointmaps, keyed by the clip
+  (scene, frames, size) and the VAE's fingerprint, so a changed scene or VAE is re-encoded.
+Without a ``vae`` spec the batch carries pixels only and the stage module encodes them itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+
+from fourdgen.backbones.text import HashTextEncoder, UMT5TextEncoder, embed_cached
+from fourdgen.backbones.wan import build_vae
+from fourdgen.data.batch import GridBatch
+from fourdgen.data.datamodules import GridDataModule, GridDataset
+from fourdgen.diffusion.latents import encode_pointmaps, encode_video, prepare_pointmaps, vae_id
+from fourdgen.geometry.pointmaps import LATENT_SCALE, LATENT_SHIFT
+from fourdgen.geometry.projection import depth_to_points
+from fourdgen.io import atomic_path
+
+
+def world_pointmaps(b: GridBatch) -> torch.Tensor:
+    """``[B, V, T, H, W, 3]`` world points from ``xyz`` or, failing that, ``depth`` + cameras."""
+    if b.xyz is not None:
+        return b.xyz.permute(0, 1, 2, 4, 5, 3)
+    if b.depth is None:
+        raise ValueError("pointmap clips need 'xyz' or 'depth' in the scene (GridBatch.xyz / .depth)")
+    B, V, T, H, W = b.shape
+    K = b.K[:, :, None].expand(B, V, T, 3, 3)
+    return depth_to_points(b.depth[:, :, :, 0], K, b.w2c)
+
+
+class _PointmapClips(Dataset):
+    def __init__(self, base: GridDataset, dm: PointmapDataModule):
+        self.base, self.dm = base, dm
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, idx: int) -> GridBatch:
+        b = self.base[idx]
+        extra = self.dm.text_for(b.caption)
+        cached = self.dm.latents_for(b)
+        if cached is not None:
+            extra.update(cached)
+        for k, v in extra.items():
+            setattr(b, k, v)
+        return b.validate()
+
+
+class PointmapDataModule(GridDataModule):
+    """One-view RGB + XYZ clips from scene folders (see :class:`GridDataModule` for the split and
+    sampling arguments).
+
+    Args:
+        cache_dir: where text and latent caches live (None: embed text on every load, no latents).
+        vae: VAE spec for the latent cache (``build_vae`` keywords: ``path``/``preset``/``seed``);
+            use the stage module's. None: no latent cache.
+        text_encoder: :class:`UMT5TextEncoder` (a local Wan checkpoint) or :class:`HashTextEncoder`.
+        prompt_suffix: appended to every caption (4DNeX: "POINTMAP_STYLE.").
+        negative_prompt: the CFG negative prompt, embedded into ``neg_text_embeds``.
+        latent_shift / latent_scale: pointmap-latent renormalisation ``(z + shift) / scale``.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/pointmaps",
+        num_frames: int | None = 49,
+        height: int | None = 480,
+        width: int | None = 720,
+        frame_stride: int = 1,
+        cache_dir: str | None = None,
+        vae: dict | None = None,
+        text_encoder: HashTextEncoder | UMT5TextEncoder | None = None,
+        prompt_suffix: str = "POINTMAP_STYLE.",
+        negative_prompt: str = "",
+        latent_shift: float = LATENT_SHIFT,
+        latent_scale: float = LATENT_SCALE,
+        crop: str = "center",
+        samples_per_scene: int = 1,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+        synthetic=None,
+        num_synthetic_scenes: int = 1,
+        batch_size: int = 1,
+        num_workers: int = 0,
+    ):
+        super().__init__(
+            root=root,
+            num_views=1,
+            num_frames=num_frames,
+            height=height,
+            width=width,
+            frame_stride=frame_stride,
+            crop=crop,
+            condition="first_frame",
+            samples_per_scene=samples_per_scene,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+            synthetic=synthetic,
+            num_synthetic_scenes=num_synthetic_scenes,
+            batch_size=batch_size,
+            num_workers=num_workers,
+        )
+        self.save_hyperparameters(ignore=["text_encoder", "synthetic"])
+        self._plain_synthetic(synthetic)
+        self.text_encoder = text_encoder or HashTextEncoder()
+        self._vae = None
+        self._vae_id: str | None = None
+
+    # ------------------------------------------------------------------------------ caches
+    def _prompt(self, caption: str) -> str:
+        suffix = self.hparams.prompt_suffix
+        return f"{caption.strip()} {suffix}".strip() if suffix else caption
+
+    def text_for(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        cache = self.hparams.cache_dir
+        return {
+            "text_embeds": embed_cached(self.text_encoder, [self._prompt(c) for c in captions], cache),
+            "neg_text_embeds": embed_cached(
+                self.text_encoder, [self.hparams.negative_prompt] * len(captions), cache
+            ),
+        }
+
+    def _vae_ready(self) -> bool:
+        if self.hparams.vae is None or self.hparams.cache_dir is None:
+            return False
+        if self._vae is None:
+            self._vae = build_vae(**self.hparams.vae).eval()
+            self._vae_id = vae_id(self._vae)
+        return True
+
+    def _latent_path(self, b: GridBatch) -> Path:
+        h = self.hparams
+        key = hashlib.sha1(  # the clip by scene, frames and content; the VAE; the renormalisation
+            repr(
+                (
+                    b.scene_id,
+                    b.time_ids.tolist(),
+                    tuple(b.rgb.shape),
+                    float(b.rgb.double().sum()),
+                    self._vae_id,
+                    h.latent_shift,
+                    h.latent_scale,
+                )
+            ).encode()
+        ).hexdigest()[:20]
+        return Path(h.cache_dir) / "latents" / f"{b.scene_id[0]}-{key}.safetensors"
+
+    def latents_for(self, b: GridBatch) -> dict[str, torch.Tensor] | None:
+        """Cached latents of clip ``b`` (encoded and stored on first use); None without a VAE spec."""
+        if not self._vae_ready():
+            return None
+        path = self._latent_path(b)
+        if path.is_file():
+            d = load_file(str(path))
+        else:
+            d = self._encode(b)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                save_file(d, str(tmp), metadata={"vae_id": self._vae_id})
+        out = {k: v[None, None] for k, v in d.items() if k.endswith("latents")}
+        out["xyz_center"], out["xyz_scale"] = d["xyz_center"][None, None], d["xyz_scale"].reshape(1, 1)
+        out["vae_id"] = [self._vae_id]
+        return out
+
+    def _encode(self, b: GridBatch) -> dict[str, torch.Tensor]:
+        h = self.hparams
+        xyz, norm = prepare_pointmaps(world_pointmaps(b)[0, 0], b.w2c[0, 0, 0])
+        return {
+            "rgb_latents": encode_video(self._vae, b.rgb[0, 0].permute(1, 0, 2, 3)[None])[0].contiguous(),
+            "xyz_latents": encode_pointmaps(self._vae, xyz[None], h.latent_shift, h.latent_scale)[
+                0
+            ].contiguous(),
+            "xyz_center": norm.centers.contiguous(),
+            "xyz_scale": norm.scale.reshape(()).contiguous(),
+        }
+
+    def prepare_data(self) -> None:
+        """Write synthetic scenes (if asked) and fill the text and latent caches."""
+        super().prepare_data()
+        if self.hparams.cache_dir is None:
+            return
+        self.setup()
+        for split in ("train", "val", "test"):
+            base = self._dataset(split).base
+            for i in range(len(base.scenes)):  # clips are fixed: one per scene
+                b = base[i]
+                self.text_for(b.caption)
+                self.latents_for(b)
+
+    # ------------------------------------------------------------------------------ loaders
+    def _dataset(self, split: str) -> _PointmapClips:
+        base = super()._dataset(split)
+        base.random_sampling = False  # cached latents are of fixed clips (first frames, centre crop)
+        return _PointmapClips(base, self)

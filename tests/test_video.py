@@ -1,0 +1,189 @@
+"""Stage 1 (4DNeX): caches, conditioning, LoRA-only checkpoints, learning a clip, outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fourdgen.backbones.text import HashTextEncoder, embed_cached
+from fourdgen.backbones.wan import build_vae
+from fourdgen.callbacks.lora import LoraExport
+from fourdgen.callbacks.pointmaps import PointmapVideoWriter
+from fourdgen.data.pointmaps import PointmapDataModule
+from fourdgen.data.synthetic import SyntheticConfig
+from fourdgen.diffusion.conditioning import GuidedFirstFrame
+from fourdgen.diffusion.latents import scale_factors, vae_id
+from fourdgen.geometry.pointmaps import xyz_condition_grid
+from fourdgen.nn.lora import EXTRA_FILE, LORA_FILE
+from fourdgen.stages.video import VideoDiffusion
+
+SYN = SyntheticConfig(num_views=1, num_frames=5, height=32, width=32, camera_drift_deg=4, seed=3)
+WIDE = {"preset": "tiny", "overrides": {"num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 256}}
+
+
+def _dm(tmp_path, cache=True, **kw):
+    return PointmapDataModule(
+        root=str(tmp_path / "scenes"),
+        num_frames=5,
+        height=32,
+        width=32,
+        cache_dir=str(tmp_path / "cache") if cache else None,
+        vae={"preset": "tiny"} if cache else None,
+        text_encoder=HashTextEncoder(dim=32, length=8),
+        synthetic=SYN,
+        **kw,
+    )
+
+
+def _batch(dm):
+    dm.prepare_data()
+    dm.setup()
+    return next(iter(dm.train_dataloader()))
+
+
+def _trainer(tmp_path, steps, **kw):
+    kw.setdefault("limit_val_batches", 0)
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=kw.pop("enable_checkpointing", False),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        **kw,
+    )
+
+
+def test_text_cache_is_deterministic(tmp_path):
+    enc = HashTextEncoder(dim=8, length=6)
+    a = embed_cached(enc, ["a red ball", ""], tmp_path)
+    assert len(list((tmp_path / "text").iterdir())) == 2
+    b = embed_cached(enc, ["a red ball", ""], tmp_path)  # read back
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert a[0, 3:].abs().sum() == 0 and a[0, :3].abs().sum() > 0 and a[1].abs().sum() == 0  # zero padding
+
+
+def test_latent_cache_equals_fresh_encoding_and_checks_the_vae(tmp_path):
+    dm = _dm(tmp_path)
+    b = _batch(dm)
+    assert b.rgb_latents.shape == (1, 1, 16, 3, 16, 16) and b.vae_id
+    assert len(list((tmp_path / "cache" / "latents").iterdir())) == 1  # one clip, cached once
+    model = VideoDiffusion(lora_rank=0)
+    model.configure_model()
+    cached = model.encode(b)
+    fresh = model.encode(dataclasses.replace(b, rgb_latents=None, xyz_latents=None))
+    for k in ("rgb", "xyz", "cond"):
+        torch.testing.assert_close(cached[k], fresh[k], rtol=0, atol=0)
+    other = VideoDiffusion(lora_rank=0, vae={"preset": "tiny", "seed": 1})
+    other.configure_model()
+    assert other.vae_id != model.vae_id
+    with pytest.raises(ValueError, match="batch latents come from VAE"):
+        other.encode(b)
+
+
+def test_guided_first_frame_condition():
+    vae = build_vae(preset="tiny")
+    tf = scale_factors(vae)[0]
+    cond = GuidedFirstFrame()
+    assert cond.channels(vae) == tf + 16
+    rgb = torch.rand(2, 3, 5, 8, 12) * 2 - 1
+    video = cond.condition_video(rgb)
+    assert video.shape == (2, 3, 5, 8, 24)
+    torch.testing.assert_close(video[:, :, 0, :, :12], rgb[:, :, 0])
+    torch.testing.assert_close(video[0, :, 0, :, 12:], xyz_condition_grid(8, 12).permute(2, 0, 1))
+    assert video[:, :, 1:].abs().sum() == 0
+    extra = cond(torch.randn(2, 16, 3, 4, 12), vae)
+    assert extra.shape == (2, tf + 16, 3, 4, 12)
+    m = extra[:, :tf]
+    assert (m[:, :, 0, :, :6] == 1).all() and (m[:, :, 0, :, 6:] == 0.5).all() and (m[:, :, 1:] == 0).all()
+
+
+def test_lora_checkpoint_holds_only_trained_tensors_and_exports(tmp_path):
+    dm = _dm(tmp_path, samples_per_scene=4)
+    model = VideoDiffusion(lora_rank=4, lora_alpha=4, lr=1e-3)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    trainer = _trainer(
+        tmp_path, 3, callbacks=[ckpt, LoraExport(str(tmp_path / "lora"))], enable_checkpointing=True
+    )
+    trainer.fit(model, dm)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "domain_embedding" in n for n in trainable)
+    sd = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)["state_dict"]
+    assert set(sd) == trainable  # no frozen base, no VAE
+    for f in (LORA_FILE, EXTRA_FILE):
+        assert (tmp_path / "lora" / "final" / f).is_file()
+    assert "patch_embedding.domain_embedding" in load_file(tmp_path / "lora" / "final" / EXTRA_FILE)
+
+    # A fresh module resumes from the LoRA-only checkpoint: the base is rebuilt from its seeded preset.
+    resumed = VideoDiffusion(lora_rank=4, lora_alpha=4, lr=1e-3)
+    t2 = _trainer(tmp_path, 4)
+    t2.fit(resumed, dm, ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert t2.global_step == 4
+    # Loading the export into a fresh module reproduces the trained model's velocity exactly.
+    loaded = VideoDiffusion(lora_rank=4, lora_alpha=4, init_lora=str(tmp_path / "lora" / "final"))
+    loaded.configure_model()
+    b = _batch(dm)
+    lat = model.encode(b)
+    x = torch.randn(model.coupling.fuse(lat["rgb"], lat["xyz"]).shape)
+    t = torch.tensor([700.0])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.velocity(x, lat["cond"], t, b.text_embeds, None),
+            model.velocity(x, lat["cond"], t, b.text_embeds, None),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def _relative_error(model, b) -> float:
+    model.eval()
+    lat = model.encode(b)
+    x0 = model.coupling.fuse(lat["rgb"], lat["xyz"])
+    s = model.sample(b, num_steps=20, guidance_scale=1.0, generator=torch.Generator().manual_seed(1), lat=lat)
+    return float(((s - x0) ** 2).mean() / (x0**2).mean())
+
+
+def test_tiny_model_learns_a_clip(tmp_path):
+    """Trained on one clip, sampling from fresh noise reproduces its latents; untrained it does not."""
+    torch.manual_seed(0)
+    dm = _dm(tmp_path, samples_per_scene=400)
+    b = _batch(dm)
+    model = VideoDiffusion(transformer=WIDE, lora_rank=0, lr=1e-3, warmup_steps=20)
+    model.configure_model()
+    before = _relative_error(model, b)
+    model.train()
+    _trainer(tmp_path, 400).fit(model, dm)
+    after = _relative_error(model, b)
+    assert before > 1.0, before
+    assert after < 0.15, (before, after)
+
+
+def test_validation_metrics_and_prediction_outputs(tmp_path):
+    dm = _dm(tmp_path, cache=False)
+    model = VideoDiffusion(transformer=WIDE, lora_rank=0, val_sample_steps=3, val_postopt_steps=10)
+    metrics = _trainer(tmp_path, 1, limit_val_batches=1).validate(model, dm, verbose=False)[0]
+    for k in ("val/latent_mse", "val/abs_rel", "val/delta1", "val/ate"):
+        assert k in metrics and metrics[k] == metrics[k]  # present and not NaN
+    writer = PointmapVideoWriter(str(tmp_path / "pred"), fps=4)
+    trainer = _trainer(tmp_path, 1, callbacks=[writer])
+    trainer.predict(model, dm, return_predictions=False)
+    out = next((tmp_path / "pred").iterdir())
+    for f in ("rgb.mp4", "xyz.mp4", "side_by_side.mp4", "cameras.json", "depth.npz", "points/frame_0004.ply"):
+        assert (out / f).is_file(), f
+    cams = json.loads((out / "cameras.json").read_text())
+    assert torch.tensor(cams["w2c"]).shape == (5, 4, 4)
+
+
+def test_vae_fingerprint_tracks_weights():
+    a, b = build_vae(preset="tiny"), build_vae(preset="tiny")
+    assert vae_id(a) == vae_id(b)
+    with torch.no_grad():
+        next(b.parameters()).add_(1e-3)
+    assert vae_id(a) != vae_id(b)
