@@ -187,3 +187,22 @@ def test_vae_fingerprint_tracks_weights():
     with torch.no_grad():
         next(b.parameters()).add_(1e-3)
     assert vae_id(a) != vae_id(b)
+
+
+def test_tiny_recipe_runs_through_the_cli(tmp_path):
+    from fourdgen.cli import FourDGenCLI
+
+    cli = FourDGenCLI(
+        args=[
+            "--config=lightning_configs/tiny/video.yaml",
+            f"--data.init_args.root={tmp_path / 'scenes'}",
+            f"--data.init_args.cache_dir={tmp_path / 'cache'}",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_steps=3",
+            "--trainer.limit_val_batches=0",
+            "--trainer.enable_progress_bar=false",
+        ],
+        run=False,
+    )
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 3 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
