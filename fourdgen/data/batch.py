@@ -34,7 +34,6 @@ class GridBatch:
         image_embeds: ``[B, L, D]`` CLIP image-encoder states (Wan I2V checkpoints), optional
         rgb_latents / xyz_latents: ``[B, V, C, F, h, w]`` cached VAE latents of ``rgb`` and of the
             normalised pointmaps (:mod:`fourdgen.diffusion.latents`), optional
-        cond_latents: ``[B, V, C, F, h, w']`` cached latents of the conditioning video, optional
         xyz_center / xyz_scale: ``[B, V, T, 3]`` / ``[B, V]`` pointmap normalisation (to map
             generated pointmaps back), optional
         caption, scene_id: lists of B strings; vae_id: the VAE the latents come from
@@ -55,7 +54,6 @@ class GridBatch:
     image_embeds: Tensor | None = None
     rgb_latents: Tensor | None = None
     xyz_latents: Tensor | None = None
-    cond_latents: Tensor | None = None
     xyz_center: Tensor | None = None
     xyz_scale: Tensor | None = None
     caption: list[str] = field(default_factory=list)
@@ -122,7 +120,7 @@ class GridBatch:
             t = getattr(self, name)
             if t is not None and (t.ndim != 3 or t.shape[0] != B):
                 raise ValueError(f"GridBatch.{name}: expected [{B}, L, D], got {list(t.shape)}")
-        for name in ("rgb_latents", "xyz_latents", "cond_latents"):
+        for name in ("rgb_latents", "xyz_latents"):
             t = getattr(self, name)
             if t is not None and (t.ndim != 6 or tuple(t.shape[:2]) != (B, V)):
                 raise ValueError(f"GridBatch.{name}: expected [{B}, {V}, C, F, h, w], got {list(t.shape)}")

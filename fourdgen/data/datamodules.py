@@ -230,8 +230,11 @@ class GridDataModule(BaseDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
     ):
+        # This class's own arguments, explicitly: save_hyperparameters() would collect the outermost
+        # __init__'s (a subclass's), which differ between direct and CLI construction.
+        args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__(batch_size=batch_size, num_workers=num_workers)
-        self.save_hyperparameters()
+        self.save_hyperparameters(args)
         self._plain_synthetic(synthetic)
         self.root = Path(root)
         self.splits: dict[str, list[Path]] = {}

@@ -112,25 +112,7 @@ class PointmapDataModule(GridDataModule):
             batch_size=batch_size,
             num_workers=num_workers,
         )
-        # Lightning's save_hyperparameters collects the outermost __init__'s arguments, which differ
-        # between direct and CLI construction: set them explicitly (the text encoder is an object).
-        self.hparams.update(
-            root=root,
-            num_views=1,
-            num_frames=num_frames,
-            height=height,
-            width=width,
-            frame_stride=frame_stride,
-            crop=crop,
-            condition="first_frame",
-            load_depth=True,
-            load_xyz=True,
-            load_mask=True,
-            samples_per_scene=samples_per_scene,
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-            seed=seed,
-            num_synthetic_scenes=num_synthetic_scenes,
+        self.hparams.update(  # the text encoder is an object: kept out of the hparams
             cache_dir=cache_dir,
             vae=None if vae is None else dict(vae),
             prompt_suffix=prompt_suffix,
@@ -138,8 +120,6 @@ class PointmapDataModule(GridDataModule):
             latent_shift=latent_shift,
             latent_scale=latent_scale,
         )
-        self.hparams.pop("text_encoder", None)  # an object: checkpoints load with weights_only=True
-        self._plain_synthetic(synthetic)
         self.text_encoder = text_encoder or HashTextEncoder()
         self._vae = None
         self._vae_id: str | None = None
