@@ -16,10 +16,13 @@ import argparse
 import json
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+from torchvision.utils import save_image
 
 from fourdgen.cli import FourDGenCLI
+from fourdgen.data.batch import GridBatch
 
 
 def run(args: argparse.Namespace, deform: bool, workdir: str) -> dict:
@@ -63,12 +66,37 @@ def run(args: argparse.Namespace, deform: bool, workdir: str) -> dict:
         torch.cuda.synchronize()
     fit_s = time.perf_counter() - t0
     metrics = cli.trainer.test(cli.model, cli.datamodule, verbose=False)[0]
+    coverage = held_out_renders(
+        cli.model, cli.datamodule, args.save_renders, "dynamic" if deform else "static"
+    )
     return {
+        "alpha": coverage,
         **{k.removeprefix("test/"): v for k, v in metrics.items()},
         "fit_s": fit_s,
         "ms_per_step": 1000 * fit_s / max(cli.trainer.global_step, 1),
         "gaussians": len(cli.model.splats["means"]),
     }
+
+
+@torch.no_grad()
+def held_out_renders(model, datamodule, out_dir: str | None, name: str) -> float:
+    """Mean alpha of the held-out renders (1: opaque everywhere); with ``out_dir``, writes
+    ``<name>_heldout.png``: rows of render | ground truth | alpha for a few frames."""
+    model.eval()
+    alphas, rows = [], []
+    for batch in datamodule.test_dataloader():
+        batch = GridBatch.coerce(batch).to(model.device)
+        for i in range(batch.rgb.shape[0]):
+            out = model.render(batch.times[i, 0], batch.K[i, :1], batch.w2c[i, 0, :1], deform=None)
+            alphas.append(out.alpha.mean().item())
+            if len(rows) < 4:
+                pred = out.rgb[0].permute(2, 0, 1).clamp(0, 1)
+                gt = (batch.rgb[i, 0, 0] + 1) / 2
+                rows += [pred, gt, out.alpha[0].permute(2, 0, 1).expand_as(pred)]
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        save_image(torch.stack(rows).float().cpu(), f"{out_dir}/{name}_heldout.png", nrow=3)
+    return sum(alphas) / max(len(alphas), 1)
 
 
 def main() -> None:
@@ -86,6 +114,7 @@ def main() -> None:
     p.add_argument("--scene-dir", default=None)
     p.add_argument("--no-export", action="store_true")
     p.add_argument("--only", choices=["dynamic", "static"], default=None)
+    p.add_argument("--save-renders", default=None, help="folder for held-out render | gt | alpha images")
     p.add_argument("--set", nargs="*", default=[], help="extra CLI overrides key=value")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,7 +123,7 @@ def main() -> None:
         for name, deform in (("dynamic", True), ("static", False)):
             if args.only in (None, name):
                 rows[name] = run(args, deform, f"{tmp}/{name}")
-    keys = ["psnr", "psnr_dynamic", "ssim", "lpips", "gaussians", "ms_per_step", "fit_s"]
+    keys = ["psnr", "psnr_dynamic", "ssim", "lpips", "alpha", "gaussians", "ms_per_step", "fit_s"]
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\nheld-out view, {args.config}, device {dev}")
     print("| fit | " + " | ".join(keys) + " |")

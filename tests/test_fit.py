@@ -21,7 +21,7 @@ from fourdgen.gaussians.optim import LearningRates
 from fourdgen.gaussians.ply import load_ply
 from fourdgen.gaussians.regularizers import NovelViewRegularizer
 from fourdgen.nn.hexplane import PLANES, HexPlane
-from fourdgen.stages.fit import Gaussian4DFitter
+from fourdgen.stages.fit import Gaussian4DFitter, compile_dynamic
 
 SCENE = SyntheticConfig(
     num_views=4, num_frames=6, height=24, width=32, layout="arc", arc_degrees=50, supersample=2, seed=5
@@ -169,6 +169,34 @@ def _refine(strategy, params, grads, step=100):
     strategy._grow_gs(params, opts, state, step)
     strategy._prune_gs(params, opts, state, step)
     return params
+
+
+def test_compiled_deformation_does_not_recompile_when_gaussians_change():
+    """Densification changes the number of Gaussians (an nn.Parameter): one dynamic graph serves
+    all sizes. Plain ``torch.compile(dynamic=True)`` recompiles per size on a Parameter input."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    field = DeformationField(features=4, resolution=(4, 4, 4, 3), multires=(1,), width=8)
+    sizes = (50, 41, 37, 64)
+    counters = {}
+    for name, make in (
+        ("ours", compile_dynamic),
+        ("plain", lambda f, backend: torch.compile(f, dynamic=True, backend=backend)),
+    ):
+        counter = CompileCounter()
+        fn = make(field.forward, backend=counter)
+        for n in sizes:
+            means = nn.Parameter(torch.rand(n, 3))
+            out = fn(means, 0.5)
+            out.d_means.sum().backward()
+            assert means.grad is not None and means.grad.shape == (n, 3)
+            ref = field(means, 0.5)
+            torch.testing.assert_close(out.d_means, ref.d_means)
+        counters[name] = counter.frame_count
+        torch._dynamo.reset()
+    assert counters["ours"] == 1
+    assert counters["plain"] > 1  # the failure mode compile_dynamic exists for
 
 
 def test_budget_caps_growth_and_prunes_only_above_prune_to():

@@ -35,6 +35,21 @@ from fourdgen.stages.common import check_finite
 SPLAT_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")
 
 
+def compile_dynamic(fn, backend="inductor"):
+    """``torch.compile(fn, dynamic=True)`` for inputs whose length changes (densification).
+
+    Dynamo treats ``nn.Parameter`` inputs as static-shaped (``force_parameter_static_shapes``) and
+    recompiles on every new number of Gaussians until its recompile limit, then runs eagerly. A
+    view of a parameter is a plain tensor with the same autograd path, so it gets dynamic sizes.
+    """
+    compiled = torch.compile(fn, dynamic=True, backend=backend)
+
+    def call(*args):
+        return compiled(*(a.view_as(a) if isinstance(a, nn.Parameter) else a for a in args))
+
+    return call
+
+
 class Gaussian4DFitter(L.LightningModule):
     """Per-scene 4D Gaussian Splatting.
 
@@ -212,8 +227,8 @@ class Gaussian4DFitter(L.LightningModule):
         fn = getattr(self.deformation, name)
         if not (self.hparams.compile and self.device.type == "cuda"):
             return fn
-        if name not in self._compiled:  # the number of Gaussians changes: dynamic shapes
-            self._compiled[name] = torch.compile(fn, dynamic=True)
+        if name not in self._compiled:
+            self._compiled[name] = compile_dynamic(fn)
         return self._compiled[name]
 
     def render(self, t: float | Tensor, K: Tensor, w2c: Tensor, deform: bool | None = None) -> RenderOutput:
