@@ -27,6 +27,7 @@ WIDE = {"preset": "tiny", "overrides": {"num_attention_heads": 4, "attention_hea
 
 
 def _dm(tmp_path, cache=True, **kw):
+    kw.setdefault("text_encoder", HashTextEncoder(dim=32, length=8))
     return PointmapDataModule(
         root=str(tmp_path / "scenes"),
         num_frames=5,
@@ -34,7 +35,6 @@ def _dm(tmp_path, cache=True, **kw):
         width=32,
         cache_dir=str(tmp_path / "cache") if cache else None,
         vae={"preset": "tiny"} if cache else None,
-        text_encoder=HashTextEncoder(dim=32, length=8),
         synthetic=SYN,
         **kw,
     )
@@ -86,6 +86,51 @@ def test_latent_cache_equals_fresh_encoding_and_checks_the_vae(tmp_path):
     assert other.vae_id != model.vae_id
     with pytest.raises(ValueError, match="batch latents come from VAE"):
         other.encode(b)
+
+
+def test_condition_latents_cached_per_conditioning(tmp_path):
+    dm = _dm(tmp_path, conditioning=GuidedFirstFrame())
+    b = _batch(dm)
+    assert b.cond_latents.shape == (1, 1, 16, 3, 16, 32) and b.cond_id
+    model = VideoDiffusion(lora_rank=0)
+    model.configure_model()
+    torch.testing.assert_close(
+        model.condition(b), model.condition(dataclasses.replace(b, cond_latents=None)), rtol=0, atol=0
+    )
+    zeros = VideoDiffusion(lora_rank=0, conditioning=GuidedFirstFrame(xyz_guess="zeros"))
+    zeros.configure_model()
+    with pytest.raises(ValueError, match="cond_latents come from"):
+        zeros.condition(b)
+    # A different conditioning is a different cache entry, not a stale hit.
+    other = _batch(_dm(tmp_path, conditioning=GuidedFirstFrame(xyz_guess="zeros")))
+    assert other.cond_id != b.cond_id and len(list((tmp_path / "cache" / "latents").iterdir())) == 2
+    torch.testing.assert_close(
+        zeros.condition(other), zeros.condition(dataclasses.replace(other, cond_latents=None))
+    )
+
+
+def test_image_conditioned_dit_gets_clip_tokens_from_the_datamodule(tmp_path):
+    """Wan2.1-I2V-style DiT (image_dim): the DataModule embeds each clip's first frame; training
+    runs, and the image tokens change the velocity. Without them, or with text not 512 tokens long,
+    one clear error."""
+    from fourdgen.backbones.image import HashImageEncoder
+
+    i2v = {"preset": "tiny", "overrides": {"image_dim": 24, "added_kv_proj_dim": 32}}
+    dm = _dm(
+        tmp_path, image_encoder=HashImageEncoder(dim=24, tokens=5), text_encoder=HashTextEncoder(32, 512)
+    )
+    b = _batch(dm)
+    assert b.image_embeds.shape == (1, 5, 24) and len(list((tmp_path / "cache" / "image").iterdir())) == 1
+    model = VideoDiffusion(transformer=i2v, lora_rank=4, lora_alpha=4, lr=1e-3)
+    _trainer(tmp_path, 2).fit(model, dm)
+    lat = model.encode(b)
+    x, t = torch.randn_like(model.coupling.fuse(lat["rgb"], lat["xyz"])), torch.tensor([500.0])
+    v = model.velocity(x, lat["cond"], t, b.text_embeds, b.image_embeds)
+    assert not torch.allclose(v, model.velocity(x, lat["cond"], t, b.text_embeds, b.image_embeds + 1))
+    with pytest.raises(ValueError, match="image_embeds is missing"):
+        model.velocity(x, lat["cond"], t, b.text_embeds, None)
+    with pytest.raises(ValueError, match="512 text tokens"):
+        model.velocity(x, lat["cond"], t, b.text_embeds[:, :8], b.image_embeds)
 
 
 def test_guided_first_frame_condition():
@@ -181,9 +226,45 @@ def test_validation_metrics_and_prediction_outputs(tmp_path):
     assert torch.tensor(cams["w2c"]).shape == (5, 4, 4)
 
 
+def test_prediction_from_images_and_prompts(tmp_path):
+    """The user path: an image (+ prompt) in, RGB/XYZ clip, cameras, depth and points out."""
+    from torchvision.io import write_png
+
+    from fourdgen.data.images import ImagePromptDataModule
+
+    img = (torch.rand(3, 40, 50) * 255).to(torch.uint8)
+    (tmp_path / "in").mkdir()
+    write_png(img, str(tmp_path / "in" / "cat.png"))
+    (tmp_path / "in" / "cat.txt").write_text("a cat jumping")
+    dm = ImagePromptDataModule(
+        images=str(tmp_path / "in"), num_frames=5, height=32, width=32, text_encoder=HashTextEncoder(32, 8)
+    )
+    dm.setup()
+    b = next(iter(dm.predict_dataloader()))
+    assert b.shape == (1, 1, 5, 32, 32) and b.caption == ["a cat jumping"] and b.scene_id == ["cat"]
+    assert b.rgb[:, :, 1:].abs().sum() == 0 and b.observed[0, 0].tolist() == [True] + [False] * 4
+    # Same prompt embedding as training (suffix included), so a trained model sees what it learned.
+    torch.testing.assert_close(b.text_embeds, HashTextEncoder(32, 8)(["a cat jumping POINTMAP_STYLE."]))
+    model = VideoDiffusion(
+        transformer=WIDE, lora_rank=0, sample_steps=2, guidance_scale=2.0, val_postopt_steps=5
+    )
+    writer = PointmapVideoWriter(str(tmp_path / "pred"), fps=4)
+    _trainer(tmp_path, 1, callbacks=[writer]).predict(model, dm, return_predictions=False)
+    out = tmp_path / "pred" / "cat"
+    for f in ("rgb.mp4", "xyz.mp4", "cameras.json", "depth.npz", "points/frame_0004.ply"):
+        assert (out / f).is_file(), f
+    with pytest.raises(FileNotFoundError, match="data.images"):
+        ImagePromptDataModule(images=str(tmp_path / "missing.png")).setup()
+    with pytest.raises(ValueError, match="one prompt per image"):
+        ImagePromptDataModule(images=str(tmp_path / "in"), prompts=["a", "b"]).setup()
+
+
 def test_vae_fingerprint_tracks_weights():
     a, b = build_vae(preset="tiny"), build_vae(preset="tiny")
     assert vae_id(a) == vae_id(b)
+    with torch.device("meta"):  # an ambient device (Lightning's configure_model) changes nothing
+        c = build_vae(preset="tiny")
+    assert vae_id(c) == vae_id(a)
     with torch.no_grad():
         next(b.parameters()).add_(1e-3)
     assert vae_id(a) != vae_id(b)

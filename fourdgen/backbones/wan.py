@@ -171,7 +171,9 @@ def build_vae(
         )
     if preset not in VAE_PRESETS:
         raise ValueError(f"build_vae: preset must be one of {sorted(VAE_PRESETS)}, got {preset!r}")
-    with torch.random.fork_rng(devices=[]):
+    # On CPU explicitly: Lightning calls configure_model under `with <cuda device>`, where the
+    # initialisers would draw from the CUDA generator and give other weights than the DataModule's.
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(seed)
         return AutoencoderKLWan(**VAE_PRESETS[preset]).to(dtype)
 
@@ -200,4 +202,27 @@ def materialize(
             m.freqs_cos = fresh.freqs_cos.to(device)
             m.freqs_sin = fresh.freqs_sin.to(device)
     model.to(dtype)
+    return model
+
+
+def shard_transformer(
+    model: WanTransformer3DModel,
+    mesh,
+    param_dtype: torch.dtype | None = torch.bfloat16,
+    reduce_dtype: torch.dtype | None = torch.float32,
+) -> WanTransformer3DModel:
+    """FSDP2 (``fully_shard``) each DiT block, then the root (embeddings, head, new tensors).
+
+    One block per FSDP unit: its parameters are all-gathered just before it runs and freed after,
+    so peak memory is one block's full weights on top of the shards. Frozen base weights and float32
+    trainable ones (LoRA, domain embeddings) may share a unit: FSDP2 requires a uniform dtype among
+    the trainable parameters only, and all-gathers everything in ``param_dtype``. Gradients of the
+    trainable parameters are reduced in ``reduce_dtype``. ``mesh``: a 1-D data-parallel DeviceMesh.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model

@@ -34,9 +34,12 @@ class GridBatch:
         image_embeds: ``[B, L, D]`` CLIP image-encoder states (Wan I2V checkpoints), optional
         rgb_latents / xyz_latents: ``[B, V, C, F, h, w]`` cached VAE latents of ``rgb`` and of the
             normalised pointmaps (:mod:`fourdgen.diffusion.latents`), optional
+        cond_latents: ``[B, V, C, F, h, w']`` cached VAE latents of the conditioning component's
+            condition video (:mod:`fourdgen.diffusion.conditioning`), optional
         xyz_center / xyz_scale: ``[B, V, T, 3]`` / ``[B, V]`` pointmap normalisation (to map
             generated pointmaps back), optional
-        caption, scene_id: lists of B strings; vae_id: the VAE the latents come from
+        caption, scene_id: lists of B strings; vae_id: the VAE the latents come from; cond_id:
+            ``"<vae_id>:<conditioning cache_key>"`` of ``cond_latents``
     """
 
     rgb: Tensor
@@ -54,11 +57,13 @@ class GridBatch:
     image_embeds: Tensor | None = None
     rgb_latents: Tensor | None = None
     xyz_latents: Tensor | None = None
+    cond_latents: Tensor | None = None
     xyz_center: Tensor | None = None
     xyz_scale: Tensor | None = None
     caption: list[str] = field(default_factory=list)
     scene_id: list[str] = field(default_factory=list)
     vae_id: list[str] = field(default_factory=list)
+    cond_id: list[str] = field(default_factory=list)
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
@@ -120,7 +125,7 @@ class GridBatch:
             t = getattr(self, name)
             if t is not None and (t.ndim != 3 or t.shape[0] != B):
                 raise ValueError(f"GridBatch.{name}: expected [{B}, L, D], got {list(t.shape)}")
-        for name in ("rgb_latents", "xyz_latents"):
+        for name in ("rgb_latents", "xyz_latents", "cond_latents"):
             t = getattr(self, name)
             if t is not None and (t.ndim != 6 or tuple(t.shape[:2]) != (B, V)):
                 raise ValueError(f"GridBatch.{name}: expected [{B}, {V}, C, F, h, w], got {list(t.shape)}")
@@ -130,7 +135,7 @@ class GridBatch:
             )
         if self.xyz_scale is not None and tuple(self.xyz_scale.shape) != (B, V):
             raise ValueError(f"GridBatch.xyz_scale: expected {[B, V]}, got {list(self.xyz_scale.shape)}")
-        for name in ("caption", "scene_id", "vae_id"):
+        for name in ("caption", "scene_id", "vae_id", "cond_id"):
             if getattr(self, name) and len(getattr(self, name)) != B:
                 raise ValueError(f"GridBatch.{name}: expected {B} strings, got {len(getattr(self, name))}")
         return self

@@ -1,10 +1,12 @@
 """RGB + pointmap clips for 4D video diffusion (4DNeX-style), with text and latent caches.
 
 Each sample is one view's clip (V = 1) from a scene folder, with world-space pointmaps (the
-scene's ``xyz``, or its depth unprojected). ``prepare_data`` fills two caches under ``cache_dir``:
+scene's ``xyz``, or its depth unprojected). ``prepare_data`` fills the caches under ``cache_dir``:
 - ``text/``: embeddings of every caption (+ ``prompt_suffix``) and of the negative prompt;
-- ``latents/``: VAE latents of each clip's RGB and normalised pointmaps, keyed by the clip
-  (scene, frames, size) and the VAE's fingerprint, so a changed scene or VAE is re-encoded.
+- ``image/``: CLIP embeddings of each clip's first frame (Wan I2V checkpoints);
+- ``latents/``: VAE latents of each clip's RGB, normalised pointmaps and (with ``conditioning``)
+  condition video, keyed by the clip (scene, frames, size, content), the VAE's fingerprint and the
+  conditioning, so a changed scene, VAE or conditioning is re-encoded.
 Without a ``vae`` spec the batch carries pixels only and the stage module encodes them itself.
 """
 
@@ -17,10 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
-from fourdgen.backbones.text import HashTextEncoder, UMT5TextEncoder, embed_cached
+from fourdgen.backbones.image import CLIPImageEncoder, HashImageEncoder
+from fourdgen.backbones.text import HashTextEncoder, UMT5TextEncoder
 from fourdgen.backbones.wan import build_vae
 from fourdgen.data.batch import GridBatch
 from fourdgen.data.datamodules import GridDataModule, GridDataset
+from fourdgen.data.embeddings import ConditionEmbedder
+from fourdgen.diffusion.conditioning import GuidedFirstFrame
 from fourdgen.diffusion.latents import encode_pointmaps, encode_video, prepare_pointmaps, vae_id
 from fourdgen.geometry.pointmaps import LATENT_SCALE, LATENT_SHIFT
 from fourdgen.geometry.projection import depth_to_points
@@ -47,7 +52,7 @@ class _PointmapClips(Dataset):
 
     def __getitem__(self, idx: int) -> GridBatch:
         b = self.base[idx]
-        extra = self.dm.text_for(b.caption)
+        extra = self.dm.embed(b.caption, b.rgb[:, 0, 0], b.scene_id)
         cached = self.dm.latents_for(b)
         if cached is not None:
             extra.update(cached)
@@ -65,6 +70,10 @@ class PointmapDataModule(GridDataModule):
         vae: VAE spec for the latent cache (``build_vae`` keywords: ``path``/``preset``/``seed``);
             use the stage module's. None: no latent cache.
         text_encoder: :class:`UMT5TextEncoder` (a local Wan checkpoint) or :class:`HashTextEncoder`.
+        image_encoder: :class:`CLIPImageEncoder` for checkpoints with ``image_dim`` (Wan2.1-I2V),
+            embedding each clip's first frame; None for text-only checkpoints.
+        conditioning: the stage module's conditioning component (same settings): its condition
+            video's latents are cached too, instead of being VAE-encoded at every step.
         prompt_suffix: appended to every caption (4DNeX: "POINTMAP_STYLE.").
         negative_prompt: the CFG negative prompt, embedded into ``neg_text_embeds``.
         latent_shift / latent_scale: pointmap-latent renormalisation ``(z + shift) / scale``.
@@ -80,6 +89,8 @@ class PointmapDataModule(GridDataModule):
         cache_dir: str | None = None,
         vae: dict | None = None,
         text_encoder: HashTextEncoder | UMT5TextEncoder | None = None,
+        image_encoder: CLIPImageEncoder | HashImageEncoder | None = None,
+        conditioning: GuidedFirstFrame | None = None,
         prompt_suffix: str = "POINTMAP_STYLE.",
         negative_prompt: str = "",
         latent_shift: float = LATENT_SHIFT,
@@ -112,7 +123,7 @@ class PointmapDataModule(GridDataModule):
             batch_size=batch_size,
             num_workers=num_workers,
         )
-        self.hparams.update(  # the text encoder is an object: kept out of the hparams
+        self.hparams.update(  # encoders and conditioning are objects: kept out of the hparams
             cache_dir=cache_dir,
             vae=None if vae is None else dict(vae),
             prompt_suffix=prompt_suffix,
@@ -120,23 +131,21 @@ class PointmapDataModule(GridDataModule):
             latent_shift=latent_shift,
             latent_scale=latent_scale,
         )
-        self.text_encoder = text_encoder or HashTextEncoder()
+        self.embedder = ConditionEmbedder(
+            text_encoder, image_encoder, prompt_suffix, negative_prompt, cache_dir=cache_dir
+        )
+        self.conditioning = conditioning
         self._vae = None
         self._vae_id: str | None = None
 
     # ------------------------------------------------------------------------------ caches
-    def _prompt(self, caption: str) -> str:
-        suffix = self.hparams.prompt_suffix
-        return f"{caption.strip()} {suffix}".strip() if suffix else caption
+    def embed(self, captions: list[str], first_frames: torch.Tensor, keys: list[str]) -> dict:
+        """Text (and image) embeddings of a clip: see :class:`ConditionEmbedder`."""
+        return self.embedder(captions, first_frames, keys)
 
-    def text_for(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        cache = self.hparams.cache_dir
-        return {
-            "text_embeds": embed_cached(self.text_encoder, [self._prompt(c) for c in captions], cache),
-            "neg_text_embeds": embed_cached(
-                self.text_encoder, [self.hparams.negative_prompt] * len(captions), cache
-            ),
-        }
+    @property
+    def _cond_id(self) -> str | None:
+        return None if self.conditioning is None else f"{self._vae_id}:{self.conditioning.cache_key}"
 
     def _vae_ready(self) -> bool:
         if self.hparams.vae is None or self.hparams.cache_dir is None:
@@ -156,6 +165,7 @@ class PointmapDataModule(GridDataModule):
                     tuple(b.rgb.shape),
                     float(b.rgb.double().sum()),
                     self._vae_id,
+                    self._cond_id,
                     h.latent_shift,
                     h.latent_scale,
                 )
@@ -178,13 +188,20 @@ class PointmapDataModule(GridDataModule):
         out = {k: v[None, None] for k, v in d.items() if k.endswith("latents")}
         out["xyz_center"], out["xyz_scale"] = d["xyz_center"][None, None], d["xyz_scale"].reshape(1, 1)
         out["vae_id"] = [self._vae_id]
+        if self._cond_id is not None:
+            out["cond_id"] = [self._cond_id]
         return out
 
     def _encode(self, b: GridBatch) -> dict[str, torch.Tensor]:
         h = self.hparams
         xyz, norm = prepare_pointmaps(world_pointmaps(b)[0, 0], b.w2c[0, 0, 0])
+        video = b.rgb[0, 0].permute(1, 0, 2, 3)[None]  # [1, 3, T, H, W]
+        cond = {}
+        if self.conditioning is not None:
+            cond["cond_latents"] = self.conditioning.encode(self._vae, video)[0].contiguous()
         return {
-            "rgb_latents": encode_video(self._vae, b.rgb[0, 0].permute(1, 0, 2, 3)[None])[0].contiguous(),
+            **cond,
+            "rgb_latents": encode_video(self._vae, video)[0].contiguous(),
             "xyz_latents": encode_pointmaps(self._vae, xyz[None], h.latent_shift, h.latent_scale)[
                 0
             ].contiguous(),
@@ -202,7 +219,7 @@ class PointmapDataModule(GridDataModule):
             base = self._dataset(split).base
             for i in range(len(base.scenes)):  # clips are fixed: one per scene
                 b = base[i]
-                self.text_for(b.caption)
+                self.embed(b.caption, b.rgb[:, 0, 0], b.scene_id)
                 self.latents_for(b)
 
     # ------------------------------------------------------------------------------ loaders

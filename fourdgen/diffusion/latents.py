@@ -23,8 +23,10 @@ def vae_id(vae: AutoencoderKLWan) -> str:
     h = hashlib.sha1(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, p in vae.state_dict().items():
-            x = p.detach().double()
-            h.update(f"{name}{tuple(p.shape)}{x.sum().item():.6e}{x.abs().sum().item():.6e}".encode())
+            # The exact bytes (on CPU, in float32): sums of the weights depend on the device's and
+            # thread count's reduction order, so the same VAE on GPU and CPU could disagree.
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

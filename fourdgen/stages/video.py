@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from fourdgen.backbones.wan import build_transformer, build_vae, materialize
+from fourdgen.backbones.wan import build_transformer, build_vae, materialize, shard_transformer
 from fourdgen.callbacks.media import log_video
 from fourdgen.data.batch import GridBatch
 from fourdgen.data.pointmaps import world_pointmaps
@@ -27,6 +27,7 @@ from fourdgen.diffusion.latents import (
     encode_pointmaps,
     encode_video,
     prepare_pointmaps,
+    scale_factors,
     vae_id,
 )
 from fourdgen.geometry.pointmaps import LATENT_SCALE, LATENT_SHIFT, denormalize_latents
@@ -105,12 +106,18 @@ class VideoDiffusion(L.LightningModule):
     # ------------------------------------------------------------------------- model set-up
     def configure_model(self) -> None:
         """Build (or materialise) the DiT and VAE on this device, install the coupling, add LoRA.
-        Called by Lightning inside its init context, so FSDP strategies can shard afterwards."""
+
+        Under Lightning's ``ModelParallelStrategy`` (``tensor_parallel_size: 1``) the DiT is
+        sharded with FSDP2 per block (:func:`shard_transformer`), computing in ``base_dtype``; the
+        VAE is small and replicated."""
         if self.transformer is not None:
             return
         h = self.hparams
         dtype = _DTYPES[h.base_dtype]
+        mesh = self.device_mesh
         device = self.device if self.device.type != "meta" else torch.device("cpu")
+        if mesh is not None and mesh.device_type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
         vae = build_vae(**h.vae).to(device).eval().requires_grad_(False)
         spec = dict(h.transformer)
         z_dim = vae.config.z_dim
@@ -139,6 +146,14 @@ class VideoDiffusion(L.LightningModule):
                     p.data = p.data.float()
         if h.gradient_checkpointing:
             model.enable_gradient_checkpointing()
+        if mesh is not None:
+            if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+                raise ValueError(
+                    "VideoDiffusion shards the DiT with FSDP2 only: set the ModelParallelStrategy's "
+                    f"tensor_parallel_size to 1 (got {mesh['tensor_parallel'].size()})"
+                )
+            dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+            shard_transformer(model, dp, param_dtype=None if dtype == torch.float32 else dtype)
         self.transformer = model.to(device)
         self.vae = vae
         self.vae_id = vae_id(vae)
@@ -178,13 +193,45 @@ class VideoDiffusion(L.LightningModule):
             xyz = encode_pointmaps(
                 self.vae, torch.stack([x for x, _ in prepared]), h.latent_shift, h.latent_scale
             )
-        cond = self.conditioning(self.conditioning.encode(self.vae, rgb_video), self.vae)
-        return {"rgb": rgb, "xyz": xyz, "cond": cond, "xyz_center": center, "xyz_scale": scale}
+        return {"rgb": rgb, "xyz": xyz, "cond": self.condition(b), "xyz_center": center, "xyz_scale": scale}
+
+    def condition(self, b: GridBatch) -> Tensor:
+        """Conditioning channels ``[B, C_cond, F, h, W']`` from the batch's cached condition latents
+        (when they match this VAE and conditioning) or by VAE-encoding the condition video."""
+        want = f"{self.vae_id}:{self.conditioning.cache_key}"
+        if b.cond_latents is not None:
+            if any(c != want for c in b.cond_id):
+                raise ValueError(
+                    f"GridBatch.cond_latents come from {b.cond_id}, the model needs {want!r}: give the "
+                    "DataModule the model's vae and conditioning (or clear its cache_dir)"
+                )
+            latents = b.cond_latents[:, 0].float()
+        else:
+            latents = self.conditioning.encode(self.vae, b.rgb[:, 0].permute(0, 2, 1, 3, 4))
+        return self.conditioning(latents, self.vae)
+
+    def latent_shape(self, b: GridBatch) -> torch.Size:
+        """Shape of the coupled latents the DiT denoises for the batch's clip size."""
+        B, _, T, H, W = b.shape
+        t, s = scale_factors(self.vae)
+        z = torch.empty(B, self.vae.config.z_dim, (T - 1) // t + 1, H // s, W // s, device="meta")
+        return self.coupling.fuse(z, z).shape
 
     def velocity(
         self, x: Tensor, cond: Tensor, timestep: Tensor, text: Tensor, image: Tensor | None
     ) -> Tensor:
         """DiT velocity for noisy coupled latents ``x [B, C, F, h, W]``."""
+        cfg = self.transformer.config
+        if cfg.image_dim is not None:
+            if image is None:
+                raise ValueError(
+                    f"the DiT takes CLIP image tokens (image_dim={cfg.image_dim}): GridBatch.image_embeds "
+                    "is missing; give the DataModule an image_encoder"
+                )
+            if text.shape[1] != 512:  # Wan's I2V attention splits image|text at the last 512 tokens
+                raise ValueError(
+                    f"GridBatch.text_embeds: image-conditioned Wan needs 512 text tokens, got {text.shape[1]}"
+                )
         dtype = self.transformer.dtype
         out = self.transformer(
             hidden_states=torch.cat([x, cond], dim=1).to(dtype),
@@ -239,19 +286,19 @@ class VideoDiffusion(L.LightningModule):
         generator: torch.Generator | None = None,
         lat: dict[str, Tensor] | None = None,
     ) -> Tensor:
-        """Coupled latents ``[B, C, F, h, W]`` generated from the batch's conditions."""
+        """Coupled latents ``[B, C, F, h, W]`` generated from the batch's conditions (its first frame,
+        text and image embeddings; the clip itself is not needed)."""
         h = self.hparams
-        lat = lat or self.encode(b)
-        shape = self.coupling.fuse(lat["rgb"], lat["xyz"]).shape
-        noise = torch.randn(shape, generator=generator).to(self.device)
+        cond = self.condition(b) if lat is None else lat["cond"]
+        noise = torch.randn(self.latent_shape(b), generator=generator).to(self.device)
         text, image = self._text(b), b.image_embeds
         w = h.guidance_scale if guidance_scale is None else guidance_scale
         uncond = None
         if w != 1.0:
             neg = self._text(b, negative=True)
-            uncond = lambda x, t: self.velocity(x, lat["cond"], t, neg, image)  # noqa: E731
+            uncond = lambda x, t: self.velocity(x, cond, t, neg, image)  # noqa: E731
         return euler_sample(
-            lambda x, t: self.velocity(x, lat["cond"], t, text, image),
+            lambda x, t: self.velocity(x, cond, t, text, image),
             noise,
             num_steps=num_steps or h.sample_steps,
             shift=h.sample_shift,

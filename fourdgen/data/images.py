@@ -1,0 +1,143 @@
+"""Prediction inputs for image-conditioned 4D video generation: an image (+ prompt) per clip.
+
+``fourdgen predict --config <video recipe> --data fourdgen.data.images.ImagePromptDataModule
+--data.images photo.png --data.prompts "a dog running"`` generates an RGB + pointmap clip per
+image. Each sample is a :class:`GridBatch` of one view whose first frame is the image (resized to
+cover ``height x width``, centre-cropped) and whose later frames are zeros: the conditioning only
+reads the first frame. Cameras are placeholders (identity pose, ``fov_deg`` intrinsics); the
+stage recovers real ones from the generated pointmaps.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image
+
+from fourdgen.backbones.image import CLIPImageEncoder, HashImageEncoder
+from fourdgen.backbones.text import HashTextEncoder, UMT5TextEncoder
+from fourdgen.data.batch import GridBatch
+from fourdgen.data.datamodules import BaseDataModule, _resize, resize_crop_plan
+from fourdgen.data.embeddings import ConditionEmbedder
+from fourdgen.geometry.cameras import intrinsics_from_fov
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def list_images(images: str | list[str]) -> list[Path]:
+    """Image files from a file, a folder (its images, sorted) or a list of files."""
+    items = [images] if isinstance(images, str) else list(images)
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"data.images: {p} is neither an image file nor a folder")
+    if not out:
+        raise FileNotFoundError(f"data.images: no images ({', '.join(IMAGE_SUFFIXES)}) in {items}")
+    return out
+
+
+def load_image(path: Path, height: int, width: int) -> Tensor:
+    """``[3, height, width]`` in [-1, 1]: resized to cover, centre-cropped."""
+    try:
+        img = decode_image(str(path), mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        raise ValueError(f"data.images: cannot decode {path} as an image ({e})") from e
+    size, top_left = resize_crop_plan(tuple(img.shape[-2:]), (height, width), "center", random.Random(0))
+    img = _resize(img[None].float() / 255, size, top_left, (height, width), "bilinear")[0]
+    return img.clamp(0, 1) * 2 - 1
+
+
+class _ImagePrompts(Dataset):
+    def __init__(self, dm: ImagePromptDataModule):
+        self.dm = dm
+
+    def __len__(self) -> int:
+        return len(self.dm.images)
+
+    def __getitem__(self, idx: int) -> GridBatch:
+        dm, h = self.dm, self.dm.hparams
+        path, T, H, W = dm.images[idx], h.num_frames, h.height, h.width
+        rgb = torch.zeros(1, 1, T, 3, H, W)
+        rgb[0, 0, 0] = load_image(path, H, W)
+        b = GridBatch(
+            rgb=rgb,
+            K=intrinsics_from_fov(h.fov_deg, W, H)[None, None],
+            w2c=torch.eye(4).expand(1, 1, T, 4, 4).clone(),
+            observed=torch.arange(T)[None, None] == 0,
+            times=torch.linspace(0, 1, T)[None] if T > 1 else torch.zeros(1, 1),
+            view_ids=torch.zeros(1, 1, dtype=torch.long),
+            time_ids=torch.arange(T)[None],
+            caption=[dm.prompts[idx]],
+            scene_id=[path.stem],
+        )
+        for k, v in dm.embedder(b.caption, rgb[:, 0, 0], [str(path.resolve())]).items():
+            setattr(b, k, v)
+        return b.validate()
+
+
+class ImagePromptDataModule(BaseDataModule):
+    """Images (+ prompts) to generate 4D clips from (``predict`` only).
+
+    Args:
+        images: an image file, a folder of images, or a list of files.
+        prompts: one string for every image, or one per image. None: each image's sidecar
+            ``<stem>.txt`` if present, else an empty prompt.
+        num_frames / height / width: the generated clip's size (4DNeX: 49 x 480 x 720; frames
+            ``4k + 1`` for Wan's temporal VAE factor 4).
+        fov_deg: horizontal field of view of the placeholder intrinsics.
+        text_encoder / image_encoder / prompt_suffix / negative_prompt / cache_dir: as the
+            training DataModule's (:class:`ConditionEmbedder`); use the same ones.
+    """
+
+    def __init__(
+        self,
+        images: str | list[str] = "inputs",
+        prompts: str | list[str] | None = None,
+        num_frames: int = 49,
+        height: int = 480,
+        width: int = 720,
+        fov_deg: float = 60.0,
+        text_encoder: HashTextEncoder | UMT5TextEncoder | None = None,
+        image_encoder: CLIPImageEncoder | HashImageEncoder | None = None,
+        prompt_suffix: str = "POINTMAP_STYLE.",
+        negative_prompt: str = "",
+        cache_dir: str | None = None,
+        batch_size: int = 1,
+        num_workers: int = 0,
+    ):
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.save_hyperparameters(ignore=["text_encoder", "image_encoder"])
+        self.embedder = ConditionEmbedder(
+            text_encoder, image_encoder, prompt_suffix, negative_prompt, cache_dir
+        )
+        self.images: list[Path] = []
+        self.prompts: list[str] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        h = self.hparams
+        self.images = list_images(h.images)
+        if isinstance(h.prompts, str):
+            self.prompts = [h.prompts] * len(self.images)
+        elif h.prompts is not None:
+            if len(h.prompts) != len(self.images):
+                raise ValueError(
+                    f"data.prompts: expected one prompt per image ({len(self.images)}), got {len(h.prompts)}"
+                )
+            self.prompts = list(h.prompts)
+        else:
+            self.prompts = [
+                p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else ""
+                for p in self.images
+            ]
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(_ImagePrompts(self), shuffle=False)
