@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from fourdgen.backbones.image import CLIPImageEncoder, HashImageEncoder
 from fourdgen.backbones.text import HashTextEncoder, UMT5TextEncoder
@@ -77,6 +77,8 @@ class PointmapDataModule(GridDataModule):
         prompt_suffix: appended to every caption (4DNeX: "POINTMAP_STYLE.").
         negative_prompt: the CFG negative prompt, embedded into ``neg_text_embeds``.
         latent_shift / latent_scale: pointmap-latent renormalisation ``(z + shift) / scale``.
+        encode_device: where ``prepare_data`` runs the VAE to fill the cache (None: CUDA if
+            available). Loader workers only read the cache that ``prepare_data`` filled.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class PointmapDataModule(GridDataModule):
         negative_prompt: str = "",
         latent_shift: float = LATENT_SHIFT,
         latent_scale: float = LATENT_SCALE,
+        encode_device: str | None = None,
         crop: str = "center",
         samples_per_scene: int = 1,
         val_fraction: float = 0.1,
@@ -130,6 +133,7 @@ class PointmapDataModule(GridDataModule):
             negative_prompt=negative_prompt,
             latent_shift=latent_shift,
             latent_scale=latent_scale,
+            encode_device=encode_device,
         )
         self.embedder = ConditionEmbedder(
             text_encoder, image_encoder, prompt_suffix, negative_prompt, cache_dir=cache_dir
@@ -151,7 +155,7 @@ class PointmapDataModule(GridDataModule):
         if self.hparams.vae is None or self.hparams.cache_dir is None:
             return False
         if self._vae is None:
-            self._vae = build_vae(**self.hparams.vae).eval()
+            self._vae = build_vae(**self.hparams.vae).eval()  # on CPU until something is encoded
             self._vae_id = vae_id(self._vae)
         return True
 
@@ -196,18 +200,19 @@ class PointmapDataModule(GridDataModule):
         h = self.hparams
         xyz, norm = prepare_pointmaps(world_pointmaps(b)[0, 0], b.w2c[0, 0, 0])
         video = b.rgb[0, 0].permute(1, 0, 2, 3)[None]  # [1, 3, T, H, W]
-        cond = {}
-        if self.conditioning is not None:
-            cond["cond_latents"] = self.conditioning.encode(self._vae, video)[0].contiguous()
-        return {
-            **cond,
-            "rgb_latents": encode_video(self._vae, video)[0].contiguous(),
-            "xyz_latents": encode_pointmaps(self._vae, xyz[None], h.latent_shift, h.latent_scale)[
-                0
-            ].contiguous(),
-            "xyz_center": norm.centers.contiguous(),
-            "xyz_scale": norm.scale.reshape(()).contiguous(),
+        device = self.hparams.encode_device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if get_worker_info() is not None:  # a forked loader worker cannot use CUDA
+            device = "cpu"
+        self._vae.to(device)
+        out = {
+            "rgb_latents": encode_video(self._vae, video)[0],
+            "xyz_latents": encode_pointmaps(self._vae, xyz[None], h.latent_shift, h.latent_scale)[0],
+            "xyz_center": norm.centers,
+            "xyz_scale": norm.scale.reshape(()),
         }
+        if self.conditioning is not None:
+            out["cond_latents"] = self.conditioning.encode(self._vae, video)[0]
+        return {k: v.cpu().contiguous() for k, v in out.items()}
 
     def prepare_data(self) -> None:
         """Write synthetic scenes (if asked) and fill the text and latent caches."""

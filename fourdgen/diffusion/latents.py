@@ -48,9 +48,10 @@ def _stats(vae: AutoencoderKLWan, z: Tensor) -> tuple[Tensor, Tensor]:
 def encode_video(vae: AutoencoderKLWan, video: Tensor) -> Tensor:
     """``video [B, 3, T, H, W]`` in [-1, 1] -> normalised latents ``[B, C, F, h, w]``.
 
-    Uses the posterior mode (deterministic, so a cache equals a fresh encoding)."""
-    dtype = next(vae.parameters()).dtype
-    z = vae.encode(video.to(dtype)).latent_dist.mode()
+    Uses the posterior mode (deterministic, so a cache equals a fresh encoding). Runs on the VAE's
+    device; the latents stay there."""
+    p = next(vae.parameters())
+    z = vae.encode(video.to(p.device, p.dtype)).latent_dist.mode()
     mean, std = _stats(vae, z)
     return ((z - mean) / std).float()
 
