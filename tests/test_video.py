@@ -28,13 +28,13 @@ WIDE = {"preset": "tiny", "overrides": {"num_attention_heads": 4, "attention_hea
 
 def _dm(tmp_path, cache=True, **kw):
     kw.setdefault("text_encoder", HashTextEncoder(dim=32, length=8))
+    kw.setdefault("vae", {"preset": "tiny"} if cache else None)
     return PointmapDataModule(
         root=str(tmp_path / "scenes"),
         num_frames=5,
         height=32,
         width=32,
         cache_dir=str(tmp_path / "cache") if cache else None,
-        vae={"preset": "tiny"} if cache else None,
         synthetic=SYN,
         **kw,
     )
@@ -131,6 +131,15 @@ def test_image_conditioned_dit_gets_clip_tokens_from_the_datamodule(tmp_path):
         model.velocity(x, lat["cond"], t, b.text_embeds, None)
     with pytest.raises(ValueError, match="512 text tokens"):
         model.velocity(x, lat["cond"], t, b.text_embeds[:, :8], b.image_embeds)
+
+
+def test_pointmap_latent_stats_from_data(tmp_path):
+    """``latent_shift/scale`` computable from the user's data: with them, latents are standardised."""
+    dm = _dm(tmp_path, cache=False, vae={"preset": "tiny"})
+    shift, scale = dm.pointmap_latent_stats()
+    b = _batch(_dm(tmp_path / "b", latent_shift=shift, latent_scale=scale))
+    z = b.xyz_latents.float()
+    assert abs(z.mean().item()) < 1e-3 and abs(z.std().item() - 1) < 1e-3
 
 
 def test_guided_first_frame_condition():

@@ -27,7 +27,7 @@ from fourdgen.data.datamodules import GridDataModule, GridDataset
 from fourdgen.data.embeddings import ConditionEmbedder
 from fourdgen.diffusion.conditioning import GuidedFirstFrame
 from fourdgen.diffusion.latents import encode_pointmaps, encode_video, prepare_pointmaps, vae_id
-from fourdgen.geometry.pointmaps import LATENT_SCALE, LATENT_SHIFT
+from fourdgen.geometry.pointmaps import LATENT_SCALE, LATENT_SHIFT, latent_stats
 from fourdgen.geometry.projection import depth_to_points
 from fourdgen.io import atomic_path
 
@@ -213,6 +213,26 @@ class PointmapDataModule(GridDataModule):
         if self.conditioning is not None:
             out["cond_latents"] = self.conditioning.encode(self._vae, video)[0]
         return {k: v.cpu().contiguous() for k, v in out.items()}
+
+    @torch.no_grad()
+    def pointmap_latent_stats(self, max_clips: int = 64) -> tuple[float, float]:
+        """``(latent_shift, latent_scale)`` for this data: the renormalisation that gives the
+        training clips' pointmap latents zero mean and unit std (4DNeX's 0.13 / 1.70 are those of
+        4DNeX-10M). Encodes up to ``max_clips`` training clips with the ``vae`` spec."""
+        if self.hparams.vae is None:
+            raise ValueError(
+                "PointmapDataModule.pointmap_latent_stats: needs data.vae (the model's VAE spec)"
+            )
+        GridDataModule.prepare_data(self)  # synthetic scenes only (if configured), not the caches
+        self.setup()
+        base = self._dataset("train").base
+        vae = build_vae(**self.hparams.vae).eval()
+        zs = []
+        for i in range(min(len(base.scenes), max_clips)):
+            b = base[i]
+            xyz, _ = prepare_pointmaps(world_pointmaps(b)[0, 0], b.w2c[0, 0, 0])
+            zs.append(encode_pointmaps(vae, xyz[None], 0.0, 1.0).flatten())
+        return latent_stats(torch.cat(zs))
 
     def prepare_data(self) -> None:
         """Write synthetic scenes (if asked) and fill the text and latent caches."""
