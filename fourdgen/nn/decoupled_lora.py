@@ -1,0 +1,150 @@
+"""One4D's Decoupled LoRA Control (DLC, section 3.2) on a diffusers Wan DiT.
+
+Every targeted linear layer keeps its frozen base weight and gets two LoRA adapters, one per
+branch (RGB, XYZ). Both branches run the whole DiT in one call, stacked along the batch: the first
+half of the batch is the RGB branch, the second half the XYZ branch. Attention never mixes batch
+entries, so the two computations are disjoint; zero-initialised linear control links at a few
+blocks add each branch's features into the other.
+
+Why not peft: peft's adapter switching is global state (``set_adapter``), so a recomputation under
+gradient checkpointing would run whichever adapter is active at backward, and its mixed-batch
+``adapter_names`` refuses training (PITFALLS.md). Here the branch of every token is fixed by its
+batch position, which :func:`stack_branches` sets explicitly, so a recomputed block routes exactly
+like the first pass. Hooks keep the stock parameter names (``blocks.0.attn1.to_q.weight``), so
+pretrained weights load unchanged; the new tensors live in ``<linear>.dlc.*`` and ``dlc_links.*``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+BRANCHES = ("rgb", "xyz")
+
+
+class BranchLoRA(nn.Module):
+    """Two LoRA adapters of one ``in -> out`` linear layer: ``delta_b(x) = s * B_b(A_b(x))``, with
+    ``s = alpha / rank``, A drawn as peft does (Kaiming uniform) and B zero: the layer is unchanged
+    at first."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float):
+        super().__init__()
+        self.rank, self.scale = rank, alpha / rank
+        for b in BRANCHES:
+            a = nn.Linear(in_features, rank, bias=False)
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+            up = nn.Linear(rank, out_features, bias=False)
+            nn.init.zeros_(up.weight)
+            self.add_module(f"lora_A_{b}", a)
+            self.add_module(f"lora_B_{b}", up)
+
+    def delta(self, x: Tensor, branch: str) -> Tensor:
+        a, up = getattr(self, f"lora_A_{branch}"), getattr(self, f"lora_B_{branch}")
+        return up(a(x.to(a.weight.dtype))) * self.scale
+
+
+def _lora_hook(linear: nn.Linear, args: tuple, out: Tensor) -> Tensor:
+    x = args[0]
+    n = x.shape[0] // 2  # [RGB batch; XYZ batch] (stack_branches)
+    delta = torch.cat([linear.dlc.delta(x[:n], "rgb"), linear.dlc.delta(x[n:], "xyz")])
+    return out + delta.to(out.dtype)
+
+
+class ControlLink(nn.Module):
+    """Zero-initialised links of one block: ``rgb += x2r(xyz)``, ``xyz += r2x(rgb)``, both from the
+    block's outputs before either update (One4D eq. 4 leaves the order open; simultaneous keeps the
+    two directions symmetric)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.rgb_to_xyz = nn.Linear(dim, dim)
+        self.xyz_to_rgb = nn.Linear(dim, dim)
+        for m in (self.rgb_to_xyz, self.xyz_to_rgb):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """``h [2B, N, D]`` (RGB then XYZ) -> linked features, same shape."""
+        rgb, xyz = h.chunk(2)
+        dtype = self.rgb_to_xyz.weight.dtype
+        to_rgb = self.xyz_to_rgb(xyz.to(dtype)).to(h.dtype)
+        to_xyz = self.rgb_to_xyz(rgb.to(dtype)).to(h.dtype)
+        return torch.cat([rgb + to_rgb, xyz + to_xyz])
+
+
+def _link_hook(block: nn.Module, args: tuple, out: Tensor) -> Tensor:
+    return block.dlc_link(out)
+
+
+def block_linears(transformer: nn.Module) -> list[str]:
+    """Names of every linear layer inside the DiT blocks (One4D: LoRA on all DiT linears)."""
+    return [n for n, m in transformer.named_modules() if n.startswith("blocks.") and isinstance(m, nn.Linear)]
+
+
+def install_dlc(
+    transformer: nn.Module,
+    rank: int = 64,
+    alpha: float = 64,
+    targets: list[str] | None = None,
+    link_layers: tuple[int, ...] = (0, 10, 20, 30, 39),
+) -> nn.Module:
+    """Add two-branch LoRA to ``targets`` (default: :func:`block_linears`) and control links after
+    the blocks in ``link_layers``; freeze everything else. Returns the transformer, which must then
+    be called through :func:`stack_branches` inputs (batch = [RGB; XYZ])."""
+    if getattr(transformer, "dlc_installed", False):
+        raise ValueError("install_dlc: the transformer already has DLC adapters")
+    transformer.requires_grad_(False)
+    modules = dict(transformer.named_modules())
+    for name in targets or block_linears(transformer):
+        linear = modules[name]
+        w = linear.weight
+        linear.dlc = BranchLoRA(linear.in_features, linear.out_features, rank, alpha).to(w.device)
+        linear.register_forward_hook(_lora_hook)
+    n_blocks = len(transformer.blocks)
+    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    for i in link_layers:
+        if not -n_blocks <= i < n_blocks:
+            raise ValueError(f"install_dlc: link layer {i} outside the DiT's {n_blocks} blocks")
+        block = transformer.blocks[i]
+        block.dlc_link = ControlLink(dim).to(next(block.parameters()).device)
+        block.register_forward_hook(_link_hook)
+    transformer.dlc_installed = True
+    for name, p in transformer.named_parameters():
+        p.requires_grad_(".dlc." in name or "dlc_link." in name)
+    return transformer
+
+
+def default_link_layers(num_blocks: int, count: int = 5) -> tuple[int, ...]:
+    """``count`` blocks spread evenly from the first to the last (One4D links five of 40 and does
+    not say which; even spacing lets every depth exchange information)."""
+    if count <= 0:
+        return ()
+    if count == 1:
+        return (0,)
+    return tuple(sorted({round(i * (num_blocks - 1) / (count - 1)) for i in range(count)}))
+
+
+def stack_branches(rgb: Tensor, xyz: Tensor) -> Tensor:
+    """RGB-branch and XYZ-branch inputs ``[B, ...]`` each -> the DLC batch ``[2B, ...]``."""
+    if rgb.shape != xyz.shape:
+        raise ValueError(f"stack_branches: RGB {list(rgb.shape)} and XYZ {list(xyz.shape)} inputs differ")
+    return torch.cat([rgb, xyz])
+
+
+def split_branches(out: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`stack_branches`."""
+    return out.chunk(2)
+
+
+def branch_state(transformer: nn.Module, branch: str) -> dict[str, Tensor]:
+    """One branch's adapter in diffusers' LoRA key layout (``<module>.lora_A.weight`` /
+    ``lora_B.weight`` with alpha baked into B), loadable by ``load_lora_adapter`` into a stock
+    Wan model: the RGB branch without links is exactly that stock model plus this LoRA."""
+    out = {}
+    for name, m in transformer.named_modules():
+        if isinstance(getattr(m, "dlc", None), BranchLoRA):
+            out[f"{name}.lora_A.weight"] = getattr(m.dlc, f"lora_A_{branch}").weight.detach()
+            out[f"{name}.lora_B.weight"] = getattr(m.dlc, f"lora_B_{branch}").weight.detach() * m.dlc.scale
+    return out
