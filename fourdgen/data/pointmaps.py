@@ -149,7 +149,9 @@ class PointmapDataModule(GridDataModule):
 
     @property
     def _cond_id(self) -> str | None:
-        return None if self.conditioning is None else f"{self._vae_id}:{self.conditioning.cache_key}"
+        if self.conditioning is None or self.conditioning.cache_key is None:  # e.g. tasks drawn per step
+            return None
+        return f"{self._vae_id}:{self.conditioning.cache_key}"
 
     def _vae_ready(self) -> bool:
         if self.hparams.vae is None or self.hparams.cache_dir is None:
@@ -210,7 +212,7 @@ class PointmapDataModule(GridDataModule):
             "xyz_center": norm.centers,
             "xyz_scale": norm.scale.reshape(()),
         }
-        if self.conditioning is not None:
+        if self._cond_id is not None:
             out["cond_latents"] = self.conditioning.encode(self._vae, video)[0]
         return {k: v.cpu().contiguous() for k, v in out.items()}
 

@@ -78,9 +78,12 @@ def _link_hook(block: nn.Module, args: tuple, out: Tensor) -> Tensor:
     return block.dlc_link(out)
 
 
-def block_linears(transformer: nn.Module) -> list[str]:
-    """Names of every linear layer inside the DiT blocks (One4D: LoRA on all DiT linears)."""
-    return [n for n, m in transformer.named_modules() if n.startswith("blocks.") and isinstance(m, nn.Linear)]
+def dit_linears(transformer: nn.Module) -> list[str]:
+    """Names of every linear layer of the DiT (One4D: "LoRA ... to all linear layers in the DiT"):
+    the blocks' attention and FFN, and the time/text/image embedders and the output projection,
+    which the XYZ branch needs to reach its own output distribution. The patch embedding is a
+    convolution and stays shared."""
+    return [n for n, m in transformer.named_modules() if isinstance(m, nn.Linear) and ".dlc" not in n]
 
 
 def install_dlc(
@@ -90,14 +93,14 @@ def install_dlc(
     targets: list[str] | None = None,
     link_layers: tuple[int, ...] = (0, 10, 20, 30, 39),
 ) -> nn.Module:
-    """Add two-branch LoRA to ``targets`` (default: :func:`block_linears`) and control links after
+    """Add two-branch LoRA to ``targets`` (default: :func:`dit_linears`) and control links after
     the blocks in ``link_layers``; freeze everything else. Returns the transformer, which must then
     be called through :func:`stack_branches` inputs (batch = [RGB; XYZ])."""
     if getattr(transformer, "dlc_installed", False):
         raise ValueError("install_dlc: the transformer already has DLC adapters")
     transformer.requires_grad_(False)
     modules = dict(transformer.named_modules())
-    for name in targets or block_linears(transformer):
+    for name in targets or dit_linears(transformer):
         linear = modules[name]
         w = linear.weight
         linear.dlc = BranchLoRA(linear.in_features, linear.out_features, rank, alpha).to(w.device)
@@ -148,3 +151,66 @@ def branch_state(transformer: nn.Module, branch: str) -> dict[str, Tensor]:
             out[f"{name}.lora_A.weight"] = getattr(m.dlc, f"lora_A_{branch}").weight.detach()
             out[f"{name}.lora_B.weight"] = getattr(m.dlc, f"lora_B_{branch}").weight.detach() * m.dlc.scale
     return out
+
+
+class DecoupledLoRAControl:
+    """One4D's coupling of RGB and XYZ for :class:`~fourdgen.stages.video.VideoDiffusion`.
+
+    Latents are fused along channels (``[B, 2C, F, h, w]``: RGB then XYZ) so both share one noise
+    level ``t``. The DiT runs both branches in one call: the RGB branch gets the conditioning
+    channels (UMC), the XYZ branch zeros in their place (One4D feeds it no condition; it learns
+    them through the control links), and the stock patch embedding serves both.
+
+    Args:
+        rank / alpha: LoRA of each branch (One4D: rank 64 on all DiT linears; alpha is not given,
+            ``alpha = rank`` keeps LoRA's scale at 1).
+        num_links: control links spread over the blocks (One4D: 5), or ``link_layers`` explicitly.
+        targets: linear layers to adapt (default: every linear of the DiT, :func:`dit_linears`).
+    """
+
+    owns_lora = True  # VideoDiffusion adds no peft LoRA next to these adapters
+    trainable = (".dlc.", "dlc_link.")
+
+    def __init__(
+        self,
+        rank: int = 64,
+        alpha: float | None = None,
+        num_links: int = 5,
+        link_layers: list[int] | None = None,
+        targets: list[str] | None = None,
+    ):
+        self.rank, self.alpha = rank, float(alpha if alpha is not None else rank)
+        self.num_links, self.link_layers, self.targets = num_links, link_layers, targets
+
+    @property
+    def config(self) -> dict:
+        return {"rank": self.rank, "alpha": self.alpha, "link_layers": self.link_layers}
+
+    def install(self, transformer: nn.Module) -> nn.Module:
+        layers = self.link_layers
+        if layers is None:
+            layers = default_link_layers(len(transformer.blocks), self.num_links)
+        return install_dlc(transformer, self.rank, self.alpha, self.targets, tuple(layers))
+
+    def fuse(self, rgb: Tensor, xyz: Tensor) -> Tensor:
+        """``[B, C, F, h, w]`` twice -> ``[B, 2C, F, h, w]``."""
+        return torch.cat([rgb, xyz], dim=1)
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x.chunk(2, dim=1)
+
+    def predict(
+        self, transformer: nn.Module, x: Tensor, cond: Tensor, timestep: Tensor, text: Tensor, image
+    ) -> Tensor:
+        """Velocity ``[B, 2C, F, h, w]`` of both branches for noisy fused latents ``x``."""
+        rgb, xyz = self.split(x)
+        dtype = transformer.dtype
+        hidden = stack_branches(torch.cat([rgb, cond], 1), torch.cat([xyz, torch.zeros_like(cond)], 1))
+        out = transformer(
+            hidden_states=hidden.to(dtype),
+            timestep=torch.cat([timestep, timestep]),
+            encoder_hidden_states=torch.cat([text, text]).to(dtype),
+            encoder_hidden_states_image=None if image is None else torch.cat([image, image]).to(dtype),
+            return_dict=False,
+        )[0]
+        return self.fuse(*split_branches(out.float()))

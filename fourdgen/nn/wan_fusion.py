@@ -124,6 +124,7 @@ class WidthFusion:
     methods."""
 
     num_domains = 2
+    owns_lora = False
     trainable = ("domain_embedding",)  # new parameters that train next to the LoRA
 
     @property
@@ -139,3 +140,23 @@ class WidthFusion:
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return split_width(x, self.num_domains)
+
+    def predict(
+        self,
+        transformer: WanTransformer3DModel,
+        x: Tensor,
+        cond: Tensor,
+        timestep: Tensor,
+        text: Tensor,
+        image,
+    ) -> Tensor:
+        """DiT velocity ``[B, C, F, h, 2w]`` for noisy fused latents ``x`` and conditioning channels."""
+        dtype = transformer.dtype
+        out = transformer(
+            hidden_states=torch.cat([x, cond], dim=1).to(dtype),
+            timestep=timestep,
+            encoder_hidden_states=text.to(dtype),
+            encoder_hidden_states_image=None if image is None else image.to(dtype),
+            return_dict=False,
+        )[0]
+        return out.float()

@@ -134,13 +134,16 @@ class VideoDiffusion(L.LightningModule):
             )
         self.coupling.install(model)
         trainable = self.coupling.trainable
-        if h.init_lora:  # an export's adapter (its rank; alpha is baked into B) and extra tensors
+        own = getattr(self.coupling, "owns_lora", False)  # the coupling brings its adapters (DLC)
+        if own:
+            pass
+        elif h.init_lora:  # an export's adapter (its rank; alpha is baked into B) and extra tensors
             load_lora(model, h.init_lora)
             for name, p in model.named_parameters():
                 p.requires_grad_("lora_" in name or any(k in name for k in trainable))
         elif h.lora_rank > 0:
             add_lora(model, h.lora_rank, h.lora_alpha, tuple(h.lora_targets), keep_trainable=trainable)
-        if h.init_lora or h.lora_rank > 0:
+        if own or h.init_lora or h.lora_rank > 0:
             for p in model.parameters():  # LoRA and new layers train in float32
                 if p.requires_grad:
                     p.data = p.data.float()
@@ -198,8 +201,9 @@ class VideoDiffusion(L.LightningModule):
     def condition(self, b: GridBatch) -> Tensor:
         """Conditioning channels ``[B, C_cond, F, h, W']`` from the batch's cached condition latents
         (when they match this VAE and conditioning) or by VAE-encoding the condition video."""
+        observed = self.conditioning.observed(b, self.training)
         want = f"{self.vae_id}:{self.conditioning.cache_key}"
-        if b.cond_latents is not None:
+        if b.cond_latents is not None and self.conditioning.cache_key is not None:
             if any(c != want for c in b.cond_id):
                 raise ValueError(
                     f"GridBatch.cond_latents come from {b.cond_id}, the model needs {want!r}: give the "
@@ -207,8 +211,8 @@ class VideoDiffusion(L.LightningModule):
                 )
             latents = b.cond_latents[:, 0].float()
         else:
-            latents = self.conditioning.encode(self.vae, b.rgb[:, 0].permute(0, 2, 1, 3, 4))
-        return self.conditioning(latents, self.vae)
+            latents = self.conditioning.encode(self.vae, b.rgb[:, 0].permute(0, 2, 1, 3, 4), observed)
+        return self.conditioning(latents, self.vae, observed)
 
     def latent_shape(self, b: GridBatch) -> torch.Size:
         """Shape of the coupled latents the DiT denoises for the batch's clip size."""
@@ -232,15 +236,7 @@ class VideoDiffusion(L.LightningModule):
                 raise ValueError(
                     f"GridBatch.text_embeds: image-conditioned Wan needs 512 text tokens, got {text.shape[1]}"
                 )
-        dtype = self.transformer.dtype
-        out = self.transformer(
-            hidden_states=torch.cat([x, cond], dim=1).to(dtype),
-            timestep=timestep,
-            encoder_hidden_states=text.to(dtype),
-            encoder_hidden_states_image=None if image is None else image.to(dtype),
-            return_dict=False,
-        )[0]
-        return out.float()
+        return self.coupling.predict(self.transformer, x, cond, timestep, text, image)
 
     @staticmethod
     def _text(b: GridBatch, negative: bool = False) -> Tensor:
