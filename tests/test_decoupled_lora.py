@@ -214,3 +214,30 @@ def test_dlc_coupling_in_the_stage_module(tmp_path):
     trainer = _trainer(tmp_path, 2)
     trainer.fit(model, dm)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_export_round_trip_and_stock_load(tmp_path):
+    from fourdgen.nn.decoupled_lora import load_dlc, save_dlc
+    from fourdgen.nn.lora import EXTRA_FILE, LORA_FILE
+
+    base = build_transformer(preset="tiny")
+    dlc = install_dlc(copy.deepcopy(base), rank=4, alpha=8, link_layers=(1,))
+    _perturb(dlc, "lora_B_")
+    _perturb(dlc, "dlc_link.")
+    save_dlc(dlc, tmp_path / "export")
+    for f in ("rgb/" + LORA_FILE, "xyz/" + LORA_FILE, EXTRA_FILE):
+        assert (tmp_path / "export" / f).is_file(), f
+    fresh = load_dlc(install_dlc(copy.deepcopy(base), rank=4, alpha=8, link_layers=(1,)), tmp_path / "export")
+    inputs = _inputs()
+    for g, r in zip(_run(fresh, *inputs), _run(dlc, *inputs), strict=True):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+    # The RGB adapter alone in a stock diffusers model = the RGB branch without links.
+    no_links = install_dlc(copy.deepcopy(base), rank=4, alpha=8, link_layers=())
+    stock = copy.deepcopy(base)
+    stock.load_lora_adapter(str(tmp_path / "export" / "rgb"), weight_name=LORA_FILE, prefix="transformer")
+    with torch.no_grad():
+        for name, m in no_links.named_modules():
+            if hasattr(m, "dlc"):
+                src = dict(dlc.named_modules())[name].dlc
+                m.dlc.load_state_dict(src.state_dict())
+    torch.testing.assert_close(_run(stock, *inputs)[0], _run(no_links, *inputs)[0], rtol=1e-5, atol=1e-5)

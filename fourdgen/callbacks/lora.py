@@ -2,8 +2,9 @@
 
 Writes ``out_dir/step_XXXXXXX/`` every ``every_n_steps`` and ``out_dir/final/`` at the end of fit:
 ``pytorch_lora_weights.safetensors`` (loads into a stock diffusers Wan model or pipeline) and
-``fourdgen_extra.safetensors`` (domain embeddings and other new trained tensors). Only rank 0
-writes; under FSDP the shards are gathered first (``fourdgen.nn.lora.save_lora``).
+``fourdgen_extra.safetensors`` (domain embeddings and other new trained tensors); for One4D's
+decoupled LoRA one adapter folder per branch (``rgb/``, ``xyz/``) and the control links in
+``fourdgen_extra.safetensors``. Only rank 0 writes; under FSDP every rank gathers the shards first.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import lightning as L
 
+from fourdgen.nn.decoupled_lora import save_dlc
 from fourdgen.nn.lora import save_lora
 
 
@@ -21,10 +23,15 @@ class LoraExport(L.Callback):
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
         model = pl_module.transformer
-        if model is None or not getattr(model, "peft_config", None):
+        if model is None:
+            return
+        # Every rank gathers (FSDP shards), rank 0 writes.
+        if getattr(model, "dlc_installed", False):
+            save_dlc(model, self.out_dir / name, write=trainer.is_global_zero)
+        elif getattr(model, "peft_config", None):
+            save_lora(model, self.out_dir / name, write=trainer.is_global_zero)
+        else:
             return  # full fine-tuning: the Lightning checkpoint holds the weights
-        if trainer.is_global_zero:
-            save_lora(model, self.out_dir / name)
         trainer.strategy.barrier()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

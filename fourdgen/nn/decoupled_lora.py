@@ -17,8 +17,12 @@ pretrained weights load unchanged; the new tensors live in ``<linear>.dlc.*`` an
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 BRANCHES = ("rgb", "xyz")
@@ -214,3 +218,69 @@ class DecoupledLoRAControl:
             return_dict=False,
         )[0]
         return self.fuse(*split_branches(out.float()))
+
+
+def _full(t: Tensor) -> Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().contiguous().cpu()
+
+
+def save_dlc(transformer: nn.Module, out_dir: str | os.PathLike, write: bool = True) -> Path:
+    """Export DLC: ``rgb/`` and ``xyz/`` each a diffusers LoRA (``pytorch_lora_weights.safetensors``,
+    alpha baked into B), the control links in ``fourdgen_extra.safetensors``. Written in a temp dir
+    and moved into place; every FSDP rank calls it, only ``write=True`` writes."""
+    from fourdgen.nn.lora import EXTRA_FILE, LORA_FILE, write_diffusers_lora
+
+    out = Path(out_dir)
+    branches = {
+        b: {f"transformer.{k}": _full(v) for k, v in branch_state(transformer, b).items()} for b in BRANCHES
+    }
+    links = {n: _full(p) for n, p in transformer.named_parameters() if "dlc_link." in n}
+    if not write:
+        return out
+    rank = next(m.dlc.rank for m in transformer.modules() if isinstance(getattr(m, "dlc", None), BranchLoRA))
+    targets = sorted(
+        {k[len("transformer.") : -len(".lora_A.weight")] for k in branches["rgb"] if "lora_A" in k}
+    )
+    meta = {"r": rank, "lora_alpha": rank, "target_modules": targets}  # alpha baked into B
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        for b, lora in branches.items():
+            os.makedirs(os.path.join(tmp, b))
+            write_diffusers_lora(
+                os.path.join(tmp, b), {k.removeprefix("transformer."): v for k, v in lora.items()}, meta
+            )
+        save_file(links, os.path.join(tmp, EXTRA_FILE))
+        for b in BRANCHES:
+            (out / b).mkdir(exist_ok=True)
+            os.replace(os.path.join(tmp, b, LORA_FILE), out / b / LORA_FILE)
+        os.replace(os.path.join(tmp, EXTRA_FILE), out / EXTRA_FILE)
+    return out
+
+
+@torch.no_grad()
+def load_dlc(transformer: nn.Module, lora_dir: str | os.PathLike) -> nn.Module:
+    """Load a :func:`save_dlc` export into a transformer with DLC installed (same targets/links)."""
+    from fourdgen.nn.lora import EXTRA_FILE, LORA_FILE
+
+    d = Path(lora_dir)
+    modules = dict(transformer.named_modules())
+    params = dict(transformer.named_parameters())
+    for b in BRANCHES:
+        f = d / b / LORA_FILE
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: missing (expected a fourdgen DLC export with rgb/ and xyz/)")
+        for k, v in load_file(str(f)).items():
+            name, kind = k.removeprefix("transformer.").rsplit(".", 2)[0], k.rsplit(".", 2)[1]
+            lora = getattr(modules.get(name), "dlc", None)
+            if not isinstance(lora, BranchLoRA):
+                raise KeyError(
+                    f"{f}: {k} has no DLC layer '{name}' in the model (install the same DLC first)"
+                )
+            w = getattr(lora, f"{kind}_{b}").weight
+            w.copy_(v / lora.scale if kind == "lora_B" else v)
+    links = load_file(str(d / EXTRA_FILE)) if (d / EXTRA_FILE).is_file() else {}
+    for k, v in links.items():
+        if k not in params:
+            raise KeyError(f"{d / EXTRA_FILE}: {k} has no control link in the model (same link_layers?)")
+        params[k].copy_(v)
+    return transformer

@@ -61,19 +61,22 @@ def save_lora(
     out_dir: str | os.PathLike,
     adapter_name: str = "default",
     extra: dict[str, Tensor] | None = None,
+    write: bool = True,
 ) -> Path:
     """Write the adapter (diffusers format) and ``extra`` tensors (default: all non-LoRA trainable
     parameters). Files are written in a temp dir and moved into place, so a crash leaves the old
-    export intact."""
-    from diffusers import WanPipeline
-
+    export intact. Under FSDP every rank must call this (gathering shards is collective); only
+    the one with ``write=True`` writes."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     lora = {
         k: _full(v).contiguous().cpu()
         for k, v in get_peft_model_state_dict(transformer, adapter_name=adapter_name).items()
     }
     extra = extra_trainable_state(transformer) if extra is None else extra
+    extra = {k: _full(v).contiguous().cpu() for k, v in extra.items()}
+    if not write:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         # The adapter config travels in the file's metadata, but some loaders ignore it (diffusers'
         # load_lora_adapter given a file path assumes alpha = rank). So alpha / rank is baked
@@ -85,13 +88,24 @@ def save_lora(
         lora = {k: v * scale if "lora_B" in k else v for k, v in lora.items()}
         meta = {**cfg.to_dict(), "lora_alpha": cfg.r}
         meta = {k: (list(v) if isinstance(v, set) else v) for k, v in meta.items()}
-        WanPipeline.save_lora_weights(
-            tmp, transformer_lora_layers=lora, safe_serialization=True, transformer_lora_adapter_metadata=meta
-        )
-        save_file({k: _full(v).contiguous().cpu() for k, v in extra.items()}, os.path.join(tmp, EXTRA_FILE))
+        write_diffusers_lora(tmp, lora, meta)
+        save_file(extra, os.path.join(tmp, EXTRA_FILE))
         for name in (LORA_FILE, EXTRA_FILE):
             os.replace(os.path.join(tmp, name), out / name)
     return out
+
+
+def write_diffusers_lora(folder: str | os.PathLike, lora: dict[str, Tensor], metadata: dict) -> None:
+    """``folder/pytorch_lora_weights.safetensors`` as ``WanPipeline.save_lora_weights`` writes it
+    (keys ``transformer.<module>.lora_A/B.weight``, adapter config in the metadata)."""
+    from diffusers import WanPipeline
+
+    WanPipeline.save_lora_weights(
+        folder,
+        transformer_lora_layers=lora,
+        safe_serialization=True,
+        transformer_lora_adapter_metadata=metadata,
+    )
 
 
 def load_lora(
