@@ -141,6 +141,18 @@ def test_rgb_branch_export_loads_into_stock_diffusers():
     ref, _ = _run(stock, rgb, xyz, text)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     assert len(branch_state(dlc, "xyz")) == 2 * len(dit_linears(base))
+    assert len(dit_linears(base, "all")) > len(dit_linears(base))
+
+
+def test_paper_parameter_counts():
+    """One4D: 685M LoRA parameters (rank 64, both branches) and 250.7M in five control links, in
+    units of 2^20; on Wan-14B-I2V's shapes (meta device, no memory)."""
+    model = install_dlc(
+        build_transformer(preset="14b-i2v"), rank=64, alpha=64, link_layers=default_link_layers(40)
+    )
+    lora = sum(p.numel() for n, p in model.named_parameters() if ".dlc." in n) / 2**20
+    links = sum(p.numel() for n, p in model.named_parameters() if "dlc_link." in n) / 2**20
+    assert round(lora) == 685 and abs(links - 250.7) < 1.0, (lora, links)
 
 
 def test_link_layers_are_validated_and_spread():
@@ -260,7 +272,7 @@ def test_tiny_one4d_model_learns_a_clip_for_each_task(tmp_path):
     b = _batch(dm)
     model = VideoDiffusion(
         transformer=WIDE,
-        coupling=DecoupledLoRAControl(rank=64, num_links=2),
+        coupling=DecoupledLoRAControl(rank=64, num_links=2, targets="all"),
         conditioning=MaskedFrames(seed=0),
         lr=1e-3,
         warmup_steps=20,

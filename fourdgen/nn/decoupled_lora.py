@@ -82,29 +82,39 @@ def _link_hook(block: nn.Module, args: tuple, out: Tensor) -> Tensor:
     return block.dlc_link(out)
 
 
-def dit_linears(transformer: nn.Module) -> list[str]:
-    """Names of every linear layer of the DiT (One4D: "LoRA ... to all linear layers in the DiT"):
-    the blocks' attention and FFN, and the time/text/image embedders and the output projection,
-    which the XYZ branch needs to reach its own output distribution. The patch embedding is a
-    convolution and stays shared."""
-    return [n for n, m in transformer.named_modules() if isinstance(m, nn.Linear) and ".dlc" not in n]
+def dit_linears(transformer: nn.Module, scope: str = "blocks") -> list[str]:
+    """Names of the DiT's linear layers to adapt.
+
+    ``"blocks"``: every linear inside the DiT blocks (attention, cross-attention, FFN). One4D says
+    "all linear layers in the DiT" and counts 685M LoRA parameters for rank 64 on both branches:
+    exactly the blocks' linears of Wan-14B-I2V (718.27e6 = 685.0 x 2^20), so the embedders and the
+    output head stay shared. ``"all"`` adds those (time/text/image embedders, output projection),
+    which helps a weak base (the random tiny models of the tests). The patch embedding is a
+    convolution and is never adapted."""
+    if scope not in ("blocks", "all"):
+        raise ValueError(f"dit_linears: scope must be 'blocks' or 'all', got {scope!r}")
+    return [
+        n
+        for n, m in transformer.named_modules()
+        if isinstance(m, nn.Linear) and ".dlc" not in n and (scope == "all" or n.startswith("blocks."))
+    ]
 
 
 def install_dlc(
     transformer: nn.Module,
     rank: int = 64,
     alpha: float = 64,
-    targets: list[str] | None = None,
+    targets: str | list[str] = "blocks",
     link_layers: tuple[int, ...] = (0, 10, 20, 30, 39),
 ) -> nn.Module:
-    """Add two-branch LoRA to ``targets`` (default: :func:`dit_linears`) and control links after
-    the blocks in ``link_layers``; freeze everything else. Returns the transformer, which must then
-    be called through :func:`stack_branches` inputs (batch = [RGB; XYZ])."""
+    """Add two-branch LoRA to ``targets`` (module names, or a :func:`dit_linears` scope) and control
+    links after the blocks in ``link_layers``; freeze everything else. Returns the transformer,
+    which must then be called with :func:`stack_branches` inputs (batch = [RGB; XYZ])."""
     if getattr(transformer, "dlc_installed", False):
         raise ValueError("install_dlc: the transformer already has DLC adapters")
     transformer.requires_grad_(False)
     modules = dict(transformer.named_modules())
-    for name in targets or dit_linears(transformer):
+    for name in dit_linears(transformer, targets) if isinstance(targets, str) else targets:
         linear = modules[name]
         w = linear.weight
         linear.dlc = BranchLoRA(linear.in_features, linear.out_features, rank, alpha).to(w.device)
@@ -169,7 +179,8 @@ class DecoupledLoRAControl:
         rank / alpha: LoRA of each branch (One4D: rank 64 on all DiT linears; alpha is not given,
             ``alpha = rank`` keeps LoRA's scale at 1).
         num_links: control links spread over the blocks (One4D: 5), or ``link_layers`` explicitly.
-        targets: linear layers to adapt (default: every linear of the DiT, :func:`dit_linears`).
+        targets: linear layers to adapt: names, or ``"blocks"`` (One4D, see :func:`dit_linears`)
+            or ``"all"``.
     """
 
     owns_lora = True  # VideoDiffusion adds no peft LoRA next to these adapters
@@ -181,7 +192,7 @@ class DecoupledLoRAControl:
         alpha: float | None = None,
         num_links: int = 5,
         link_layers: list[int] | None = None,
-        targets: list[str] | None = None,
+        targets: str | list[str] = "blocks",
     ):
         self.rank, self.alpha = rank, float(alpha if alpha is not None else rank)
         self.num_links, self.link_layers, self.targets = num_links, link_layers, targets
