@@ -279,20 +279,33 @@ def test_vae_fingerprint_tracks_weights():
     assert vae_id(a) != vae_id(b)
 
 
-def test_tiny_recipe_runs_through_the_cli(tmp_path):
+@pytest.mark.parametrize("recipe", ["video", "one4d"])
+def test_tiny_recipe_runs_through_the_cli(tmp_path, recipe):
     from fourdgen.cli import FourDGenCLI
 
     cli = FourDGenCLI(
         args=[
-            "--config=lightning_configs/tiny/video.yaml",
+            f"--config=lightning_configs/tiny/{recipe}.yaml",
             f"--data.init_args.root={tmp_path / 'scenes'}",
             f"--data.init_args.cache_dir={tmp_path / 'cache'}",
             f"--trainer.default_root_dir={tmp_path}",
             "--trainer.max_steps=3",
             "--trainer.limit_val_batches=0",
             "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks="
+            + json.dumps(
+                [
+                    {
+                        "class_path": "fourdgen.callbacks.lora.LoraExport",
+                        "init_args": {"out_dir": str(tmp_path / "lora")},
+                    }
+                ]
+            ),
         ],
         run=False,
     )
     cli.trainer.fit(cli.model, cli.datamodule)
     assert cli.trainer.global_step == 3 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    if recipe == "one4d":  # DLC exports one diffusers LoRA per branch plus the control links
+        for f in ("rgb/" + LORA_FILE, "xyz/" + LORA_FILE, EXTRA_FILE):
+            assert (tmp_path / "lora" / "final" / f).is_file(), f

@@ -25,7 +25,7 @@ from fourdgen.backbones.wan import build_vae
 from fourdgen.data.batch import GridBatch
 from fourdgen.data.datamodules import GridDataModule, GridDataset
 from fourdgen.data.embeddings import ConditionEmbedder
-from fourdgen.diffusion.conditioning import GuidedFirstFrame
+from fourdgen.diffusion.conditioning import Conditioning
 from fourdgen.diffusion.latents import encode_pointmaps, encode_video, prepare_pointmaps, vae_id
 from fourdgen.geometry.pointmaps import LATENT_SCALE, LATENT_SHIFT, latent_stats
 from fourdgen.geometry.projection import depth_to_points
@@ -92,7 +92,7 @@ class PointmapDataModule(GridDataModule):
         vae: dict | None = None,
         text_encoder: HashTextEncoder | UMT5TextEncoder | None = None,
         image_encoder: CLIPImageEncoder | HashImageEncoder | None = None,
-        conditioning: GuidedFirstFrame | None = None,
+        conditioning: Conditioning | None = None,
         prompt_suffix: str = "POINTMAP_STYLE.",
         negative_prompt: str = "",
         latent_shift: float = LATENT_SHIFT,

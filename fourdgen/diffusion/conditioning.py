@@ -16,7 +16,30 @@ from fourdgen.diffusion.latents import encode_video, scale_factors
 from fourdgen.geometry.pointmaps import xyz_condition_grid
 
 
-class GuidedFirstFrame:
+class Conditioning:
+    """Base class of the conditioning components: extra DiT input channels built from the clip's
+    observed frames. ``cache_key`` (None: not cacheable) names what a latent cache may store."""
+
+    cache_key: str | None = None
+
+    def channels(self, vae: AutoencoderKLWan) -> int:
+        raise NotImplementedError
+
+    def observed(self, b, training: bool = False) -> Tensor:
+        """Observed frames ``[B, T]`` bool of batch ``b`` (drawn at random in training if the
+        component trains several tasks)."""
+        raise NotImplementedError
+
+    def encode(self, vae: AutoencoderKLWan, rgb: Tensor, observed: Tensor | None = None) -> Tensor:
+        """VAE latents of the condition video of ``rgb [B, 3, T, H, W]``."""
+        raise NotImplementedError
+
+    def __call__(self, cond_latents: Tensor, vae: AutoencoderKLWan, observed: Tensor | None = None) -> Tensor:
+        """Extra channels ``[B, C_cond, F, h, w']`` from the condition latents."""
+        raise NotImplementedError
+
+
+class GuidedFirstFrame(Conditioning):
     """4DNeX guided first-frame conditioning (as Wan2.1 I2V, with a width-fused XYZ half).
 
     Channels: ``[mask (temporal VAE factor), condition latents (z_dim)]``, e.g. 4 + 16 = 20 for the
@@ -84,7 +107,7 @@ class GuidedFirstFrame:
 TASKS = ("image", "sparse", "video")
 
 
-class MaskedFrames:
+class MaskedFrames(Conditioning):
     """One4D's Unified Masked Conditioning (section 3.3): the observed frames, zeros elsewhere,
     VAE-encoded, next to a binary observed-frame mask at latent resolution, as extra channels of the
     RGB branch. Single image (first frame), sparse frames or the full video: one model.

@@ -25,6 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from fourdgen.nn.coupling import Coupling
+
 BRANCHES = ("rgb", "xyz")
 
 
@@ -167,7 +169,7 @@ def branch_state(transformer: nn.Module, branch: str) -> dict[str, Tensor]:
     return out
 
 
-class DecoupledLoRAControl:
+class DecoupledLoRAControl(Coupling):
     """One4D's coupling of RGB and XYZ for :class:`~fourdgen.stages.video.VideoDiffusion`.
 
     Latents are fused along channels (``[B, 2C, F, h, w]``: RGB then XYZ) so both share one noise

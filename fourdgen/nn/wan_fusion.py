@@ -14,6 +14,8 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from torch import Tensor, nn
 
+from fourdgen.nn.coupling import Coupling
+
 
 class GridRotaryPosEmbed(WanRotaryPosEmbed):
     """Wan's RoPE gathered by explicit per-token (t, h, w) position ids.
@@ -117,7 +119,7 @@ def split_width(latents: Tensor, num_domains: int = 2) -> tuple[Tensor, ...]:
     return latents.chunk(num_domains, dim=-1)
 
 
-class WidthFusion:
+class WidthFusion(Coupling):
     """4DNeX's coupling of the RGB and XYZ branches: one token sequence, XYZ latents to the right
     of the RGB latents (shared RoPE positions, a domain embedding per half). A recipe picks the
     coupling by ``class_path``; other couplings (decoupled LoRA, multi-view grids) offer the same

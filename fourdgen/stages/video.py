@@ -20,7 +20,7 @@ from fourdgen.backbones.wan import build_transformer, build_vae, materialize, sh
 from fourdgen.callbacks.media import log_video
 from fourdgen.data.batch import GridBatch
 from fourdgen.data.pointmaps import world_pointmaps
-from fourdgen.diffusion.conditioning import GuidedFirstFrame
+from fourdgen.diffusion.conditioning import Conditioning, GuidedFirstFrame
 from fourdgen.diffusion.flow import add_noise, euler_sample, flow_loss, sample_sigmas, velocity_target
 from fourdgen.diffusion.latents import (
     decode_video,
@@ -35,6 +35,7 @@ from fourdgen.geometry.postopt import recover_cameras
 from fourdgen.geometry.projection import rebase_cameras
 from fourdgen.metrics.camera import camera_metrics
 from fourdgen.metrics.depth import depth_metrics
+from fourdgen.nn.coupling import Coupling
 from fourdgen.nn.lora import ATTN_TARGETS, add_lora, load_lora
 from fourdgen.nn.wan_fusion import WidthFusion
 from fourdgen.stages.common import check_finite
@@ -50,10 +51,12 @@ class VideoDiffusion(L.LightningModule):
             ``preset`` + ``overrides`` + ``seed``). For presets, ``in_channels`` is set to the latent
             channels plus the conditioning's; for checkpoints it is checked.
         vae: ``build_vae`` keywords (use the same spec in the DataModule's latent cache).
-        coupling: how RGB and XYZ share the DiT (4DNeX: :class:`WidthFusion`).
-        conditioning: extra input channels (4DNeX: :class:`GuidedFirstFrame`).
+        coupling: how RGB and XYZ share the DiT (4DNeX: :class:`WidthFusion`; One4D:
+            ``DecoupledLoRAControl``).
+        conditioning: extra input channels (4DNeX: :class:`GuidedFirstFrame`; One4D: ``MaskedFrames``).
         lora_rank / lora_alpha / lora_targets: peft LoRA (4DNeX: 64, 32, attention projections);
-            ``lora_rank=0`` trains the whole DiT.
+            ``lora_rank=0`` trains the whole DiT. Ignored when the coupling brings its own
+            adapters (One4D's :class:`~fourdgen.nn.decoupled_lora.DecoupledLoRAControl`).
         init_lora: a LoRA export (``fourdgen.nn.lora.save_lora``) to start from (its rank wins).
         lr / weight_decay / warmup_steps: AdamW with linear warm-up (4DNeX: lr 2e-5).
         timestep_sampling / train_shift / loss_weighting: rectified-flow training (4DNeX:
@@ -69,8 +72,8 @@ class VideoDiffusion(L.LightningModule):
         self,
         transformer: dict | None = None,
         vae: dict | None = None,
-        coupling: WidthFusion | None = None,
-        conditioning: GuidedFirstFrame | None = None,
+        coupling: Coupling | None = None,
+        conditioning: Conditioning | None = None,
         lora_rank: int = 64,
         lora_alpha: float = 32,
         lora_targets: list[str] | None = None,
