@@ -298,3 +298,44 @@ def test_tiny_one4d_model_learns_a_clip_for_each_task(tmp_path):
     print("one4d learning", before, after)
     for task in before:
         assert after[task] < before[task] / 10 and after[task] < 0.8, (task, before, after)
+
+
+@pytest.mark.parametrize("observe", ["first", [0, 2, 4], "all"])
+def test_one4d_validation_post_optimises_each_task(tmp_path, observe):
+    """Generation, mixed and reconstruction: the DataModule marks the given frames, UMC conditions on
+    them, and validation recovers cameras and depth from the generated pointmaps."""
+    from fourdgen.diffusion.conditioning import MaskedFrames
+    from fourdgen.nn.decoupled_lora import DecoupledLoRAControl
+    from fourdgen.stages.video import VideoDiffusion
+    from tests.test_video import WIDE, _dm, _trainer
+
+    dm = _dm(tmp_path, cache=False, observe=observe)
+    dm.prepare_data()
+    dm.setup()
+    b = next(iter(dm.val_dataloader()))
+    expect = observe if isinstance(observe, list) else {"first": [0], "all": [0, 1, 2, 3, 4]}[observe]
+    assert b.observed[0, 0].nonzero().flatten().tolist() == expect
+    model = VideoDiffusion(
+        transformer=WIDE,
+        coupling=DecoupledLoRAControl(rank=4, num_links=2),
+        conditioning=MaskedFrames(),
+        val_sample_steps=2,
+        val_postopt_steps=5,
+    )
+    model.configure_model()
+    torch.testing.assert_close(model.conditioning.observed(b), b.observed[:, 0])
+    metrics = _trainer(tmp_path, 1, limit_val_batches=1).validate(model, dm, verbose=False)[0]
+    for k in ("val/latent_mse", "val/abs_rel", "val/delta1", "val/ate"):
+        assert k in metrics and metrics[k] == metrics[k], k
+
+
+def test_observe_is_validated(tmp_path):
+    from tests.test_video import _dm
+
+    with pytest.raises(ValueError, match="data.observe"):
+        _dm(tmp_path, observe="some")
+    dm = _dm(tmp_path, cache=False, observe=[0, 9])
+    dm.prepare_data()
+    dm.setup()
+    with pytest.raises(ValueError, match="outside the clip"):
+        next(iter(dm.val_dataloader()))

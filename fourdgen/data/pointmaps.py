@@ -52,6 +52,15 @@ class _PointmapClips(Dataset):
 
     def __getitem__(self, idx: int) -> GridBatch:
         b = self.base[idx]
+        observe = self.dm.hparams.observe
+        if observe != "first":  # which frames a multi-task model (One4D) is given at val/predict
+            T = b.observed.shape[-1]
+            b.observed[:] = observe == "all"
+            if isinstance(observe, list):
+                bad = [t for t in observe if not 0 <= t < T]
+                if bad:
+                    raise ValueError(f"data.observe: frames {bad} outside the clip's {T} frames")
+                b.observed[0, 0, observe] = True
         extra = self.dm.embed(b.caption, b.rgb[:, 0, 0], b.scene_id)
         cached = self.dm.latents_for(b)
         if cached is not None:
@@ -77,6 +86,9 @@ class PointmapDataModule(GridDataModule):
         prompt_suffix: appended to every caption (4DNeX: "POINTMAP_STYLE.").
         negative_prompt: the CFG negative prompt, embedded into ``neg_text_embeds``.
         latent_shift / latent_scale: pointmap-latent renormalisation ``(z + shift) / scale``.
+        observe: frames given as conditions in validation/test/predict batches: ``"first"``
+            (image-to-4D), ``"all"`` (video-to-4D reconstruction) or a list of frame indices
+            (sparse frames). Training conditionings that draw tasks (One4D) ignore it.
         encode_device: where ``prepare_data`` runs the VAE to fill the cache (None: CUDA if
             available). Loader workers only read the cache that ``prepare_data`` filled.
     """
@@ -98,6 +110,7 @@ class PointmapDataModule(GridDataModule):
         latent_shift: float = LATENT_SHIFT,
         latent_scale: float = LATENT_SCALE,
         encode_device: str | None = None,
+        observe: str | list[int] = "first",
         crop: str = "center",
         samples_per_scene: int = 1,
         val_fraction: float = 0.1,
@@ -134,7 +147,12 @@ class PointmapDataModule(GridDataModule):
             latent_shift=latent_shift,
             latent_scale=latent_scale,
             encode_device=encode_device,
+            observe=list(observe) if not isinstance(observe, str) else observe,
         )
+        if isinstance(observe, str) and observe not in ("first", "all"):
+            raise ValueError(
+                f"data.observe: expected 'first', 'all' or a list of frame indices, got {observe!r}"
+            )
         self.embedder = ConditionEmbedder(
             text_encoder, image_encoder, prompt_suffix, negative_prompt, cache_dir=cache_dir
         )

@@ -95,3 +95,32 @@ def test_fsdp2_through_model_parallel_strategy(tmp_path):
         ref = plain.velocity(x, lat["cond"], t, b.text_embeds, None)
         got = model.velocity(x, lat["cond"], t, b.text_embeds, None)
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_one4d_dlc_trains_in_bf16(tmp_path, sharded):
+    """One4D's two-branch LoRA + UMC with a bf16 base: plain bf16-mixed, and FSDP2-sharded
+    (per-block units hold the hooked linears and their adapters); the export gathers and writes."""
+    from fourdgen.callbacks.lora import LoraExport
+    from fourdgen.diffusion.conditioning import MaskedFrames
+    from fourdgen.nn.decoupled_lora import DecoupledLoRAControl
+    from fourdgen.nn.lora import EXTRA_FILE, LORA_FILE
+
+    model = VideoDiffusion(
+        transformer=WIDE,
+        coupling=DecoupledLoRAControl(rank=8, num_links=2, targets="all"),
+        conditioning=MaskedFrames(seed=0),
+        lr=1e-3,
+        base_dtype="bfloat16",
+    )
+    kw = {"strategy": ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)} if sharded else {}
+    trainer = _trainer(
+        tmp_path,
+        precision="32-true" if sharded else "bf16-mixed",
+        callbacks=[LoraExport(str(tmp_path / "lora"))],
+        **kw,
+    )
+    trainer.fit(model, _dm(tmp_path))
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    for f in ("rgb/" + LORA_FILE, "xyz/" + LORA_FILE, EXTRA_FILE):
+        assert (tmp_path / "lora" / "final" / f).is_file(), f
