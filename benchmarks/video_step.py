@@ -1,10 +1,13 @@
-"""Training-step time and peak memory of the stage-1 DiT (4DNeX width fusion, LoRA, bf16 base).
+"""Training-step time and peak memory of the stage-1 DiT with a bf16 base: 4DNeX (width fusion,
+LoRA on attention) or One4D (``--coupling dlc``: two-branch LoRA on the blocks' linears, five
+control links, UMC channels).
 
 Random weights in a named size (no checkpoint needed), random latents of a clip of ``--frames``
 x ``--height`` x ``--width`` pixels with the Wan2.1 VAE's factors (4 in time, 8 in space), fused
 RGB|XYZ width-wise, as one bf16-mixed step (autocast) of LoRA training with AdamW:
 
     python benchmarks/video_step.py --preset 1.3b 14b-i2v --frames 49 --height 480 --width 720
+    python benchmarks/video_step.py --preset 14b-i2v --coupling dlc
 """
 
 from __future__ import annotations
@@ -14,13 +17,19 @@ import time
 
 import torch
 
+from fourdgen.diffusion.conditioning import MaskedFrames
 from fourdgen.diffusion.flow import add_noise, flow_loss, sample_sigmas, velocity_target
+from fourdgen.nn.decoupled_lora import DecoupledLoRAControl
 from fourdgen.stages.video import VideoDiffusion
 
 
 def bench(preset: str, args: argparse.Namespace) -> dict:
     torch.cuda.reset_peak_memory_stats()
+    extra = {}
+    if args.coupling == "dlc":
+        extra = {"coupling": DecoupledLoRAControl(rank=args.rank), "conditioning": MaskedFrames()}
     model = VideoDiffusion(
+        **extra,
         transformer={"preset": preset},
         vae={"preset": "wan2.1"},
         lora_rank=args.rank,
@@ -33,8 +42,13 @@ def bench(preset: str, args: argparse.Namespace) -> dict:
     build_s = time.perf_counter() - t0
     tr = model.transformer
     F, h, w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
-    x0 = torch.randn(1, 16, F, h, 2 * w, device="cuda")
-    cond = model.conditioning(torch.randn(1, 16, F, h, 2 * w, device="cuda"), model.vae)
+    if args.coupling == "dlc":  # channel-fused RGB|XYZ, UMC channels of the RGB branch
+        x0 = torch.randn(1, 32, F, h, w, device="cuda")
+        obs = torch.ones(1, args.frames, dtype=torch.bool, device="cuda")
+        cond = model.conditioning(torch.randn(1, 16, F, h, w, device="cuda"), model.vae, obs)
+    else:  # width-fused RGB|XYZ
+        x0 = torch.randn(1, 16, F, h, 2 * w, device="cuda")
+        cond = model.conditioning(torch.randn(1, 16, F, h, 2 * w, device="cuda"), model.vae)
     text = torch.randn(1, 512, tr.config.text_dim, device="cuda")
     image = torch.randn(1, 257, tr.config.image_dim, device="cuda") if tr.config.image_dim else None
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -53,7 +67,7 @@ def bench(preset: str, args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    tokens = F * (h // 2) * (2 * w // 2)
+    tokens = F * (h // 2) * (2 * w // 2)  # both layouts: two clips' worth of tokens per step
     return {
         "preset": preset,
         "params_b": sum(p.numel() for p in tr.parameters()) / 1e9,
@@ -75,8 +89,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--coupling", choices=["width", "dlc"], default="width")
     args = p.parse_args()
-    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, coupling {args.coupling}")
     print("| preset | params (B) | LoRA+new (M) | tokens | s/step | peak GiB | build s |")
     print("|---|---|---|---|---|---|---|")
     for preset in args.preset:
