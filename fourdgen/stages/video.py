@@ -138,8 +138,13 @@ class VideoDiffusion(L.LightningModule):
         self.coupling.install(model)
         trainable = self.coupling.trainable
         own = getattr(self.coupling, "owns_lora", False)  # the coupling brings its adapters (DLC)
+        if own and h.init_lora:
+            raise ValueError(
+                f"init_lora: {type(self.coupling).__name__} brings its own adapters; load its export "
+                "with fourdgen.nn.decoupled_lora.load_dlc instead"
+            )
         if own:
-            pass
+            pass  # adapters and links installed (and the rest frozen) by the coupling
         elif h.init_lora:  # an export's adapter (its rank; alpha is baked into B) and extra tensors
             load_lora(model, h.init_lora)
             for name, p in model.named_parameters():
