@@ -55,7 +55,8 @@ class UMT5TextEncoder:
 
     @property
     def id(self) -> str:
-        return f"umt5-{Path(self.path).resolve()}-{self.max_length}-{self.dtype}"
+        # "-clean": prompts go through diffusers' prompt_clean (caches from before are not reused)
+        return f"umt5-{Path(self.path).resolve()}-{self.max_length}-{self.dtype}-clean"
 
     def _load(self) -> None:
         from transformers import AutoTokenizer, UMT5EncoderModel
@@ -77,10 +78,16 @@ class UMT5TextEncoder:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> Tensor:
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean  # as the pipelines: html, whitespace
+
         if self._model is None:
             self._load()
         tok = self._tokenizer(
-            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+            [prompt_clean(p) for p in prompts],
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
         )
         ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
         states = self._model(ids, mask).last_hidden_state.float()
