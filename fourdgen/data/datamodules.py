@@ -74,7 +74,8 @@ class GridDataset(Dataset):
         height / width: output resolution (None = native); resize-to-cover then crop.
         frame_stride: step between sampled frames.
         random_sampling: random views, start frame and crop (training) vs. first ones (eval).
-        condition: which cells are marked ``observed`` (none/first_frame/first_view/first_time).
+        condition: which cells are marked ``observed``: none/first_frame/first_view/first_time, or
+            a list of frame indices (of the first view: sparse given frames).
         samples_per_scene: dataset length multiplier (random sampling gives different grids).
     """
 
@@ -88,14 +89,14 @@ class GridDataset(Dataset):
         frame_stride: int = 1,
         random_sampling: bool = False,
         crop: str = "center",
-        condition: str = "first_frame",
+        condition: str | list[int] = "first_frame",
         load_depth: bool = True,
         load_xyz: bool = True,
         load_mask: bool = True,
         samples_per_scene: int = 1,
     ):
-        if condition not in CONDITIONS:
-            raise ValueError(f"condition: expected one of {CONDITIONS}, got {condition!r}")
+        if isinstance(condition, str) and condition not in CONDITIONS:
+            raise ValueError(f"condition: expected one of {CONDITIONS} or frame indices, got {condition!r}")
         self.scenes: list[Scene] = [read_scene(p) for p in scenes]
         self.num_views, self.num_frames, self.frame_stride = num_views, num_frames, frame_stride
         self.out_hw = (height, width) if height and width else None
@@ -156,6 +157,11 @@ class GridDataset(Dataset):
             observed[0] = True
         elif self.condition == "first_time":
             observed[:, 0] = True
+        elif isinstance(self.condition, list):
+            bad = [t for t in self.condition if not 0 <= t < T]
+            if bad:
+                raise ValueError(f"condition: frames {bad} outside the clip's {T} frames")
+            observed[0, self.condition] = True
         t_norm = torch.tensor(times, dtype=torch.float32) / max(scene.num_frames - 1, 1)
         return GridBatch(
             rgb=rgb[None].clamp(-1, 1),
@@ -217,7 +223,7 @@ class GridDataModule(BaseDataModule):
         width: int | None = None,
         frame_stride: int = 1,
         crop: str = "random",
-        condition: str = "first_frame",
+        condition: str | list[int] = "first_frame",
         load_depth: bool = True,
         load_xyz: bool = True,
         load_mask: bool = True,

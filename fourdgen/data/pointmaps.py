@@ -52,16 +52,7 @@ class _PointmapClips(Dataset):
 
     def __getitem__(self, idx: int) -> GridBatch:
         b = self.base[idx]
-        observe = self.dm.hparams.observe
-        if observe != "first":  # which frames a multi-task model (One4D) is given at val/predict
-            T = b.observed.shape[-1]
-            b.observed[:] = observe == "all"
-            if isinstance(observe, list):
-                bad = [t for t in observe if not 0 <= t < T]
-                if bad:
-                    raise ValueError(f"data.observe: frames {bad} outside the clip's {T} frames")
-                b.observed[0, 0, observe] = True
-        extra = self.dm.embed(b.caption, b.rgb[:, 0, 0], b.scene_id)
+        extra = self.dm.embedder(b.caption, b.rgb[:, 0, 0], b.scene_id)
         cached = self.dm.latents_for(b)
         if cached is not None:
             extra.update(cached)
@@ -129,7 +120,10 @@ class PointmapDataModule(GridDataModule):
             width=width,
             frame_stride=frame_stride,
             crop=crop,
-            condition="first_frame",
+            # One view: "all" frames given is GridDataset's "first_view".
+            condition={"first": "first_frame", "all": "first_view"}.get(observe, observe)
+            if isinstance(observe, str)
+            else list(observe),
             samples_per_scene=samples_per_scene,
             val_fraction=val_fraction,
             test_fraction=test_fraction,
@@ -161,10 +155,6 @@ class PointmapDataModule(GridDataModule):
         self._vae_id: str | None = None
 
     # ------------------------------------------------------------------------------ caches
-    def embed(self, captions: list[str], first_frames: torch.Tensor, keys: list[str]) -> dict:
-        """Text (and image) embeddings of a clip: see :class:`ConditionEmbedder`."""
-        return self.embedder(captions, first_frames, keys)
-
     @property
     def _cond_id(self) -> str | None:
         if self.conditioning is None or self.conditioning.cache_key is None:  # e.g. tasks drawn per step
@@ -264,7 +254,7 @@ class PointmapDataModule(GridDataModule):
             base = self._dataset(split).base
             for i in range(len(base.scenes)):  # clips are fixed: one per scene
                 b = base[i]
-                self.embed(b.caption, b.rgb[:, 0, 0], b.scene_id)
+                self.embedder(b.caption, b.rgb[:, 0, 0], b.scene_id)
                 self.latents_for(b)
 
     # ------------------------------------------------------------------------------ loaders

@@ -11,6 +11,19 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 
+def call_dit(transformer: nn.Module, hidden: Tensor, timestep: Tensor, text: Tensor, image) -> Tensor:
+    """One float32 velocity from the Wan DiT, inputs cast to its dtype (couplings build ``hidden``)."""
+    dtype = transformer.dtype
+    out = transformer(
+        hidden_states=hidden.to(dtype),
+        timestep=timestep,
+        encoder_hidden_states=text.to(dtype),
+        encoder_hidden_states_image=None if image is None else image.to(dtype),
+        return_dict=False,
+    )[0]
+    return out.float()
+
+
 class Coupling:
     """Base class of the couplings.
 

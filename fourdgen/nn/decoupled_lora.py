@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from fourdgen.nn.coupling import Coupling
+from fourdgen.nn.coupling import Coupling, call_dit
 
 BRANCHES = ("rgb", "xyz")
 
@@ -221,16 +221,13 @@ class DecoupledLoRAControl(Coupling):
     ) -> Tensor:
         """Velocity ``[B, 2C, F, h, w]`` of both branches for noisy fused latents ``x``."""
         rgb, xyz = self.split(x)
-        dtype = transformer.dtype
         hidden = stack_branches(torch.cat([rgb, cond], 1), torch.cat([xyz, torch.zeros_like(cond)], 1))
-        out = transformer(
-            hidden_states=hidden.to(dtype),
-            timestep=torch.cat([timestep, timestep]),
-            encoder_hidden_states=torch.cat([text, text]).to(dtype),
-            encoder_hidden_states_image=None if image is None else torch.cat([image, image]).to(dtype),
-            return_dict=False,
-        )[0]
-        return self.fuse(*split_branches(out.float()))
+
+        def both(t):  # both branches see the same timestep, text and image
+            return None if t is None else torch.cat([t, t])
+
+        out = call_dit(transformer, hidden, both(timestep), both(text), both(image))
+        return self.fuse(*split_branches(out))
 
 
 def _full(t: Tensor) -> Tensor:

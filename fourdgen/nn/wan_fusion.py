@@ -14,7 +14,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from torch import Tensor, nn
 
-from fourdgen.nn.coupling import Coupling
+from fourdgen.nn.coupling import Coupling, call_dit
 
 
 class GridRotaryPosEmbed(WanRotaryPosEmbed):
@@ -153,12 +153,4 @@ class WidthFusion(Coupling):
         image,
     ) -> Tensor:
         """DiT velocity ``[B, C, F, h, 2w]`` for noisy fused latents ``x`` and conditioning channels."""
-        dtype = transformer.dtype
-        out = transformer(
-            hidden_states=torch.cat([x, cond], dim=1).to(dtype),
-            timestep=timestep,
-            encoder_hidden_states=text.to(dtype),
-            encoder_hidden_states_image=None if image is None else image.to(dtype),
-            return_dict=False,
-        )[0]
-        return out.float()
+        return call_dit(transformer, torch.cat([x, cond], dim=1), timestep, text, image)

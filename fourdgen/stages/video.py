@@ -143,8 +143,8 @@ class VideoDiffusion(L.LightningModule):
                 f"init_lora: {type(self.coupling).__name__} brings its own adapters; load its export "
                 "with fourdgen.nn.decoupled_lora.load_dlc instead"
             )
-        if own:
-            pass  # adapters and links installed (and the rest frozen) by the coupling
+        if own:  # adapters and links are installed (the rest frozen) by the coupling
+            pass
         elif h.init_lora:  # an export's adapter (its rank; alpha is baked into B) and extra tensors
             load_lora(model, h.init_lora)
             for name, p in model.named_parameters():
