@@ -74,8 +74,10 @@ class GridDataset(Dataset):
         height / width: output resolution (None = native); resize-to-cover then crop.
         frame_stride: step between sampled frames.
         random_sampling: random views, start frame and crop (training) vs. first ones (eval).
-        condition: which cells are marked ``observed``: none/first_frame/first_view/first_time, or
-            a list of frame indices (of the first view: sparse given frames).
+        condition: which cells are marked ``observed``: none/first_frame/first_view/first_time,
+            several joined by ``+`` (4Real-Video-V2's references: ``first_view+first_time``, the
+            fixed-view row and the freeze-time column), or a list of frame indices (of the first
+            view: sparse given frames).
         samples_per_scene: dataset length multiplier (random sampling gives different grids).
     """
 
@@ -95,8 +97,11 @@ class GridDataset(Dataset):
         load_mask: bool = True,
         samples_per_scene: int = 1,
     ):
-        if isinstance(condition, str) and condition not in CONDITIONS:
-            raise ValueError(f"condition: expected one of {CONDITIONS} or frame indices, got {condition!r}")
+        if isinstance(condition, str) and any(c not in CONDITIONS for c in condition.split("+")):
+            raise ValueError(
+                f"condition: expected one of {CONDITIONS} (or several joined by '+', e.g. "
+                f"'first_view+first_time') or frame indices, got {condition!r}"
+            )
         self.scenes: list[Scene] = [read_scene(p) for p in scenes]
         self.num_views, self.num_frames, self.frame_stride = num_views, num_frames, frame_stride
         self.out_hw = (height, width) if height and width else None
@@ -151,13 +156,14 @@ class GridDataset(Dataset):
             if self.load[key] and has:
                 extra[key] = grid(getattr(scene, f"load_{key}"), "nearest-exact")
         observed = torch.zeros(V, T, dtype=torch.bool)
-        if self.condition == "first_frame":
-            observed[0, 0] = True
-        elif self.condition == "first_view":
-            observed[0] = True
-        elif self.condition == "first_time":
-            observed[:, 0] = True
-        elif isinstance(self.condition, list):
+        if isinstance(self.condition, str):
+            parts = self.condition.split("+")
+            observed[0, 0] = "first_frame" in parts
+            if "first_view" in parts:
+                observed[0] = True
+            if "first_time" in parts:
+                observed[:, 0] = True
+        else:
             bad = [t for t in self.condition if not 0 <= t < T]
             if bad:
                 raise ValueError(f"condition: frames {bad} outside the clip's {T} frames")

@@ -55,8 +55,10 @@ class VideoDiffusion(L.LightningModule):
             ``DecoupledLoRAControl``).
         conditioning: extra input channels (4DNeX: :class:`GuidedFirstFrame`; One4D: ``MaskedFrames``).
         lora_rank / lora_alpha / lora_targets: peft LoRA (4DNeX: 64, 32, attention projections);
-            ``lora_rank=0`` trains the whole DiT. Ignored when the coupling brings its own
-            adapters (One4D's :class:`~fourdgen.nn.decoupled_lora.DecoupledLoRAControl`).
+            ``lora_rank=0`` trains the whole DiT, or with ``train_modules`` only the parameters whose
+            names contain one of those substrings (4Real-Video-V2: ``[attn1.]``, self-attention).
+            Ignored when the coupling brings its own adapters (One4D's
+            :class:`~fourdgen.nn.decoupled_lora.DecoupledLoRAControl`).
         init_lora: a LoRA export (``fourdgen.nn.lora.save_lora``) to start from (its rank wins).
         lr / weight_decay / warmup_steps: AdamW with linear warm-up (4DNeX: lr 2e-5).
         timestep_sampling / train_shift / loss_weighting: rectified-flow training (4DNeX:
@@ -78,6 +80,7 @@ class VideoDiffusion(L.LightningModule):
         lora_alpha: float = 32,
         lora_targets: list[str] | None = None,
         init_lora: str | None = None,
+        train_modules: list[str] | None = None,
         lr: float = 2e-5,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -124,7 +127,7 @@ class VideoDiffusion(L.LightningModule):
         vae = build_vae(**h.vae).to(device).eval().requires_grad_(False)
         spec = dict(h.transformer)
         z_dim = vae.config.z_dim
-        want_in = z_dim + self.conditioning.channels(vae)
+        want_in = z_dim + self.input_channels(vae)
         if spec.get("path") is None:
             spec["overrides"] = {"in_channels": want_in, "out_channels": z_dim, **spec.get("overrides", {})}
         model = build_transformer(**spec, dtype=dtype)
@@ -151,7 +154,15 @@ class VideoDiffusion(L.LightningModule):
                 p.requires_grad_("lora_" in name or any(k in name for k in trainable))
         elif h.lora_rank > 0:
             add_lora(model, h.lora_rank, h.lora_alpha, tuple(h.lora_targets), keep_trainable=trainable)
-        if own or h.init_lora or h.lora_rank > 0:
+        elif h.train_modules:
+            keep = tuple(h.train_modules) + tuple(trainable)
+            for name, p in model.named_parameters():
+                p.requires_grad_(any(k in name for k in keep))
+            if not any(p.requires_grad for p in model.parameters()):
+                raise ValueError(
+                    f"train_modules {h.train_modules}: no DiT parameter name contains any of them"
+                )
+        if own or h.init_lora or h.lora_rank > 0 or h.train_modules:
             for p in model.parameters():  # LoRA and new layers train in float32
                 if p.requires_grad:
                     p.data = p.data.float()
@@ -168,6 +179,10 @@ class VideoDiffusion(L.LightningModule):
         self.transformer = model.to(device)
         self.vae = vae
         self.vae_id = vae_id(vae)
+
+    def input_channels(self, vae) -> int:
+        """DiT input channels next to the noisy latents (the conditioning's)."""
+        return self.conditioning.channels(vae)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}

@@ -1,0 +1,234 @@
+"""How a multi-view grid is fed to the Wan DiT: a recipe picks one by ``class_path``.
+
+- :class:`ReferenceGrid` (4Real-Video-V2): fused view-time self-attention replaces Wan's (same
+  weights, no new parameters); reference cells (a fixed-view row and a freeze-time column, the
+  batch's ``observed`` cells) are added as patch embeddings to the noised tokens; no cameras.
+- :class:`ProjectionGrid` (Full-4D): each view's target latents are followed along frames by the
+  latents of the source video's point cloud rendered into that view; per-video self-attention is
+  kept and a zero-initialised fused branch plus a per-block camera encoder are added.
+
+Both denoise the grid's latents in sequence order ``[B, C, V F, h, w]`` (:mod:`~fourdgen.nn.grid_layout`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fourdgen.data.batch import GridBatch
+from fourdgen.data.depth_providers import BatchDepth, DepthProvider
+from fourdgen.geometry.pointcloud import render_pointmap_to_view
+from fourdgen.geometry.projection import depth_to_points
+from fourdgen.nn.coupling import Coupling, call_dit
+from fourdgen.nn.fused_attention import GridAttentionState
+from fourdgen.nn.grid_layout import GridLayout, grid_to_sequence, sequence_to_grid
+from fourdgen.nn.multiview import install_grid, relative_cameras
+from fourdgen.nn.view_time_mask import ViewTimeMask
+
+Encoder = Callable[[Tensor], Tensor]  # pixel grid [B, V, T, 3, H, W] -> latents [B, V, C, F, h, w]
+
+
+@dataclass
+class GridInputs:
+    """One grid's denoising problem, in sequence order.
+
+    x0: ``[B, C, V F, h, w]`` clean target latents (ground truth; unknown cells may hold anything).
+    loss_mask: ``[B, 1, V F, 1, 1]`` float, 1 where the loss counts (None: everywhere).
+    known: ``[B, 1, V F, 1, 1]`` bool reference cells re-imposed while sampling (None: none).
+    reference: ``[B, C, V F, h, w]`` reference latents, zeros elsewhere (4Real-Video-V2).
+    cond: ``[B, C, V F, h, w]`` per-view condition latents (Full-4D projections).
+    camera: ``[B, V, 12]`` relative cameras (Full-4D).
+    """
+
+    x0: Tensor
+    views: int
+    loss_mask: Tensor | None = None
+    known: Tensor | None = None
+    reference: Tensor | None = None
+    cond: Tensor | None = None
+    camera: Tensor | None = None
+
+
+def latent_frames_observed(observed: Tensor, t_factor: int) -> Tensor:
+    """Pixel cells ``[B, V, T]`` -> latent frames ``[B, V, F]`` bool: Wan's causal VAE puts pixel frame
+    0 alone in latent frame 0 and frames ``t(k-1)+1 .. tk`` in frame k; a latent frame counts as
+    observed when all its pixel frames are."""
+    first, rest = observed[..., :1], observed[..., 1:]
+    if rest.shape[-1] % t_factor:
+        raise ValueError(f"clip of {observed.shape[-1]} frames: expected 1 + {t_factor} k frames")
+    rest = rest.unflatten(-1, (-1, t_factor)).all(-1)
+    return torch.cat([first, rest], dim=-1)
+
+
+def _cells(m: Tensor) -> Tensor:
+    """``[B, V, F]`` -> ``[B, 1, V F, 1, 1]``."""
+    return m.flatten(1)[:, None, :, None, None]
+
+
+class GridCoupling(Coupling):
+    """Base of the grid couplings.
+
+    Args:
+        mask: :class:`~fourdgen.nn.view_time_mask.ViewTimeMask` terms of the fused attention.
+        t_max: RoPE frame stride between views (Wan: 21 latent frames = 81 frames).
+        backend: ``auto`` / ``flex`` / ``dense`` (see :func:`~fourdgen.nn.fused_attention.grid_attention`).
+    """
+
+    owns_lora = False
+
+    def __init__(self, mask: list[str] | None = None, t_max: int = 21, backend: str = "auto"):
+        self.mask = ViewTimeMask(mask or ["same_view", "same_time"])
+        self.t_max = t_max
+        self.state = GridAttentionState(self.mask, backend)
+
+    uses_cameras = False  # whether the batch's cameras mean anything to the model
+
+    def channels(self, vae) -> int:
+        """Extra DiT input channels (none: conditions enter as tokens)."""
+        return 0
+
+    def given_cells(self, observed: Tensor, t_factor: int) -> Tensor:
+        """``[B, V, T]`` bool: pixel cells that are inputs, not generated (skipped by metrics)."""
+        raise NotImplementedError
+
+    def prepare(self, b: GridBatch, latents: Tensor, encode: Encoder, t_factor: int) -> GridInputs:
+        """The denoising problem of batch ``b`` with per-view latents ``[B, V, C, F, h, w]``."""
+        raise NotImplementedError
+
+    def layout(
+        self, hidden: Tensor, views: int, patch: tuple[int, int, int], target_frames: int | None = None
+    ) -> GridLayout:
+        """Layout of the DiT input ``hidden [B, C, V F, h p, w p]``."""
+        _, _, n, h, w = hidden.shape
+        return GridLayout(views, n // views, h // patch[1], w // patch[2], self.t_max, target_frames)
+
+    def _call(self, transformer, hidden, timestep, text, image, layout, camera=None, reference=None) -> Tensor:
+        # The state stays set after the call: gradient checkpointing re-runs the blocks during
+        # backward and must see this call's layout again. The next grid call replaces it.
+        s = self.state
+        s.layout, s.camera, s.reference = layout, camera, reference
+        return call_dit(transformer, hidden, timestep, text, image)
+
+    def fuse(self, rgb: Tensor, xyz: Tensor) -> Tensor:
+        raise TypeError(f"{type(self).__name__} generates RGB grids: use fourdgen.stages.grid.GridDiffusion")
+
+    split = fuse
+
+
+class ReferenceGrid(GridCoupling):
+    """4Real-Video-V2 (section 3.1). Train only self-attention (recipe: ``lora_rank: 0``,
+    ``train_modules: [attn1.]``); the loss skips reference cells, sampling re-imposes them."""
+
+    def install(self, transformer: nn.Module) -> nn.Module:
+        return install_grid(transformer, self.state, branch=False, reference=True)
+
+    def given_cells(self, observed: Tensor, t_factor: int) -> Tensor:
+        """Pixel cells inside a reference latent frame."""
+        lat = latent_frames_observed(observed, t_factor)
+        return torch.cat([lat[..., :1], lat[..., 1:].repeat_interleave(t_factor, dim=-1)], dim=-1)
+
+    def prepare(self, b: GridBatch, latents: Tensor, encode: Encoder, t_factor: int) -> GridInputs:
+        known = latent_frames_observed(b.observed, t_factor).to(latents.device)  # [B, V, F]
+        ref = latents * known[:, :, None, :, None, None].to(latents)
+        return GridInputs(
+            x0=grid_to_sequence(latents),
+            views=latents.shape[1],
+            loss_mask=_cells(~known).float(),
+            known=_cells(known),
+            reference=grid_to_sequence(ref),
+        )
+
+    def predict(
+        self, transformer, x: Tensor, inp: GridInputs, timestep: Tensor, text: Tensor, image
+    ) -> Tensor:
+        layout = self.layout(x, inp.views, transformer.config.patch_size)
+        return self._call(transformer, x, timestep, text, image, layout, reference=inp.reference)
+
+
+class ProjectionGrid(GridCoupling):
+    """Full-4D (section 3.2): the source view's depth lifts its video to a dynamic point cloud,
+    rendered into every view's camera at every frame (coarse guidance); per view the noised target
+    latents and the rendered-condition latents are concatenated along frames; a zero-initialised
+    fused branch and camera encoder per block learn the rest.
+
+    Args:
+        depth: :class:`~fourdgen.data.depth_providers.DepthProvider` of the source view.
+        source_view: the input video's row (its own projection is the input video itself).
+        radius_px: point splat size of the projection.
+        clean_condition_timestep: condition tokens get timestep 0 (they are clean), via diffusers'
+            per-token timesteps (Wan2.2-TI2V treats its clean first frame the same way); False gives
+            them the noised tokens' timestep.
+        mask: default ``[same_view, same_time, cross_half]``.
+    """
+
+    trainable = ("fused_attn", "fused_proj", "camera_encoder")
+    uses_cameras = True
+
+    def __init__(
+        self,
+        mask: list[str] | None = None,
+        t_max: int = 21,
+        backend: str = "auto",
+        depth: DepthProvider | None = None,
+        source_view: int = 0,
+        radius_px: int = 1,
+        clean_condition_timestep: bool = True,
+    ):
+        super().__init__(mask or ["same_view", "same_time", "cross_half"], t_max, backend)
+        self.depth = depth or BatchDepth()
+        self.source_view, self.radius_px = source_view, radius_px
+        self.clean_condition_timestep = clean_condition_timestep
+
+    def install(self, transformer: nn.Module) -> nn.Module:
+        return install_grid(transformer, self.state, branch=True)
+
+    def given_cells(self, observed: Tensor, t_factor: int) -> Tensor:
+        """The source view's row (the input video)."""
+        given = torch.zeros_like(observed)
+        given[:, self.source_view] = True
+        return given
+
+    def project(self, b: GridBatch) -> Tensor:
+        """The source view rendered into every view: ``[B, V, T, 3, H, W]`` in [-1, 1] (holes -1)."""
+        B, V, T, H, W = b.shape
+        s = self.source_view
+        depth = self.depth(b, s)  # [B, T, H, W]
+        pts = depth_to_points(depth, b.K[:, s, None].expand(B, T, 3, 3).float(), b.w2c[:, s].float())
+        img, _, _ = render_pointmap_to_view(
+            pts[:, None],
+            b.rgb[:, s, None].float(),
+            b.K[:, :, None].float(),
+            b.w2c.float(),
+            H,
+            W,
+            valid=(depth > 0)[:, None],
+            radius_px=self.radius_px,
+            background=-1.0,
+        )
+        return img
+
+    def prepare(self, b: GridBatch, latents: Tensor, encode: Encoder, t_factor: int) -> GridInputs:
+        cond = encode(self.project(b))
+        return GridInputs(
+            x0=grid_to_sequence(latents),
+            views=latents.shape[1],
+            cond=grid_to_sequence(cond),
+            camera=relative_cameras(b.w2c[:, :, 0].float(), self.source_view).to(latents),
+        )
+
+    def predict(
+        self, transformer, x: Tensor, inp: GridInputs, timestep: Tensor, text: Tensor, image
+    ) -> Tensor:
+        V = inp.views
+        tgt, cnd = sequence_to_grid(x, V), sequence_to_grid(inp.cond.to(x), V)
+        F = tgt.shape[3]
+        hidden = grid_to_sequence(torch.cat([tgt, cnd], dim=3))  # per view: [target F | condition F]
+        layout = self.layout(hidden, V, transformer.config.patch_size, target_frames=F)
+        if self.clean_condition_timestep:
+            per_frame = torch.cat([torch.ones(F), torch.zeros(F)]).repeat(V).to(timestep)  # [V 2F]
+            timestep = (timestep[:, None] * per_frame).repeat_interleave(layout.frame_tokens, dim=1)
+        out = self._call(transformer, hidden, timestep, text, image, layout, camera=inp.camera)
+        return grid_to_sequence(sequence_to_grid(out, V)[:, :, :, :F])

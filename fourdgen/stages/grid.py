@@ -1,0 +1,253 @@
+"""Stage 1b: synchronized multi-view video grids on a Wan DiT (4Real-Video-V2, Full-4D).
+
+A grid of V views x T frames (rows: fixed viewpoints; columns: instants) is denoised as one token
+sequence (:mod:`fourdgen.nn.grid_layout`) with fused view-time attention. The ``coupling``
+component decides how conditions enter (:class:`~fourdgen.nn.grid_coupling.ReferenceGrid`:
+reference row/column as patch embeddings; :class:`~fourdgen.nn.grid_coupling.ProjectionGrid`:
+point-cloud projections along frames + camera encoders). Model set-up, LoRA/full fine-tuning,
+FSDP2 and checkpoints are :class:`~fourdgen.stages.video.VideoDiffusion`'s.
+
+Validation samples each grid and scores PSNR / SSIM / LPIPS on the generated (not given) cells
+against the held-out ground truth; prediction returns grids for
+:class:`~fourdgen.callbacks.grid.GridVideoWriter`.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from fourdgen.callbacks.media import log_video
+from fourdgen.data.batch import GridBatch
+from fourdgen.diffusion.flow import (
+    add_noise,
+    euler_sample,
+    flow_loss,
+    make_scheduler,
+    sample_sigmas,
+    velocity_target,
+)
+from fourdgen.diffusion.latents import decode_video, encode_video, scale_factors
+from fourdgen.metrics.image import ImageMetrics
+from fourdgen.nn.grid_coupling import GridCoupling, GridInputs, ReferenceGrid
+from fourdgen.nn.grid_layout import sequence_to_grid
+from fourdgen.stages.common import check_finite
+from fourdgen.stages.video import VideoDiffusion
+
+
+def grid_mosaic_frames(rgb: Tensor) -> Tensor:
+    """``[V, T, 3, H, W]`` -> ``[T, 3, H, V W]``: views side by side, for logging."""
+    return rearrange(rgb, "v t c h w -> t c h (v w)")
+
+
+class GridDiffusion(VideoDiffusion):
+    """Multi-view grid diffusion.
+
+    Args (besides :class:`VideoDiffusion`'s model, LoRA, optimiser and sampling ones):
+        coupling: :class:`ReferenceGrid` (4Real-Video-V2) or ``ProjectionGrid`` (Full-4D).
+        clip_schedule: progressive clip length (4Real-Video-V2): ``{step: frames}``; from each step
+            on, training clips keep their first ``frames`` frames (1 + 4k). None: full clips.
+        lpips_net / lpips_weights / lpips_allow_random_backbone: validation LPIPS (None: skip).
+    """
+
+    def __init__(
+        self,
+        transformer: dict | None = None,
+        vae: dict | None = None,
+        coupling: GridCoupling | None = None,
+        lora_rank: int = 0,
+        lora_alpha: float = 32,
+        lora_targets: list[str] | None = None,
+        init_lora: str | None = None,
+        train_modules: list[str] | None = None,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        timestep_sampling: str = "uniform",
+        train_shift: float = 1.0,
+        loss_weighting: str = "none",
+        sample_steps: int = 50,
+        guidance_scale: float = 5.0,
+        sample_shift: float = 3.0,
+        val_sample_steps: int = 10,
+        gradient_checkpointing: bool = False,
+        base_dtype: str = "float32",
+        clip_schedule: dict[int, int] | None = None,
+        lpips_net: str | None = "alex",
+        lpips_weights: str | None = None,
+        lpips_allow_random_backbone: bool = False,
+    ):
+        super().__init__(
+            transformer=transformer,
+            vae=vae,
+            coupling=coupling or ReferenceGrid(),
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_targets=lora_targets,
+            init_lora=init_lora,
+            train_modules=train_modules,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            timestep_sampling=timestep_sampling,
+            train_shift=train_shift,
+            loss_weighting=loss_weighting,
+            sample_steps=sample_steps,
+            guidance_scale=guidance_scale,
+            sample_shift=sample_shift,
+            val_sample_steps=val_sample_steps,
+            gradient_checkpointing=gradient_checkpointing,
+            base_dtype=base_dtype,
+        )
+        self.conditioning = None  # conditions enter through the coupling
+        self.clip_schedule = {int(k): int(v) for k, v in (clip_schedule or {}).items()}
+        self.metrics = (
+            None
+            if lpips_net is None
+            else ImageMetrics(lpips_net, lpips_weights, allow_random_backbone=lpips_allow_random_backbone)
+        )
+        self._psnr_only = ImageMetrics(None) if lpips_net is None else None
+
+    def input_channels(self, vae) -> int:
+        return self.coupling.channels(vae)
+
+    # ------------------------------------------------------------------------------ latents
+    def encode_grid(self, rgb: Tensor) -> Tensor:
+        """Pixels ``[B, V, T, 3, H, W]`` -> per-view latents ``[B, V, C, F, h, w]`` (a view = a video)."""
+        B, V = rgb.shape[:2]
+        lat = encode_video(self.vae, rearrange(rgb, "b v t c h w -> (b v) c t h w"))
+        return rearrange(lat, "(b v) c f h w -> b v c f h w", b=B, v=V)
+
+    def decode_grid(self, x: Tensor, views: int) -> Tensor:
+        """Sequence latents ``[B, C, V F, h, w]`` -> pixels ``[B, V, T, 3, H, W]`` in [-1, 1]."""
+        lat = sequence_to_grid(x, views)
+        B = lat.shape[0]
+        rgb = decode_video(self.vae, rearrange(lat, "b v c f h w -> (b v) c f h w"))
+        return rearrange(rgb, "(b v) c t h w -> b v t c h w", b=B, v=views)
+
+    def prepare(self, b: GridBatch) -> GridInputs:
+        if b.text_embeds is None:
+            raise ValueError("GridBatch.text_embeds is required (use a DataModule with a text encoder)")
+        t = scale_factors(self.vae)[0]
+        if (b.shape[2] - 1) % t:
+            raise ValueError(f"GridBatch.rgb: clips need 1 + {t} k frames (Wan VAE), got T={b.shape[2]}")
+        return self.coupling.prepare(b, self.encode_grid(b.rgb), self.encode_grid, t)
+
+    def clip_frames(self, step: int) -> int | None:
+        """Training clip length at ``step`` under ``clip_schedule`` (None: full clips)."""
+        frames = [v for k, v in sorted(self.clip_schedule.items()) if k <= step]
+        return frames[-1] if frames else None
+
+    def crop(self, b: GridBatch, frames: int | None) -> GridBatch:
+        """The batch's first ``frames`` frames (every per-frame field)."""
+        if frames is None or frames >= b.shape[2]:
+            return b
+        out = GridBatch(**{f: getattr(b, f) for f in b.__dataclass_fields__})
+        for name in ("rgb", "w2c", "observed", "xyz", "depth", "mask"):
+            x = getattr(b, name)
+            if x is not None:
+                setattr(out, name, x[:, :, :frames])
+        out.times, out.time_ids = b.times[:, :frames], b.time_ids[:, :frames]
+        return out
+
+    # ------------------------------------------------------------------------------- training
+    def training_step(self, batch: GridBatch, batch_idx: int) -> Tensor:
+        b = self.crop(GridBatch.coerce(batch), self.clip_frames(self.global_step))
+        h = self.hparams
+        inp = self.prepare(b)
+        x0 = inp.x0
+        sigma = sample_sigmas(x0.shape[0], mode=h.timestep_sampling, shift=h.train_shift, device=x0.device)
+        noise = torch.randn_like(x0)
+        v = self.velocity(add_noise(x0, noise, sigma), inp, sigma * 1000, self._text(b), b.image_embeds)
+        loss = flow_loss(v, velocity_target(x0, noise), sigma, h.loss_weighting, mask=inp.loss_mask)
+        check_finite(loss, "train/loss", self.global_step)
+        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        return loss
+
+    # ------------------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        b: GridBatch,
+        num_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        inp: GridInputs | None = None,
+    ) -> Tensor:
+        """Grid latents ``[B, C, V F, h, w]``; known (reference) cells are re-imposed at the noise
+        level of every step and exactly at the end, so the model sees them as in training."""
+        h = self.hparams
+        inp = inp or self.prepare(b)
+        steps = num_steps or h.sample_steps
+        noise = torch.randn(inp.x0.shape, generator=generator).to(self.device)
+        text, image = self._text(b), b.image_embeds
+        w = h.guidance_scale if guidance_scale is None else guidance_scale
+        sched = make_scheduler(h.sample_shift)
+        sched.set_timesteps(steps, device=noise.device)
+        known = inp.known
+
+        def reimpose(i: int, x: Tensor) -> Tensor:
+            if known is None:
+                return x
+            s = sched.sigmas[i + 1].expand(x.shape[0]).to(x)
+            return torch.where(known, add_noise(inp.x0, noise, s), x)
+
+        uncond = None
+        if w != 1.0:
+            neg = self._text(b, negative=True)
+            uncond = lambda x, t: self.velocity(x, inp, t, neg, image)  # noqa: E731
+        x = euler_sample(
+            lambda x, t: self.velocity(x, inp, t, text, image),
+            reimpose(-1, noise),
+            num_steps=steps,
+            guidance_scale=w,
+            uncond_velocity=uncond,
+            scheduler=sched,
+            callback=reimpose,
+        )
+        return x if known is None else torch.where(known, inp.x0, x)
+
+    # ---------------------------------------------------------------------------- validation
+    def score(self, pred: Tensor, b: GridBatch) -> dict[str, Tensor]:
+        """PSNR / SSIM / LPIPS over the generated cells, ``pred [B, V, T, 3, H, W]`` in [-1, 1]."""
+        cells = ~self.coupling.given_cells(b.observed, scale_factors(self.vae)[0])
+        if not cells.any():
+            return {}
+        p = (pred[cells].float() + 1) / 2
+        g = (b.rgb[cells].float() + 1) / 2
+        return (self.metrics or self._psnr_only)(p, g)
+
+    def validation_step(self, batch: GridBatch, batch_idx: int) -> None:
+        b = GridBatch.coerce(batch)
+        inp = self.prepare(b)
+        g = torch.Generator().manual_seed(batch_idx)
+        x = self.sample(b, num_steps=self.hparams.val_sample_steps, generator=g, inp=inp)
+        B = x.shape[0]
+        self.log("val/latent_mse", ((x - inp.x0) ** 2).mean(), batch_size=B)
+        rgb = self.decode_grid(x, inp.views)
+        for k, v in self.score(rgb, b).items():
+            self.log(f"val/{k}", v, batch_size=B)
+        if batch_idx == 0:
+            both = torch.cat([rgb[0], b.rgb[0].to(rgb)], dim=-2)  # generated above ground truth
+            log_video(self.loggers, "val/grid", (grid_mosaic_frames(both) + 1) / 2, self.global_step)
+
+    def predict_step(self, batch: GridBatch, batch_idx: int) -> list[dict]:
+        b = GridBatch.coerce(batch)
+        g = torch.Generator().manual_seed(batch_idx)
+        inp = self.prepare(b)
+        rgb = self.decode_grid(self.sample(b, generator=g, inp=inp), inp.views)
+        known_cams = self.coupling.uses_cameras  # 4Real-Video-V2 infers views: no cameras
+        out = []
+        for i in range(rgb.shape[0]):
+            out.append(
+                {
+                    "scene_id": b.scene_id[i] if b.scene_id else f"grid{batch_idx}_{i}",
+                    "rgb": rgb[i].float().cpu(),
+                    "K": b.K[i].float().cpu() if known_cams else None,
+                    "w2c": b.w2c[i].float().cpu() if known_cams else None,
+                    "caption": b.caption[i] if b.caption else "",
+                    "observed": b.observed[i].cpu(),
+                }
+            )
+        return out
