@@ -282,11 +282,11 @@ class GridDataModule(BaseDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.splits = self.split_scenes()
 
-    def _dataset(self, split: str) -> GridDataset:
+    def _dataset(self, split: str, scenes: list[Path] | None = None, **overrides) -> GridDataset:
+        """The split's :class:`GridDataset` (``overrides``: its arguments, e.g. ``num_views=1``)."""
         h = self.hparams
         train = split == "train"
-        return GridDataset(
-            self.splits[split],
+        kw = dict(
             num_views=h.num_views,
             num_frames=h.num_frames,
             height=h.height,
@@ -300,6 +300,7 @@ class GridDataModule(BaseDataModule):
             load_mask=h.load_mask,
             samples_per_scene=h.samples_per_scene if train else 1,
         )
+        return GridDataset(self.splits[split] if scenes is None else scenes, **{**kw, **overrides})
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("train"), shuffle=True)

@@ -16,6 +16,8 @@ from fourdgen.backbones.text import HashTextEncoder, UMT5TextEncoder
 from fourdgen.data.batch import GridBatch
 from fourdgen.data.datamodules import GridDataModule
 from fourdgen.data.embeddings import ConditionEmbedder
+from fourdgen.data.grid_augment import HomographyGrids, MixedGrids, StaticGrids
+from fourdgen.data.scene import find_scenes
 
 
 class EmbeddedGrids(Dataset):
@@ -42,6 +44,12 @@ class MultiViewDataModule(GridDataModule):
             :class:`~fourdgen.data.embeddings.ConditionEmbedder`.
         cache_dir: where text/image embeddings are cached (None: embed at every load).
         condition: given cells (4Real-Video-V2: ``first_view+first_time``; Full-4D: ``first_view``).
+        mix: training-sample shares of (multi-view grids, homography grids, static grids)
+            (:mod:`fourdgen.data.grid_augment`, 4Real-Video-V2's three data sources); validation,
+            test and prediction always use plain multi-view grids. Mixed training batches carry no
+            depth (homography views have none): for 4Real-Video-V2, which needs none.
+        monocular_root: scenes whose clips feed the homography grids (None: view 0 of the training
+            scenes). homography_strength: see :class:`~fourdgen.data.grid_augment.HomographyGrids`.
     """
 
     def __init__(
@@ -58,6 +66,9 @@ class MultiViewDataModule(GridDataModule):
         prompt_suffix: str = "",
         negative_prompt: str = "",
         cache_dir: str | None = None,
+        mix: tuple[float, float, float] = (1.0, 0.0, 0.0),
+        monocular_root: str | None = None,
+        homography_strength: float = 0.15,
         crop: str = "random",
         load_depth: bool = True,
         samples_per_scene: int = 1,
@@ -90,10 +101,38 @@ class MultiViewDataModule(GridDataModule):
             batch_size=batch_size,
             num_workers=num_workers,
         )
-        self.hparams.update(prompt_suffix=prompt_suffix, negative_prompt=negative_prompt, cache_dir=cache_dir)
+        if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
+            raise ValueError(f"mix: 3 non-negative shares (multi-view, homography, static), got {mix}")
+        self.hparams.update(
+            prompt_suffix=prompt_suffix,
+            negative_prompt=negative_prompt,
+            cache_dir=cache_dir,
+            mix=list(mix),
+            monocular_root=monocular_root,
+            homography_strength=homography_strength,
+        )
         self.embedder = ConditionEmbedder(
             text_encoder, image_encoder, prompt_suffix, negative_prompt, cache_dir
         )
 
     def _dataset(self, split: str) -> Dataset:
-        return EmbeddedGrids(super()._dataset(split), self.embedder)
+        h = self.hparams
+        grids = super()._dataset(split)
+        if split != "train" or list(h.mix) == [1.0, 0.0, 0.0]:
+            return EmbeddedGrids(grids, self.embedder)
+        # Homography views have no depth: no source loads it, so mixed batches collate.
+        grids = super()._dataset(split, load_depth=False)
+        V, T = h.num_views, h.num_frames
+        mono_scenes = find_scenes(h.monocular_root) if h.monocular_root else None
+        sources = [
+            grids,
+            HomographyGrids(
+                super()._dataset(split, mono_scenes, num_views=1, load_depth=False),
+                V,
+                h.homography_strength,
+                h.condition,
+            ),
+            StaticGrids(super()._dataset(split, num_frames=1, load_depth=False), T, h.condition),
+        ]
+        mix = MixedGrids(sources, list(h.mix), length=len(grids))
+        return EmbeddedGrids(mix, self.embedder)

@@ -105,7 +105,9 @@ class GridCoupling(Coupling):
         _, _, n, h, w = hidden.shape
         return GridLayout(views, n // views, h // patch[1], w // patch[2], self.t_max, target_frames)
 
-    def _call(self, transformer, hidden, timestep, text, image, layout, camera=None, reference=None) -> Tensor:
+    def _call(
+        self, transformer, hidden, timestep, text, image, layout, camera=None, reference=None
+    ) -> Tensor:
         # The state stays set after the call: gradient checkpointing re-runs the blocks during
         # backward and must see this call's layout again. The next grid call replaces it.
         s = self.state

@@ -121,7 +121,7 @@ class ViewTimeMask:
             out = preds[0](layout, vq, tq, vk, tk)
             for p in preds[1:]:
                 out = out | p(layout, vq, tq, vk, tk)
-            return out if P == n else out & ((kv_idx % P) < n)
+            return out if n == P else out & ((kv_idx % P) < n)
 
         return mask_mod
 
