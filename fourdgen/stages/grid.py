@@ -18,6 +18,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from fourdgen.callbacks.grid import grid_mosaic
 from fourdgen.callbacks.media import log_video
 from fourdgen.data.batch import GridBatch
 from fourdgen.diffusion.flow import (
@@ -34,11 +35,6 @@ from fourdgen.nn.grid_coupling import GridCoupling, GridInputs, ReferenceGrid
 from fourdgen.nn.grid_layout import sequence_to_grid
 from fourdgen.stages.common import check_finite
 from fourdgen.stages.video import VideoDiffusion
-
-
-def grid_mosaic_frames(rgb: Tensor) -> Tensor:
-    """``[V, T, 3, H, W]`` -> ``[T, 3, H, V W]``: views side by side, for logging."""
-    return rearrange(rgb, "v t c h w -> t c h (v w)")
 
 
 class GridDiffusion(VideoDiffusion):
@@ -229,8 +225,9 @@ class GridDiffusion(VideoDiffusion):
         for k, v in self.score(rgb, b).items():
             self.log(f"val/{k}", v, batch_size=B)
         if batch_idx == 0:
-            both = torch.cat([rgb[0], b.rgb[0].to(rgb)], dim=-2)  # generated above ground truth
-            log_video(self.loggers, "val/grid", (grid_mosaic_frames(both) + 1) / 2, self.global_step)
+            both = (torch.cat([rgb[0], b.rgb[0].to(rgb)]).float() + 1) / 2  # generated row, then truth
+            mosaic = grid_mosaic(both.clamp(0, 1), cols=inp.views).permute(0, 3, 1, 2)
+            log_video(self.loggers, "val/grid", mosaic, self.global_step)
 
     def predict_step(self, batch: GridBatch, batch_idx: int) -> list[dict]:
         b = GridBatch.coerce(batch)
