@@ -176,6 +176,7 @@ def test_reference_cells_and_latent_frames():
 def test_projection_condition_and_cameras(tmp_path):
     """The source view's depth, rendered into its own camera, is the source video; into another view
     it matches that view's ground truth where the point cloud covers it."""
+    torch.manual_seed(0)  # training grids draw random views; some pairs barely overlap
     b = GridBatch.coerce(_batch(_dm(tmp_path, condition="first_view")))
     img = ProjectionGrid(radius_px=0).project(b)  # [B, V, T, 3, H, W]
     assert img.shape == b.rgb.shape

@@ -1,49 +1,51 @@
-"""4Real-Video-V2's training-data augmentations for multi-view grids (section 3.1, "Training").
+"""4Real-Video-V2's training-data augmentations for synchronized multi-view grids (section 3.1).
 
-- :class:`HomographyGrids` ("2D transformed videos"): a monocular clip becomes V synchronized views,
-  view v being every frame warped by one random homography ``H_v`` (fixed over time: a fixed
-  virtual camera). View 0 is the clip itself.
-- :class:`StaticGrids` ("3D videos"): a static multi-view capture (one instant seen from V cameras)
-  duplicated over T timesteps: a grid without motion.
-- :class:`MixedGrids`: draws each sample from one of several grid datasets with given weights.
+The paper trains on three sources; each has a dataset here that yields one-sample
+:class:`~fourdgen.data.batch.GridBatch` grids like :class:`~fourdgen.data.datamodules.GridDataset`:
 
-Homography views have no pinhole camera: their ``K``/``w2c`` are the source's and carry no meaning
-(4Real-Video-V2 uses no camera poses).
+1. Synthetic multi-view videos: plain :class:`GridDataset` grids of multi-view scenes.
+2. "2D transformed videos" (:class:`HomographyGridDataset`): a monocular clip becomes V
+   synchronized views, view v being every frame warped by one random homography ``H_v``. ``H_v``
+   is fixed over time (a fixed virtual camera per view): that is what makes the grid synchronized.
+3. "3D videos" (:class:`StaticGridDataset`): a static multi-view capture (one instant seen by V
+   cameras) duplicated over T timesteps: a grid without motion.
+
+:class:`MixedGridDataset` draws training samples from several sources with given weights, and
+:class:`AugmentedGridDataModule` builds the three-source mixture from a folder of scenes.
+
+Homography convention: ``H`` maps *source* pixel coordinates to *output* pixel coordinates, both
+corner-origin like ``K`` (:mod:`fourdgen.geometry.cameras`: pixel (i, j) has its centre at
+(i + 0.5, j + 0.5)), so ``H = diag(1, 1, 1)`` plus a translation (dx, dy) shifts the image by
+(dx, dy) pixels. Homography views carry no meaningful camera (4Real-Video-V2 uses no poses).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from fourdgen.data.batch import GridBatch
+from fourdgen.data.datamodules import CONDITIONS, GridDataModule, GridDataset
+from fourdgen.data.scene import Scene, find_scenes
+from fourdgen.data.synthetic import SyntheticConfig, ensure_scene
+
+# Optional per-cell fields that follow the pixels / the grid; the caption-level embeddings pass
+# through unchanged (view 0 at time 0 is the source's first cell in every augmentation).
+_PIXEL_FIELDS = ("depth", "xyz", "mask")
+_PASSTHROUGH = ("text_embeds", "neg_text_embeds", "image_embeds")
+_MAX_STRENGTH = 0.25  # corner offsets below a quarter of the image keep the warped quad convex
 
 
-def random_homographies(
-    num_views: int, height: int, width: int, strength: float = 0.1, generator=None
-) -> Tensor:
-    """``[V, 3, 3]`` pixel-space homographies (source pixel -> view pixel); view 0 is the identity.
-
-    Views form a sweep: the four image corners move by ``(v / (V - 1)) * strength * size`` along a
-    random direction per view pair plus a small random jitter, so neighbouring views differ
-    smoothly (a camera-like pan/tilt/zoom), not independently."""
-    V = num_views
-    corners = torch.tensor([[0.0, 0.0], [width, 0.0], [width, height], [0.0, height]])
-    size = torch.tensor([width, height], dtype=torch.float32)
-    direction = torch.rand(4, 2, generator=generator) * 2 - 1  # one sweep direction per corner
-    out = [torch.eye(3)]
-    for v in range(1, V):
-        s = v / max(V - 1, 1)
-        jitter = (torch.rand(4, 2, generator=generator) * 2 - 1) * 0.25
-        moved = corners + (s * direction + jitter * s) * strength * size
-        out.append(homography_from_points(corners, moved))
-    return torch.stack(out)
-
-
+# ------------------------------------------------------------------------------ homographies
 def homography_from_points(src: Tensor, dst: Tensor) -> Tensor:
-    """The homography mapping 4 points ``src [4, 2]`` to ``dst [4, 2]`` (DLT, ``H[2, 2] = 1``)."""
+    """The homography ``[3, 3]`` mapping 4 points ``src [4, 2]`` to ``dst [4, 2]`` (DLT with
+    ``H[2, 2] = 1``, solved in float64)."""
     rows, rhs = [], []
     for (x, y), (u, v) in zip(src.tolist(), dst.tolist(), strict=True):
         rows += [[x, y, 1, 0, 0, 0, -u * x, -u * y], [0, 0, 0, x, y, 1, -v * x, -v * y]]
@@ -52,27 +54,108 @@ def homography_from_points(src: Tensor, dst: Tensor) -> Tensor:
     return torch.cat([h, h.new_ones(1)]).reshape(3, 3).float()
 
 
+def image_corners(height: int, width: int) -> Tensor:
+    """``[4, 2]`` (x, y) corners of the image (corner-origin pixels), clockwise from top-left."""
+    return torch.tensor([[0.0, 0.0], [width, 0.0], [width, height], [0.0, height]])
+
+
+def random_homographies(
+    num_views: int,
+    height: int,
+    width: int,
+    strength: float = 0.15,
+    generator: torch.Generator | None = None,
+    sweep: bool = True,
+) -> Tensor:
+    """``[V, 3, 3]`` random homographies (source pixel -> view pixel); view 0 is the identity.
+
+    Each view moves the 4 image corners by at most ``strength * (width, height)`` and ``H_v``
+    maps the image corners to the moved ones. ``strength < 0.25`` keeps the moved quad convex (no
+    fold-over: a plausible camera-like perspective warp).
+
+    ``sweep=True`` (default) orders the views along a smooth random path in corner-offset space,
+    ``offset(s) = clamp(s * end + s (1 - s) * bend, -1, 1) * strength * size`` with
+    ``s = v / (V - 1)``, so neighbouring views are similar, like cameras along a rig or a
+    trajectory (``end``: the last view's offsets; ``bend`` curves the path). ``sweep=False`` draws every
+    view's offsets independently (uniform in the same bounds).
+    """
+    if not 0 <= strength < _MAX_STRENGTH:
+        raise ValueError(
+            f"strength: expected in [0, {_MAX_STRENGTH}) (fraction of image size), got {strength}"
+        )
+    V = num_views
+
+    def uniform(*shape: int) -> Tensor:  # in [-1, 1]
+        return torch.rand(*shape, generator=generator) * 2 - 1
+
+    if sweep:
+        end, bend = uniform(4, 2), uniform(4, 2)
+        s = torch.linspace(0, 1, V)[:, None, None] if V > 1 else torch.zeros(1, 1, 1)
+        offsets = (s * end + s * (1 - s) * bend).clamp(-1, 1)  # [V, 4, 2]
+    else:
+        offsets = uniform(V, 4, 2)
+    corners = image_corners(height, width)
+    moved = corners + offsets * strength * torch.tensor([float(width), float(height)])
+    out = [torch.eye(3)] + [homography_from_points(corners, m) for m in moved[1:]]
+    return torch.stack(out)
+
+
+def homography_grid(Hmat: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """Sampling grid of the warp by ``Hmat [N, 3, 3]``: ``grid [N, h, w, 2]`` in
+    ``grid_sample``'s normalised coordinates (``align_corners=False``) and ``valid [N, 1, h, w]``,
+    True where the output pixel centre maps inside the source image."""
+    ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    pix = torch.stack([xs, ys, torch.ones_like(xs)], -1).to(Hmat.device, torch.float64)  # [h, w, 3]
+    src = torch.einsum("nij,hwj->nhwi", torch.linalg.inv(Hmat.double()), pix)  # output -> source
+    z = src[..., 2:]
+    xy = src[..., :2] / torch.where(z.abs() < 1e-12, torch.full_like(z, 1e-12), z)
+    size = xy.new_tensor([width, height])
+    valid = (z[..., 0] > 0) & ((xy >= 0) & (xy <= size)).all(-1)
+    grid = torch.where(valid[..., None], xy / size * 2 - 1, torch.zeros_like(xy))  # no inf into grid_sample
+    return grid.float(), valid[:, None]
+
+
 def warp_homography(
-    frames: Tensor, H: Tensor, mode: str = "bilinear", fill: float = -1.0
+    frames: Tensor, Hmat: Tensor, mode: str = "bilinear", fill: float = -1.0
 ) -> tuple[Tensor, Tensor]:
-    """Warp ``frames [N, C, h, w]`` by ``H [3, 3]`` (source pixel -> output pixel, corner-origin
-    coordinates, pixel centres at +0.5). Returns the warped frames and ``valid [N, 1, h, w]``;
-    pixels from outside the source get ``fill`` (-1: black for RGB in [-1, 1])."""
+    """Warp ``frames [N, C, h, w]`` by ``Hmat [3, 3]`` (every frame) or ``[N, 3, 3]`` (one each).
+
+    ``out(p) = frames(H^-1 p)`` at output pixel centres (corner-origin, see the module doc),
+    sampled with ``grid_sample`` (``mode``: "bilinear", or "nearest" for depth/xyz/ids).
+    Returns ``(out [N, C, h, w], valid [N, 1, h, w] bool)``; pixels whose source lies outside the
+    image get ``fill`` (-1: black for RGB in [-1, 1]; use 0 for depth = unknown). Inside, samples
+    near the border clamp to the edge pixels (``padding_mode="border"``) rather than blending in
+    the fill. The dtype is kept (integer ids are sampled as floats and rounded back).
+    """
     N, C, h, w = frames.shape
-    ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
-    pix = torch.stack([xs, ys, torch.ones_like(xs)], -1).reshape(-1, 3).to(frames.device)
-    src = pix @ torch.linalg.inv(H.double()).float().to(frames.device).T  # output pixel -> source
-    src = src[:, :2] / src[:, 2:3]
-    grid = torch.stack([src[:, 0] / w * 2 - 1, src[:, 1] / h * 2 - 1], -1).reshape(1, h, w, 2)
-    grid = grid.expand(N, h, w, 2)
-    out = F.grid_sample(frames.float(), grid, mode=mode, padding_mode="zeros", align_corners=False)
-    valid = (grid.abs() <= 1).all(-1)[:, None]
-    return torch.where(valid, out, torch.full_like(out, fill)).to(frames.dtype), valid
+    if Hmat.shape not in ((3, 3), (N, 3, 3)):
+        raise ValueError(f"warp_homography: Hmat must be [3, 3] or [{N}, 3, 3], got {list(Hmat.shape)}")
+    grid, valid = homography_grid(Hmat.reshape(-1, 3, 3), h, w)
+    grid, valid = grid.expand(N, h, w, 2), valid.expand(N, 1, h, w)
+    out = F.grid_sample(frames.float(), grid, mode=mode, padding_mode="border", align_corners=False)
+    out = torch.where(valid, out, torch.full_like(out, fill))
+    if not frames.is_floating_point():
+        out = out.round()
+    return out.to(frames.dtype), valid
 
 
-def _observe(V: int, T: int, condition: str) -> Tensor:
-    obs = torch.zeros(V, T, dtype=torch.bool)
+# ------------------------------------------------------------------------------ grid helpers
+def condition_mask(num_views: int, num_frames: int, condition: str | list[int]) -> Tensor:
+    """``observed [V, T]`` bool for a :class:`GridDataset` ``condition``: ``none`` /
+    ``first_frame`` (cell (0, 0)) / ``first_view`` (row 0) / ``first_time`` (column 0), several
+    joined by ``+``, or a list of frame indices of view 0."""
+    obs = torch.zeros(num_views, num_frames, dtype=torch.bool)
+    if not isinstance(condition, str):
+        bad = [t for t in condition if not 0 <= t < num_frames]
+        if bad:
+            raise ValueError(f"condition: frames {bad} outside the clip's {num_frames} frames")
+        obs[0, list(condition)] = True
+        return obs
     parts = condition.split("+")
+    if any(p not in CONDITIONS for p in parts):
+        raise ValueError(
+            f"condition: expected one of {CONDITIONS} (or several joined by '+'), got {condition!r}"
+        )
     obs[0, 0] = "first_frame" in parts
     if "first_view" in parts:
         obs[0] = True
@@ -81,13 +164,46 @@ def _observe(V: int, T: int, condition: str) -> Tensor:
     return obs
 
 
-class HomographyGrids(Dataset):
-    """V synchronized views from single-view samples (``GridBatch`` with V = 1) of ``base``.
+def _check_condition(condition: str | list[int]) -> str | list[int]:
+    condition_mask(1, 1, condition if isinstance(condition, str) else [])  # validates strings early
+    return condition if isinstance(condition, str) else list(condition)
+
+
+def _generator(seed: int | None, idx: int) -> torch.Generator | None:
+    """Per-index generator when seeded (distinct streams for (seed, idx) pairs); None = torch's
+    global RNG, which DataLoader workers and ``seed_everything`` seed differently."""
+    if seed is None:
+        return None
+    return torch.Generator().manual_seed((seed * 1_000_003 + idx) % 2**63)
+
+
+def _passthrough(b: GridBatch) -> dict[str, Tensor]:
+    return {k: getattr(b, k) for k in _PASSTHROUGH if getattr(b, k) is not None}
+
+
+# ------------------------------------------------------------------------------ datasets
+class HomographyGridDataset(Dataset):
+    """4Real-Video-V2's "2D transformed videos": V synchronized views of one monocular clip.
+
+    ``base`` yields single-view grids (``GridBatch`` with V = 1: e.g. ``GridDataset(num_views=1)``
+    over monocular clips or over one view of multi-view scenes). View v of the output is every
+    frame of the clip warped by the same ``H_v`` (:func:`random_homographies`; view 0 = the clip,
+    unchanged). RGB is warped bilinearly (outside -> -1, black); depth / xyz / mask with nearest
+    sampling (outside -> 0, i.e. unknown depth). Values are carried, not re-projected: xyz still is
+    the world point each pixel sees, depth the *source* camera's z.
+
+    Cameras: a homography has no exact pinhole camera (``H_v @ K`` is not an intrinsic matrix in
+    general), so every view keeps the source ``K`` and ``w2c``: the cameras of homography views are
+    NOT meaningful. Use these grids only with models that take no camera poses (4Real-Video-V2).
+
+    ``observed``: the base sample's row on view 0, OR the cells of ``condition`` (GridDataset's
+    semantics on the V x T grid; 4Real-Video-V2: ``first_view+first_time``).
+    ``scene_id`` gets a ``_homography`` suffix (logs and caches tell the sources apart).
 
     Args:
-        num_views: views per grid. strength: corner displacement of the last view, in image sizes.
-        condition: given cells, as ``GridDataset``'s ``condition`` (``first_view+first_time``...).
-        seed: per-index deterministic homographies (None: fresh ones every draw).
+        num_views: views per grid. strength / sweep: see :func:`random_homographies`.
+        seed: homographies drawn deterministically per index (None: fresh ones at every draw,
+            from torch's RNG, so DataLoader workers differ).
     """
 
     def __init__(
@@ -95,105 +211,344 @@ class HomographyGrids(Dataset):
         base: Dataset,
         num_views: int = 4,
         strength: float = 0.15,
-        condition: str = "first_view+first_time",
+        condition: str | list[int] = "first_view+first_time",
         seed: int | None = None,
+        sweep: bool = True,
     ):
-        self.base, self.num_views, self.strength = base, num_views, strength
-        self.condition, self.seed = condition, seed
+        if num_views < 1:
+            raise ValueError(f"num_views: expected >= 1, got {num_views}")
+        random_homographies(1, 1, 1, strength)  # validates strength now rather than in a worker
+        self.base, self.num_views, self.strength, self.sweep = base, num_views, strength, sweep
+        self.condition, self.seed = _check_condition(condition), seed
 
     def __len__(self) -> int:
         return len(self.base)
 
+    def homographies(self, idx: int, height: int, width: int) -> Tensor:
+        """``[V, 3, 3]`` homographies of sample ``idx`` (reproducible only with a ``seed``)."""
+        g = _generator(self.seed, idx)
+        return random_homographies(self.num_views, height, width, self.strength, g, self.sweep)
+
     def __getitem__(self, idx: int) -> GridBatch:
         b = self.base[idx]
-        _, V0, T, H, W = b.shape
+        B, V0, T, H, W = b.shape
         if V0 != 1:
             raise ValueError(
-                f"HomographyGrids: base sample {idx} has {V0} views, expected 1 (a monocular clip)"
+                f"HomographyGridDataset: base sample {idx} has {V0} views; expected a single-view clip "
+                "(V = 1, e.g. GridDataset(num_views=1))"
             )
-        g = None if self.seed is None else torch.Generator().manual_seed(self.seed + idx)
-        Hs = random_homographies(self.num_views, H, W, self.strength, g)
-        V = self.num_views
-        rgb = torch.stack([warp_homography(b.rgb[0, 0], Hv)[0] for Hv in Hs])
-        extra = {}
-        for name in ("depth", "mask"):
-            x = getattr(b, name)
-            if x is not None:
-                extra[name] = torch.stack([warp_homography(x[0, 0], Hv, "nearest", 0.0)[0] for Hv in Hs])[
-                    None
-                ]
+        V, Hs = self.num_views, self.homographies(idx, H, W)
+        warped = {"rgb": _warp_views(b.rgb, Hs, "bilinear", -1.0)}
+        for name in _PIXEL_FIELDS:
+            if getattr(b, name) is not None:
+                warped[name] = _warp_views(getattr(b, name), Hs, "nearest", 0.0)
+        observed = repeat(condition_mask(V, T, self.condition), "v t -> b v t", b=B).clone()
+        observed[:, 0] |= b.observed[:, 0]
         return GridBatch(
-            rgb=rgb[None],
-            K=b.K.expand(1, V, 3, 3).clone(),
-            w2c=b.w2c.expand(1, V, T, 4, 4).clone(),
-            observed=_observe(V, T, self.condition)[None],
+            K=b.K.expand(B, V, 3, 3).clone(),
+            w2c=b.w2c.expand(B, V, T, 4, 4).clone(),
+            observed=observed,
             times=b.times,
-            view_ids=torch.arange(V)[None],
+            view_ids=torch.arange(V).expand(B, V).clone(),
             time_ids=b.time_ids,
-            caption=b.caption,
+            caption=list(b.caption),
             scene_id=[f"{s}_homography" for s in b.scene_id],
-            **extra,
-        )
+            **warped,
+            **_passthrough(b),
+        ).validate()
 
 
-class StaticGrids(Dataset):
-    """Static multi-view samples of ``base`` (V views; only their first timestep is used) repeated
-    over ``num_frames`` timesteps: cameras constant over time, ``times`` all 0."""
+def _warp_views(x: Tensor, Hs: Tensor, mode: str, fill: float) -> Tensor:
+    """``x [B, 1, T, C, H, W]`` -> ``[B, V, T, C, H, W]``, view v = every frame warped by ``Hs[v]``
+    (view 0 copied exactly: it is the identity)."""
+    B = x.shape[0]
+    frames = rearrange(x[:, 0], "b t c h w -> (b t) c h w")
+    views = [frames.clone()] + [warp_homography(frames, Hv, mode, fill)[0] for Hv in Hs[1:]]
+    return rearrange(torch.stack(views), "v (b t) c h w -> b v t c h w", b=B)
 
-    def __init__(self, base: Dataset, num_frames: int, condition: str = "first_view+first_time"):
-        self.base, self.num_frames, self.condition = base, num_frames, condition
+
+class StaticGridDataset(Dataset):
+    """4Real-Video-V2's "3D videos": a static multi-view capture duplicated over time.
+
+    ``base`` yields grids of V views; only their first timestep is used (e.g.
+    ``GridDataset(num_frames=1)``: one instant of a multi-view scene, see
+    :func:`static_synthetic_grids`). Every view's frame (and depth / xyz / mask) is repeated over
+    ``num_frames`` timesteps with constant cameras (``w2c`` repeated). All frames show one
+    instant, so ``times`` / ``time_ids`` repeat the source instant's (0 for a scene's first frame):
+    pose-free grid models read the grid position, not ``times``, so the grid still reads as a
+    T-frame video, one without motion.
+
+    ``observed``: the base sample's column at its first time, OR the cells of ``condition``.
+    ``scene_id`` gets a ``_static`` suffix.
+    """
+
+    def __init__(self, base: Dataset, num_frames: int, condition: str | list[int] = "first_view+first_time"):
+        if num_frames < 1:
+            raise ValueError(f"num_frames: expected >= 1, got {num_frames}")
+        self.base, self.num_frames, self.condition = base, num_frames, _check_condition(condition)
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, idx: int) -> GridBatch:
         b = self.base[idx]
-        _, V, _, _, _ = b.shape
+        B, V = b.shape[:2]
         T = self.num_frames
 
-        def rep(x: Tensor | None) -> Tensor | None:
-            return None if x is None else x[:, :, :1].expand(-1, -1, T, *x.shape[3:]).clone()
+        def dup(x: Tensor) -> Tensor:  # [B, V, T0, ...] -> [B, V, T, ...], time 0 repeated
+            return repeat(x[:, :, 0], "b v ... -> b v t ...", t=T).contiguous()
 
+        observed = repeat(condition_mask(V, T, self.condition), "v t -> b v t", b=B).clone()
+        observed[:, :, 0] |= b.observed[:, :, 0]
+        pixels = {k: dup(getattr(b, k)) for k in _PIXEL_FIELDS if getattr(b, k) is not None}
         return GridBatch(
-            rgb=rep(b.rgb),
+            rgb=dup(b.rgb),
             K=b.K,
-            w2c=rep(b.w2c),
-            observed=_observe(V, T, self.condition)[None],
-            times=torch.zeros(1, T),
+            w2c=dup(b.w2c),
+            observed=observed,
+            times=b.times[:, :1].expand(B, T).clone(),
             view_ids=b.view_ids,
-            time_ids=b.time_ids[:, :1].expand(1, T).clone(),
-            depth=rep(b.depth),
-            mask=rep(b.mask),
-            caption=b.caption,
+            time_ids=b.time_ids[:, :1].expand(B, T).clone(),
+            caption=list(b.caption),
             scene_id=[f"{s}_static" for s in b.scene_id],
-        )
+            **pixels,
+            **_passthrough(b),
+        ).validate()
 
 
-class MixedGrids(Dataset):
-    """``length`` samples, each from source i with probability ``weights[i]`` (a random item of it).
-    All sources must give grids of one shape (checked on first use of each source)."""
+def static_synthetic_grids(
+    root: str | Path,
+    config: SyntheticConfig,
+    num_frames: int,
+    num_scenes: int = 1,
+    num_views: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    condition: str | list[int] = "first_view+first_time",
+    random_sampling: bool = False,
+) -> StaticGridDataset:
+    """Static grids of synthetic scenes: ``config``'s camera orbit / arc at one instant (t = 0).
 
-    def __init__(self, datasets: list[Dataset], weights: list[float], length: int, seed: int | None = None):
+    Writes ``num_scenes`` one-frame scenes (``config`` with ``num_frames=1``, seeds
+    ``config.seed + i``) under ``root/static_XXX`` unless identical ones exist, and duplicates
+    each over ``num_frames`` timesteps. Other arguments: see :class:`GridDataset`.
+    """
+    one = dataclasses.replace(config, num_frames=1)
+    scenes = [
+        ensure_scene(Path(root) / f"static_{i:03d}", dataclasses.replace(one, seed=one.seed + i))
+        for i in range(num_scenes)
+    ]
+    base = GridDataset(
+        scenes,
+        num_views=num_views,
+        num_frames=1,
+        height=height,
+        width=width,
+        random_sampling=random_sampling,
+        condition="none",
+    )
+    return StaticGridDataset(base, num_frames, condition)
+
+
+class MixedGridDataset(Dataset):
+    """``length`` samples, each a random item of source ``i`` drawn with probability
+    ``weights[i] / sum(weights)`` (a weight of 0 disables a source).
+
+    Every source must yield grids of one ``(V, T, H, W)`` and the same optional fields (so that
+    :meth:`GridBatch.collate` can batch them): item 0 of every enabled source is checked at
+    construction, and every drawn sample against it. ``seed``: per-index deterministic draws
+    (None: torch's RNG). ``names``: source names for error messages.
+    """
+
+    def __init__(
+        self,
+        datasets: list[Dataset],
+        weights: list[float],
+        length: int,
+        seed: int | None = None,
+        names: list[str] | None = None,
+    ):
+        weights = [float(w) for w in weights]
         if len(datasets) != len(weights) or not datasets or min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError(f"MixedGrids: one non-negative weight per dataset (some > 0), got {weights}")
-        self.datasets, self.weights, self.length = datasets, torch.tensor(weights, dtype=torch.float), length
-        self.seed = seed
-        self._shape: tuple | None = None
+            raise ValueError(
+                f"MixedGridDataset: one non-negative weight per dataset ({len(datasets)}), some > 0; "
+                f"got {weights}"
+            )
+        if length < 1:
+            raise ValueError(f"MixedGridDataset: length must be >= 1, got {length}")
+        self.names = names or [str(i) for i in range(len(datasets))]
+        for i, (ds, w) in enumerate(zip(datasets, weights, strict=True)):
+            if w > 0 and len(ds) == 0:
+                raise ValueError(f"MixedGridDataset: source {self._name(i)} is empty but has weight {w}")
+        self.datasets, self.weights, self.length, self.seed = datasets, torch.tensor(weights), length, seed
+        self._ref: tuple[int, tuple] | None = None
+        for i, ds in enumerate(datasets):
+            if weights[i] > 0:
+                self._check(i, ds[0])
+
+    def _name(self, i: int) -> str:
+        return f"{i} ({self.names[i]!r})" if self.names[i] != str(i) else str(i)
+
+    def _check(self, i: int, b: GridBatch) -> None:
+        sig = (tuple(b.shape[1:]), tuple(k for k in _PIXEL_FIELDS if getattr(b, k) is not None))
+        if self._ref is None:
+            self._ref = (i, sig)
+            return
+        j, ref = self._ref
+        if sig[0] != ref[0]:
+            raise ValueError(
+                f"MixedGridDataset: source {self._name(i)} yields grids (V, T, H, W) = {sig[0]}, but source "
+                f"{self._name(j)} yields {ref[0]}; every source must give the same views, frames and size"
+            )
+        if sig[1] != ref[1]:
+            raise ValueError(
+                f"MixedGridDataset: source {self._name(i)} has optional fields {list(sig[1])}, but source "
+                f"{self._name(j)} has {list(ref[1])}; GridBatch.collate needs the same ones in every sample"
+            )
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, idx: int) -> GridBatch:
-        g = None if self.seed is None else torch.Generator().manual_seed(self.seed + idx)
+    def draw(self, idx: int) -> tuple[int, int]:
+        """(source, item) of sample ``idx``."""
+        g = _generator(self.seed, idx)
         i = int(torch.multinomial(self.weights, 1, generator=g))
-        ds = self.datasets[i]
-        b = ds[int(torch.randint(len(ds), (1,), generator=g))]
-        shape = tuple(b.shape[1:])
-        if self._shape is None:
-            self._shape = (shape, i)
-        elif shape != self._shape[0]:
-            raise ValueError(
-                f"MixedGrids: source {i} gives grids (V, T, H, W) = {shape}, source {self._shape[1]} gave "
-                f"{self._shape[0]}; give every source the same views, frames and size"
-            )
+        return i, int(torch.randint(len(self.datasets[i]), (), generator=g))
+
+    def __getitem__(self, idx: int) -> GridBatch:
+        i, j = self.draw(idx)
+        b = self.datasets[i][j]
+        self._check(i, b)
         return b
+
+
+# Names of the first version of this module (fourdgen.data.multiview imports them).
+HomographyGrids = HomographyGridDataset
+StaticGrids = StaticGridDataset
+MixedGrids = MixedGridDataset
+
+
+# ------------------------------------------------------------------------------ DataModule
+def single_view_scene(scene: Scene, view: int) -> Scene:
+    """``scene`` restricted to one view (a monocular clip of it)."""
+    if not 0 <= view < scene.num_views:
+        raise ValueError(f"{scene.root}: view {view} requested, scene has {scene.num_views} views")
+    return dataclasses.replace(
+        scene, K=scene.K[view : view + 1], w2c=scene.w2c[view : view + 1], views=[scene.views[view]]
+    )
+
+
+def first_frame_scene(scene: Scene) -> Scene:
+    """``scene`` restricted to its first frame (one instant)."""
+    return dataclasses.replace(scene, num_frames=1, w2c=scene.w2c[:, :1])
+
+
+class AugmentedGridDataModule(GridDataModule):
+    """4Real-Video-V2's training mixture over a folder of multi-view scenes.
+
+    Training samples are drawn with ``weights`` from (see :mod:`fourdgen.data.grid_augment`):
+
+    0. multi-view grids of the training scenes (:class:`GridDataset`, random views/start/crop);
+    1. homography grids (:class:`HomographyGridDataset`) of monocular clips: view
+       ``monocular_view`` of each training scene, or of each scene under ``monocular_root``
+       (``monocular_view=None``: a random view per sample);
+    2. static grids (:class:`StaticGridDataset`): the training scenes at their first instant
+       (``static_random_time``: a random instant), duplicated over ``num_frames``.
+
+    A weight of 0 disables a source (its scenes are not even read). Validation, test and predict
+    use plain multi-view grids (:class:`GridDataModule`, which also does the splits and writes
+    ``synthetic`` scenes in ``prepare_data``). All sources load the same optional fields
+    (``load_depth`` ...): scenes under ``monocular_root`` must have them too.
+
+    Args:
+        weights: shares of (multi-view, homography, static) training samples.
+        homography_strength / homography_sweep: see :func:`random_homographies`.
+        train_length: training samples per epoch (None: training scenes x ``samples_per_scene``).
+        Other arguments: see :class:`GridDataModule` and :class:`GridDataset`; ``condition`` marks
+        the observed cells of every source's grids.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/scenes",
+        num_views: int = 4,
+        num_frames: int = 8,
+        height: int | None = None,
+        width: int | None = None,
+        frame_stride: int = 1,
+        crop: str = "random",
+        condition: str | list[int] = "first_view+first_time",
+        weights: tuple[float, float, float] = (0.4, 0.4, 0.2),
+        monocular_root: str | None = None,
+        monocular_view: int | None = 0,
+        homography_strength: float = 0.15,
+        homography_sweep: bool = True,
+        static_random_time: bool = False,
+        train_length: int | None = None,
+        load_depth: bool = True,
+        load_xyz: bool = True,
+        load_mask: bool = True,
+        samples_per_scene: int = 1,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+        synthetic: SyntheticConfig | None = None,
+        num_synthetic_scenes: int = 1,
+        batch_size: int = 1,
+        num_workers: int = 0,
+    ):
+        args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        own = ("weights", "monocular_root", "monocular_view", "homography_strength", "homography_sweep")
+        own += ("static_random_time", "train_length")
+        super().__init__(**{k: v for k, v in args.items() if k not in own})
+        weights = [float(w) for w in weights]
+        if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(
+                f"weights: 3 non-negative shares of (multi-view, homography, static) grids, some > 0; "
+                f"got {weights}"
+            )
+        random_homographies(1, 1, 1, homography_strength)  # validates the strength now
+        # Replaces the GridDataModule's hparams by this class's own arguments (a superset).
+        self.save_hyperparameters({**args, "weights": weights})
+        self._plain_synthetic(synthetic)
+
+    def train_dataset(self) -> MixedGridDataset:
+        """The training mixture (after ``setup``)."""
+        h = self.hparams
+        grids = self._dataset("train")
+        build = {
+            "multiview": lambda: grids,
+            "homography": self._homography_source,
+            "static": self._static_source,
+        }
+        enabled = [(name, w) for name, w in zip(build, h.weights, strict=True) if w > 0]
+        return MixedGridDataset(
+            [build[name]() for name, _ in enabled],
+            [w for _, w in enabled],
+            length=h.train_length or len(grids),
+            names=[name for name, _ in enabled],
+        )
+
+    def _homography_source(self) -> HomographyGridDataset:
+        h = self.hparams
+        scenes = find_scenes(h.monocular_root) if h.monocular_root else self.splits["train"]
+        if not scenes:
+            raise FileNotFoundError(
+                f"monocular_root {h.monocular_root}: no scene.json in it or its sub-folders"
+            )
+        mono = self._dataset("train", scenes, num_views=1, condition="none")
+        if h.monocular_view is not None:  # only that view can be sampled
+            mono.scenes = [single_view_scene(s, h.monocular_view) for s in mono.scenes]
+        return HomographyGridDataset(
+            mono, h.num_views, h.homography_strength, h.condition, sweep=h.homography_sweep
+        )
+
+    def _static_source(self) -> StaticGridDataset:
+        h = self.hparams
+        instants = self._dataset("train", num_frames=1, condition="none")
+        if not h.static_random_time:  # the scenes' first frame only
+            instants.scenes = [first_frame_scene(s) for s in instants.scenes]
+        return StaticGridDataset(instants, h.num_frames, h.condition)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset(), shuffle=True)
