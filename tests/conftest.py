@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,3 +23,13 @@ def tiny_synthetic():
 def tiny_scene_dir(tmp_path_factory, tiny_synthetic):
     """``tiny_synthetic`` written in the scene format (PNG frames)."""
     return tiny_synthetic.write(tmp_path_factory.mktemp("scene") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def official_vggt():
+    """The official VGGT package (facebookresearch/vggt's ``vggt/`` source, never vendored) for
+    parity tests, found under $VGGT_REPO or ``<repo>/.ref``; tests using it skip without it."""
+    root = os.environ.get("VGGT_REPO") or str(Path(__file__).resolve().parents[1] / ".ref")
+    if os.path.isdir(os.path.join(root, "vggt")) and root not in sys.path:
+        sys.path.insert(0, root)
+    return pytest.importorskip("vggt")

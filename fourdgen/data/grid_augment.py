@@ -452,7 +452,8 @@ class AugmentedGridDataModule(GridDataModule):
     1. homography grids (:class:`HomographyGridDataset`) of monocular clips: view
        ``monocular_view`` of each training scene, or of each scene under ``monocular_root``
        (``monocular_view=None``: a random view per sample);
-    2. static grids (:class:`StaticGridDataset`): the training scenes at their first instant
+    2. static grids (:class:`StaticGridDataset`): the training scenes (or every scene under
+       ``static_root``, e.g. a static multi-view dataset) at their first instant
        (``static_random_time``: a random instant), duplicated over ``num_frames``.
 
     A weight of 0 disables a source (its scenes are not even read). Validation, test and predict
@@ -481,6 +482,7 @@ class AugmentedGridDataModule(GridDataModule):
         weights: tuple[float, float, float] = (0.4, 0.4, 0.2),
         monocular_root: str | None = None,
         monocular_view: int | None = 0,
+        static_root: str | None = None,
         homography_strength: float = 0.15,
         homography_sweep: bool = True,
         static_random_time: bool = False,
@@ -498,7 +500,8 @@ class AugmentedGridDataModule(GridDataModule):
         num_workers: int = 0,
     ):
         args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        own = ("weights", "monocular_root", "monocular_view", "homography_strength", "homography_sweep")
+        own = ("weights", "monocular_root", "monocular_view", "static_root", "homography_strength")
+        own += ("homography_sweep",)
         own += ("static_random_time", "train_length")
         super().__init__(**{k: v for k, v in args.items() if k not in own})
         weights = [float(w) for w in weights]
@@ -545,7 +548,10 @@ class AugmentedGridDataModule(GridDataModule):
 
     def _static_source(self) -> StaticGridDataset:
         h = self.hparams
-        instants = self._dataset("train", num_frames=1, condition="none")
+        scenes = find_scenes(h.static_root) if h.static_root else None
+        if h.static_root and not scenes:
+            raise FileNotFoundError(f"static_root {h.static_root}: no scene.json in it or its sub-folders")
+        instants = self._dataset("train", scenes, num_frames=1, condition="none")
         if not h.static_random_time:  # the scenes' first frame only
             instants.scenes = [first_frame_scene(s) for s in instants.scenes]
         return StaticGridDataset(instants, h.num_frames, h.condition)

@@ -16,3 +16,15 @@ def check_finite(value: Tensor | float, name: str, step: int) -> None:
             "optimizer step so the weights stay finite. Resume from the last checkpoint (--ckpt_path last) "
             "with a lower learning rate, or check the input data."
         )
+
+
+def check_finite_grads(module: torch.nn.Module, step: int) -> None:
+    """Stop on a non-finite gradient before the optimizer applies it (a finite loss can still
+    back-propagate NaN, e.g. through a norm of an all-zero feature), naming the parameters."""
+    bad = [n for n, p in module.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    if bad:
+        raise FloatingPointError(
+            f"non-finite gradients at global step {step} in {len(bad)} parameters ({bad[:4]}...): stopping "
+            "before the optimizer step so the weights stay finite. Resume from the last checkpoint "
+            "(--ckpt_path last) with a lower learning rate, or check the input data."
+        )
