@@ -86,7 +86,7 @@ PRESETS: dict[str, VGGTConfig] = {
         camera_trunk_depth=1,
         dpt_features=16,
         dpt_out_channels=(8, 16, 32, 32),
-        dpt_layers=(0, 1, 2, 3),
+        dpt_layers=(1, 2, 2, 3),  # like 1b's, skips layer 0: unused layers are None
     ),
 }
 
@@ -349,7 +349,10 @@ class VGGT(nn.Module):
         cam = last[:, :, :, 0]  # [B, T, V, 2C]
         if self.camera_token_replacement:
             cam = cam[:, :1]
-        enc = self.camera_head(rearrange(cam, "b t v c -> (b t) v c"))[-1]
+        # fp32 like the reference (its heads run with autocast off): 4 refinement passes over a
+        # handful of tokens cost nothing, and bf16 visibly perturbs the rotations.
+        with torch.autocast(cam.device.type, enabled=False):
+            enc = self.camera_head(rearrange(cam.float(), "b t v c -> (b t) v c"))[-1]
         enc = rearrange(enc, "(b t) v k -> b v t k", b=B).expand(-1, -1, T, -1)
         K, w2c = pose_encoding_to_cameras(enc.float(), image_hw)
         return enc, K, w2c
@@ -400,8 +403,6 @@ class VGGT(nn.Module):
             if query_points.dim() == 2:
                 query_points = query_points[None]
             tokens = [None if t is None else t[:, 0] for t in out.tokens]  # [B, S, P, C]
-            if any(t is None for t in tokens):
-                tokens = [t[:, 0] if t is not None else None for t in self.aggregator(images[:, :, None])]
             tracks, vis, conf = self.track_head(
                 tokens, tuple(images.shape[-2:]), self.patch_start_idx, query_points
             )

@@ -289,10 +289,11 @@ class TrackHead(nn.Module):
         query_points: Tensor,
         iters: int | None = None,
     ) -> tuple[list[Tensor], Tensor, Tensor | None]:
-        """tokens: list of ``[B, S, P, dim_in]`` layer outputs; query_points ``[B, N, 2]`` pixels in
-        frame 0. Returns (tracks per iteration, each ``[B, S, N, 2]`` pixels; vis ``[B, S, N]``;
-        conf ``[B, S, N]`` or None)."""
-        B = tokens[0].shape[0]
-        fmaps = self.feature_extractor([t.flatten(0, 1) for t in tokens], image_hw, patch_start_idx)
+        """tokens: list of ``[B, S, P, dim_in]`` layer outputs (None where not needed);
+        query_points ``[B, N, 2]`` pixels in frame 0. Returns (tracks per iteration, each
+        ``[B, S, N, 2]`` pixels; vis ``[B, S, N]``; conf ``[B, S, N]`` or None)."""
+        B = next(t for t in tokens if t is not None).shape[0]
+        flat = [None if t is None else t.flatten(0, 1) for t in tokens]  # unused layers may be None
+        fmaps = self.feature_extractor(flat, image_hw, patch_start_idx)
         fmaps = rearrange(fmaps, "(b s) c h w -> b s c h w", b=B)
         return self.tracker(query_points, fmaps, self.iters if iters is None else iters)

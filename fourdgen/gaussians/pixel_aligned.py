@@ -3,7 +3,8 @@ depth and refined by a dense head's residuals (Splatt3r / 4Real-Video-V2's Gauss
 
 Head channels (``GAUSSIAN_CHANNELS`` = 14), all residuals that are 0 at initialisation:
 ``[0:3]`` position offset (world units, added to the unprojected depth), ``[3]`` opacity logit,
-``[4:7]`` log-scale offset relative to the pixel footprint ``depth / focal``, ``[7:11]`` rotation
+``[4:7]`` log-scale offset relative to the pixel footprint ``depth / focal`` (soft-clamped to
++-5), ``[7:11]`` rotation
 (wxyz, added to the identity then normalised), ``[11:14]`` colour offset added to the pixel's RGB.
 A zero head thus gives the coloured point cloud of the depth maps, as splats one pixel wide.
 """
@@ -18,6 +19,7 @@ from fourdgen.gaussians.container import Gaussians, rgb_to_sh0
 from fourdgen.geometry.projection import depth_to_points
 
 GAUSSIAN_CHANNELS = 14
+MAX_LOG_SCALE = 5.0  # splats between e^-5 and e^5 pixel footprints
 
 
 def pixel_gaussians(raw: Tensor, rgb: Tensor, depth: Tensor, K: Tensor, w2c: Tensor) -> dict[str, Tensor]:
@@ -38,6 +40,9 @@ def pixel_gaussians(raw: Tensor, rgb: Tensor, depth: Tensor, K: Tensor, w2c: Ten
     means = depth_to_points(depth, K.float(), w2c.float()).flatten(-3, -2) + d_xyz
     focal = K[..., :2, :2].diagonal(dim1=-2, dim2=-1).float().mean(-1)  # [...]
     footprint = depth.flatten(-2) / focal[..., None]  # [..., H*W]: one pixel at that depth
+    # The residual is bounded (soft clamp to +-MAX_LOG_SCALE): unbounded, a few large steps make
+    # splats span the image and their 2-D covariances overflow to inf/NaN in any rasterizer.
+    d_scale = MAX_LOG_SCALE * torch.tanh(d_scale / MAX_LOG_SCALE)
     log_scales = footprint.clamp_min(1e-8).log()[..., None] + d_scale
     identity = torch.tensor([1.0, 0.0, 0.0, 0.0], device=raw.device)
     quats = torch.nn.functional.normalize(d_rot + identity, dim=-1)

@@ -160,11 +160,12 @@ class DPTHead(nn.Module):
         return out if self.feature_only else s.output_conv2(out)
 
     def forward(self, tokens: list[Tensor], image_hw: tuple[int, int], patch_start_idx: int) -> Tensor:
-        n = tokens[0].shape[0]
+        n = next(t for t in tokens if t is not None).shape[0]  # layers no head reads may be None
         chunk = self.frames_chunk_size or n
         if chunk >= n:
             return self._decode(tokens, image_hw, patch_start_idx)
         outs = []
         for a in range(0, n, chunk):
-            outs.append(self._decode([t[a : a + chunk] for t in tokens], image_hw, patch_start_idx))
+            part = [None if t is None else t[a : a + chunk] for t in tokens]
+            outs.append(self._decode(part, image_hw, patch_start_idx))
         return torch.cat(outs)
