@@ -188,3 +188,27 @@ def test_predict_writes_gaussians_cameras_and_a_path_video(tmp_path):
     w2c = torch.tensor([v["w2c"] for v in cams["views"]])
     assert w2c.shape == (SYN["num_views"], 4, 4) and is_rigid(w2c).all()
     assert (scene / "render_path.mp4").stat().st_size > 0
+
+
+def test_predict_on_a_stage_1b_output(tmp_path, tiny_synthetic):
+    """A grid written by stage 1b's GridVideoWriter (cameras unknown) reconstructs as it is; the
+    frames are resized onto VGGT's patch grid (32 x 40 -> 28 x 42)."""
+    from fourdgen.callbacks.grid import write_grid
+
+    rgb = torch.as_tensor(tiny_synthetic.rgb).permute(0, 1, 4, 2, 3)[:, :3] * 2 - 1  # [V, T, 3, H, W]
+    folder = write_grid({"scene_id": "gen", "rgb": rgb, "K": None, "w2c": None}, tmp_path, write_views=False)
+    dm = GridDataModule(
+        root=str(folder / "scene"), crop="center", load_depth=False, load_xyz=False, load_mask=False
+    )
+    out = tmp_path / "out"
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[ReconExport(str(out), 4)]
+    )
+    with pytest.warns(UserWarning, match="scene"):
+        trainer.predict(
+            FeedForwardReconstruction(lpips_weight=0.0, lpips_net=None), dm, return_predictions=False
+        )
+    (scene,) = [p for p in out.iterdir() if p.is_dir()]
+    cams = json.loads((scene / "cameras.json").read_text())
+    assert cams["image_size"] == [28, 42] and len(cams["views"]) == rgb.shape[0]
+    assert len(load_ply_sequence(scene / "gaussians")) == 3

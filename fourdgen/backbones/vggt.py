@@ -471,13 +471,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 
 
 def load_official(
-    model: VGGT, checkpoint: str | os.PathLike | dict[str, Tensor], skip: tuple[str, ...] = ()
+    model: VGGT,
+    checkpoint: str | os.PathLike | dict[str, Tensor],
+    skip: tuple[str, ...] = (),
+    source: str | None = None,
 ) -> None:
     """Load official VGGT weights into ``model``, every key used: a checkpoint key the model has
     no place for, or a model weight the checkpoint lacks (other than the 4Real additions), is an
     error naming the keys. ``skip``: key prefixes of heads deliberately left out of ``model``
-    (e.g. ``("track_head.", "point_head.")``); they must exist in the checkpoint."""
-    source = "state dict" if isinstance(checkpoint, dict) else str(checkpoint)
+    (e.g. ``("track_head.", "point_head.")``); they must exist in the checkpoint. ``source``: the
+    name errors give a state dict (default: the path)."""
+    source = source or ("state dict" if isinstance(checkpoint, dict) else str(checkpoint))
     sd = checkpoint if isinstance(checkpoint, dict) else read_state_dict(checkpoint)
     for prefix in skip:
         if getattr(model, prefix.rstrip("."), None) is not None:

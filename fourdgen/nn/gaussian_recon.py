@@ -81,7 +81,8 @@ class GaussianReconstructor(nn.Module):
         which stays zero so the initial Gaussians are VGGT's point cloud)."""
         sd = checkpoint if isinstance(checkpoint, dict) else read_state_dict(checkpoint)
         skip = tuple(p for p in ("track_head.", "point_head.") if any(k.startswith(p) for k in sd))
-        load_official(self.vggt, checkpoint if not isinstance(checkpoint, dict) else sd, skip=skip)
+        source = None if isinstance(checkpoint, dict) else str(checkpoint)
+        load_official(self.vggt, sd, skip=skip, source=source)
         if head_from_depth:
             self.init_head_from_depth()
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from fourdgen.backbones.vggt import VGGT, load_official, official_state_dict
-from fourdgen.data.datamodules import GridDataModule
 from fourdgen.nn.gaussian_recon import GaussianReconstructor
 from fourdgen.stages.recon import FeedForwardReconstruction
+from tests.test_recon import _dm
 
 pytestmark = [
     pytest.mark.gpu,
@@ -88,19 +88,7 @@ def test_reconstructor_bf16_is_finite_and_close_to_fp32():
 
 def test_training_steps_with_gsplat_bf16(tmp_path):
     torch.manual_seed(0)
-    dm = GridDataModule(
-        root=str(tmp_path / "scenes"),
-        num_views=4,
-        num_frames=2,
-        height=56,
-        width=56,
-        crop="center",
-        load_depth=False,
-        load_xyz=False,
-        load_mask=False,
-        samples_per_scene=8,
-        synthetic=dict(num_views=4, num_frames=4, height=56, width=56, layout="arc", seed=3),
-    )
+    dm = _dm(tmp_path, num_frames=2)
     model = FeedForwardReconstruction(
         preset="tiny",
         training_stage="dynamic",
