@@ -16,10 +16,15 @@ from fourdgen.backbones.vggt import (
     VGGTConfig,
     load_official,
     official_state_dict,
-    pose_encoding_to_cameras,
     read_state_dict,
 )
-from fourdgen.geometry.cameras import is_rigid
+from fourdgen.geometry.cameras import (
+    cameras_to_vggt_pose_encoding,
+    is_rigid,
+)
+from fourdgen.geometry.cameras import (
+    vggt_pose_encoding_to_cameras as pose_encoding_to_cameras,
+)
 
 SHAPES = Path(__file__).parent / "data" / "vggt_1b_state_dict_shapes.json"
 # Small enough for CPU; 3 block pairs; DINOv2-S-sized patch embedding so the official code can
@@ -141,6 +146,13 @@ def test_matches_the_official_implementation(official_vggt):
     torch.testing.assert_close(w2c[..., :3, :], extri, atol=1e-5, rtol=1e-5)
     shift = torch.tensor([[0, 0, 0.5], [0, 0, 0.5], [0, 0, 0]])  # pixel-centre convention
     torch.testing.assert_close(K, intri + shift, atol=1e-4, rtol=1e-5)
+    from vggt.utils.pose_enc import extri_intri_to_pose_encoding
+
+    theirs = extri_intri_to_pose_encoding(extri, intri, (42, 70))
+    mine = cameras_to_vggt_pose_encoding(K, w2c, (42, 70))
+    sign = (theirs[..., 3:7] * mine[..., 3:7]).sum(-1, keepdim=True).sign()  # q and -q: one rotation
+    torch.testing.assert_close(mine[..., 3:7] * sign, theirs[..., 3:7], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mine[..., [0, 1, 2, 7, 8]], theirs[..., [0, 1, 2, 7, 8]], atol=1e-4, rtol=1e-4)
 
 
 def test_pose_encoding_to_cameras():
@@ -156,6 +168,9 @@ def test_pose_encoding_to_cameras():
     assert is_rigid(w2c).all()
     K, _ = pose_encoding_to_cameras(torch.zeros(9), (8, 8))  # untrained head: FoV 0 -> clamped
     assert torch.isfinite(K).all()
+    enc = torch.cat([torch.randn(5, 3), q * q[:, 3:].sign(), torch.rand(5, 2) + 0.5], -1)  # w >= 0
+    K, w2c = pose_encoding_to_cameras(enc, (30, 50))
+    torch.testing.assert_close(cameras_to_vggt_pose_encoding(K, w2c, (30, 50)), enc, atol=1e-5, rtol=1e-5)
 
 
 def test_temporal_attention_starts_as_identity():

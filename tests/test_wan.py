@@ -23,7 +23,11 @@ def test_local_checkpoint_round_trip(tmp_path):
     model.save_pretrained(tmp_path / "ckpt" / "transformer")
     vae.save_pretrained(tmp_path / "ckpt" / "vae")
     loaded = build_transformer(path=str(tmp_path / "ckpt"))
-    torch.testing.assert_close(_forward(loaded), _forward(model), rtol=0, atol=0)
+    sa, sb = model.state_dict(), loaded.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)  # bit-exact weights
+    # Outputs only to rounding: weights read from safetensors sit at other memory alignments, and
+    # CPU GEMMs pick alignment-dependent kernels (1e-7-level differences seen with torch 2.14).
+    torch.testing.assert_close(_forward(loaded), _forward(model), rtol=1e-5, atol=1e-6)
     loaded_vae = build_vae(path=str(tmp_path / "ckpt"))
     video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
     torch.testing.assert_close(loaded_vae.encode(video).latent_dist.mean, vae.encode(video).latent_dist.mean)

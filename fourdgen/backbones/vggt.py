@@ -18,7 +18,8 @@ spans the V views of one timestep, exactly VGGT on that timestep; ``T = 1`` is t
 Cameras come out in the frame of the first view (its ``w2c`` is the identity), following
 :mod:`fourdgen.geometry.cameras`. VGGT unprojects pixel (i, j) at (i, j) with the principal
 point at (W/2, H/2); with fourdgen's pixel-centre convention that principal point is
-(W/2 + 0.5, H/2 + 0.5), which :func:`pose_encoding_to_cameras` returns.
+(W/2 + 0.5, H/2 + 0.5), which
+:func:`~fourdgen.geometry.cameras.vggt_pose_encoding_to_cameras` returns.
 
 Checkpoints: :func:`load_official` maps the official ``model.pt`` state dict (the layout of
 facebookresearch/vggt) onto this module, requiring every key to be used and none to be missing
@@ -27,7 +28,6 @@ apart from the 4Real additions; :func:`official_state_dict` writes the official 
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -40,7 +40,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from fourdgen.geometry.rotations import quaternion_to_matrix
+from fourdgen.geometry.cameras import vggt_pose_encoding_to_cameras
 from fourdgen.nn.dpt import DPTHead
 from fourdgen.nn.vit import Block, RotaryPositionEmbedding2D, grid_positions
 
@@ -97,25 +97,6 @@ def make_config(preset: str | VGGTConfig = "1b", **overrides) -> VGGTConfig:
     if preset not in PRESETS:
         raise ValueError(f"VGGT preset {preset!r}: expected one of {sorted(PRESETS)}")
     return replace(PRESETS[preset], **overrides)
-
-
-# --------------------------------------------------------------------------------------- cameras
-def pose_encoding_to_cameras(pose_enc: Tensor, image_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """VGGT's ``absT_quaR_FoV`` encoding ``[..., 9]`` (translation, quaternion xyzw, fov_h, fov_w)
-    -> ``K [..., 3, 3]`` (fourdgen pixel-centre convention) and ``w2c [..., 4, 4]`` (OpenCV).
-    Fields of view are clamped to [1, 179] degrees: an untrained head's ReLU gives 0, an infinite
-    focal length, and NaN gradients in any renderer downstream."""
-    H, W = image_hw
-    t, q = pose_enc[..., :3], pose_enc[..., 3:7]
-    fov = pose_enc[..., 7:9].clamp(math.radians(1.0), math.radians(179.0))
-    R = quaternion_to_matrix(torch.cat([q[..., 3:], q[..., :3]], dim=-1))  # xyzw -> wxyz
-    w2c = torch.zeros(*pose_enc.shape[:-1], 4, 4, dtype=pose_enc.dtype, device=pose_enc.device)
-    w2c[..., :3, :3], w2c[..., :3, 3], w2c[..., 3, 3] = R, t, 1.0
-    K = torch.zeros(*pose_enc.shape[:-1], 3, 3, dtype=pose_enc.dtype, device=pose_enc.device)
-    K[..., 0, 0] = (W / 2.0) / torch.tan(fov[..., 1] / 2.0)
-    K[..., 1, 1] = (H / 2.0) / torch.tan(fov[..., 0] / 2.0)
-    K[..., 0, 2], K[..., 1, 2], K[..., 2, 2] = W / 2.0 + 0.5, H / 2.0 + 0.5, 1.0
-    return K, w2c
 
 
 # ------------------------------------------------------------------------------------ aggregator
@@ -354,7 +335,7 @@ class VGGT(nn.Module):
         with torch.autocast(cam.device.type, enabled=False):
             enc = self.camera_head(rearrange(cam.float(), "b t v c -> (b t) v c"))[-1]
         enc = rearrange(enc, "(b t) v k -> b v t k", b=B).expand(-1, -1, T, -1)
-        K, w2c = pose_encoding_to_cameras(enc.float(), image_hw)
+        K, w2c = vggt_pose_encoding_to_cameras(enc.float(), image_hw)
         return enc, K, w2c
 
     def dense(self, head: DPTHead, tokens: list[Tensor | None], image_hw: tuple[int, int]) -> Tensor:

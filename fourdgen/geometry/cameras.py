@@ -7,12 +7,19 @@ Convention (used by every module, dataset and file):
   convention, and it makes resizing an exact scale of ``K`` (see :func:`scale_intrinsics`).
 - ``w2c`` [..., 4, 4] world-to-camera rigid transform; ``c2w`` is its inverse.
 - A camera path or a grid of cameras just adds leading dimensions: ``w2c [V, T, 4, 4]``.
+
+Conversions: OpenGL axes (:func:`opencv_to_opengl`), VGGT's pose encoding
+(:func:`vggt_pose_encoding_to_cameras`, :func:`cameras_to_vggt_pose_encoding`).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+from fourdgen.geometry.rotations import matrix_to_quaternion, quaternion_to_matrix
 
 # OpenCV <-> OpenGL camera axes differ by flipping y and z.
 _CV_GL_FLIP = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
@@ -165,3 +172,33 @@ def focus_point(w2c: Tensor) -> Tensor:
     if torch.linalg.matrix_rank(A) < 3:  # parallel axes: no intersection, look ahead of the rig
         return (c.mean(0) + d.mean(0)).float()
     return torch.linalg.solve(A, b).float()
+
+
+def vggt_pose_encoding_to_cameras(pose_enc: Tensor, image_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """VGGT's ``absT_quaR_FoV`` encoding ``[..., 9]`` (w2c translation, w2c rotation as quaternion
+    xyzw, fov_h, fov_w in radians) -> ``K [..., 3, 3]``, ``w2c [..., 4, 4]``.
+
+    VGGT unprojects pixel (i, j) at (i, j) with its principal point at (W/2, H/2): in this module's
+    pixel-centre convention that is (W/2 + 0.5, H/2 + 0.5). Fields of view are clamped to
+    [1, 179] degrees: an untrained head's ReLU gives 0, an infinite focal length and NaN gradients
+    in any renderer downstream.
+    """
+    H, W = image_hw
+    t, q = pose_enc[..., :3], pose_enc[..., 3:7]
+    fov = pose_enc[..., 7:9].clamp(math.radians(1.0), math.radians(179.0))
+    R = quaternion_to_matrix(torch.cat([q[..., 3:], q[..., :3]], dim=-1))  # xyzw -> wxyz
+    w2c = torch.zeros(*pose_enc.shape[:-1], 4, 4, dtype=pose_enc.dtype, device=pose_enc.device)
+    w2c[..., :3, :3], w2c[..., :3, 3], w2c[..., 3, 3] = R, t, 1.0
+    fx = (W / 2.0) / torch.tan(fov[..., 1] / 2.0)
+    fy = (H / 2.0) / torch.tan(fov[..., 0] / 2.0)
+    return make_intrinsics(fx, fy, W / 2.0 + 0.5, H / 2.0 + 0.5), w2c
+
+
+def cameras_to_vggt_pose_encoding(K: Tensor, w2c: Tensor, image_hw: tuple[int, int]) -> Tensor:
+    """Inverse of :func:`vggt_pose_encoding_to_cameras` (the principal point is not encoded):
+    ``K [..., 3, 3]``, ``w2c [..., 4, 4]`` -> ``[..., 9]``, e.g. targets for a camera loss."""
+    H, W = image_hw
+    q = matrix_to_quaternion(w2c[..., :3, :3])  # wxyz
+    fov_h = 2 * torch.atan((H / 2.0) / K[..., 1, 1])
+    fov_w = 2 * torch.atan((W / 2.0) / K[..., 0, 0])
+    return torch.cat([w2c[..., :3, 3], q[..., 1:], q[..., :1], fov_h[..., None], fov_w[..., None]], dim=-1)
