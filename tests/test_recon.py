@@ -9,6 +9,8 @@ import json
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fourdgen.backbones.vggt import VGGT, official_state_dict
 from fourdgen.callbacks.recon import ReconExport
@@ -112,11 +114,10 @@ def _dm(tmp_path, num_frames=1, num_views=4, **kw):
 
 
 def _trainer(tmp_path, steps, **kw):
-    kw = {"limit_val_batches": 1, **kw}
+    kw = {"limit_val_batches": 1, "logger": False, **kw}
     return L.Trainer(
         accelerator="cpu",
         max_steps=steps,
-        logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=str(tmp_path),
@@ -134,11 +135,15 @@ def test_tiny_reconstructor_learns_a_synthetic_scene(tmp_path):
         "gaussian_head"
     }
     frozen = {k: v.clone() for k, v in model.model.vggt.state_dict().items()}
-    trainer = _trainer(tmp_path, 80, enable_checkpointing=False)
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb")
+    trainer = _trainer(tmp_path, 80, enable_checkpointing=False, logger=logger)
     before = trainer.validate(model, dm, verbose=False)[0]["val/psnr"]
     trainer.fit(model, dm)
     after = trainer.validate(model, dm, verbose=False)[0]["val/psnr"]
     assert after > before + 1.5, (before, after)
+    acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    acc.Reload()
+    assert "val/render_vs_target" in acc.Tags()["images"] and "train/loss" in acc.Tags()["scalars"]
     assert all(torch.equal(v, model.model.vggt.state_dict()[k]) for k, v in frozen.items())
 
 
@@ -212,3 +217,27 @@ def test_predict_on_a_stage_1b_output(tmp_path, tiny_synthetic):
     cams = json.loads((scene / "cameras.json").read_text())
     assert cams["image_size"] == [28, 42] and len(cams["views"]) == rgb.shape[0]
     assert len(load_ply_sequence(scene / "gaussians")) == 3
+
+
+def test_resume_restores_weights_over_the_vggt_checkpoint(tmp_path):
+    """``fit`` loads vggt_checkpoint in setup, before Lightning restores a resumed checkpoint: the
+    resumed run continues from the trained weights and step, not from the VGGT file."""
+    torch.manual_seed(0)
+    torch.save(official_state_dict(VGGT("tiny")), tmp_path / "model.pt")
+    kw = dict(vggt_checkpoint=str(tmp_path / "model.pt"), lr=1e-3, lpips_weight=0.0, lpips_net=None)
+    first = FeedForwardReconstruction(**kw)
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _trainer(tmp_path, 3, limit_val_batches=0, callbacks=[ckpt_cb]).fit(first, _dm(tmp_path))
+    trained = {k: v.clone() for k, v in first.model.gaussian_head.state_dict().items()}
+    second = FeedForwardReconstruction(**kw)
+    seen = {}
+
+    class Spy(L.Callback):
+        def on_train_start(self, trainer, module):
+            seen["step"] = trainer.global_step
+            seen["head"] = {k: v.clone() for k, v in module.model.gaussian_head.state_dict().items()}
+
+    resumed = _trainer(tmp_path, 5, limit_val_batches=0, callbacks=[Spy()], enable_checkpointing=False)
+    resumed.fit(second, _dm(tmp_path), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert seen["step"] == 3 and resumed.global_step == 5
+    assert all(torch.equal(seen["head"][k], v) for k, v in trained.items())
