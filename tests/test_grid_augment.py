@@ -283,6 +283,15 @@ def test_augmented_datamodule_sources(tmp_path, scenes):
     assert b.time_ids.tolist() == [[0] * 4] and torch.equal(b.rgb, b.rgb[:, :, :1].expand_as(b.rgb))
     with pytest.raises(ValueError, match="weights"):
         AugmentedGridDataModule(weights=(0.0, 0.0, 0.0))
+    # static copies from another dataset (stage 2's static scenes mixed into dynamic training)
+    other = ensure_scene(tmp_path / "static" / "still", dataclasses.replace(SYN, seed=11))
+    static = AugmentedGridDataModule(weights=(0.0, 0.0, 1.0), static_root=str(other.parent), **kw)
+    static.setup("fit")
+    assert static.train_dataset()[0].scene_id == ["still_static"]
+    bad = AugmentedGridDataModule(weights=(0.0, 0.0, 1.0), static_root=str(tmp_path / "none"), **kw)
+    bad.setup("fit")
+    with pytest.raises(FileNotFoundError, match="static_root"):
+        bad.train_dataset()
 
 
 @pytest.mark.filterwarnings("ignore:.*only 1 scene")

@@ -25,11 +25,13 @@ _UP = torch.tensor([0.0, -1.0, 0.0])
 
 
 class ReconExport(L.pytorch.callbacks.BasePredictionWriter):
-    """Args:
-    out_dir: output folder (one sub-folder per scene).
-    path_samples: cameras on the rendered path (and frames of the mp4).
-    closed_path: loop back to the first view (360-degree captures) instead of an open arc.
-    fps: frame rate of the mp4.
+    """Writes each predicted clip (see the module docstring).
+
+    Args:
+        out_dir: output folder (one sub-folder per scene).
+        path_samples: cameras on the rendered path (and frames of the mp4).
+        closed_path: loop back to the first view (360-degree captures) instead of an open arc.
+        fps: frame rate of the mp4.
     """
 
     def __init__(
@@ -44,9 +46,8 @@ class ReconExport(L.pytorch.callbacks.BasePredictionWriter):
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
     ):
         pred: ReconPrediction = prediction["pred"]
-        B, V, T = pred.K.shape[:3]
         H, W = prediction["rgb"].shape[-2:]
-        for b in range(B):
+        for b in range(pred.K.shape[0]):
             scene = prediction["scene_id"][b] if prediction["scene_id"] else f"clip_{batch_idx:04d}_{b}"
             self.write_clip(
                 self.out_dir / scene, pred, b, (H, W), backend=getattr(pl_module.hparams, "backend", "auto")
@@ -55,7 +56,7 @@ class ReconExport(L.pytorch.callbacks.BasePredictionWriter):
     def write_clip(
         self, out: Path, pred: ReconPrediction, b: int, hw: tuple[int, int], backend: str = "auto"
     ) -> Path:
-        B, V, T = pred.K.shape[:3]
+        V, T = pred.K.shape[1:3]
         H, W = hw
         gaussians = [pred.at(b, t) for t in range(T)]
         save_ply_sequence(out / "gaussians", [g.detach().to("cpu") for g in gaussians])

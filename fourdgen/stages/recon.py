@@ -179,37 +179,20 @@ class FeedForwardReconstruction(L.LightningModule):
                 f"but the batch has {V} views (data.num_views)"
             )
         order = torch.randperm(V) if train else torch.arange(V)
-        return order[: h.num_source_views], order[
-            h.num_source_views : h.num_source_views + h.num_target_views
-        ]
+        n_src, n_tgt = h.num_source_views, h.num_target_views
+        return order[:n_src], order[n_src : n_src + n_tgt]
 
     def render(self, pred: ReconPrediction, K: Tensor, w2c: Tensor, hw: tuple[int, int]) -> Tensor:
         """Render every timestep of every clip into cameras ``K [B, C, 3, 3]``, ``w2c [B, C, 4, 4]``
         -> ``[B, C, T, 3, H, W]``."""
         B, T = pred.gaussians["means"].shape[:2]
         H, W = hw
-        out = torch.stack(
-            [
-                torch.stack(
-                    [
-                        rasterize(
-                            pred.at(b, t),
-                            K[b],
-                            w2c[b],
-                            W,
-                            H,
-                            backend=self.hparams.backend,
-                            background=self.bg,
-                            render_depth=False,
-                        ).rgb
-                        for t in range(T)
-                    ],
-                    dim=1,
-                )
-                for b in range(B)
-            ]
-        )  # [B, C, T, H, W, 3]
-        return out.permute(0, 1, 2, 5, 3, 4)
+        kw = dict(backend=self.hparams.backend, background=self.bg, render_depth=False)
+        clips = []
+        for b in range(B):
+            frames = [rasterize(pred.at(b, t), K[b], w2c[b], W, H, **kw).rgb for t in range(T)]
+            clips.append(torch.stack(frames, dim=1))  # [C, T, H, W, 3]
+        return torch.stack(clips).permute(0, 1, 2, 5, 3, 4)
 
     def reconstruct_and_render(self, rgb: Tensor, train: bool) -> dict[str, Tensor]:
         src, tgt = self.split_views(rgb.shape[1], train)
