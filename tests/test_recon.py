@@ -193,6 +193,18 @@ def test_predict_writes_gaussians_cameras_and_a_path_video(tmp_path):
     w2c = torch.tensor([v["w2c"] for v in cams["views"]])
     assert w2c.shape == (SYN["num_views"], 4, 4) and is_rigid(w2c).all()
     assert (scene / "render_path.mp4").stat().st_size > 0
+    # PLYs can leave out faint Gaussians (opacities start at 0.5: a 0.6 floor drops all of them)
+    model.model.gaussian_head.last_conv.bias.data[3] = 1.0  # opacity logit of every pixel
+    thin = ReconExport(str(tmp_path / "thin"), 4, min_opacity=0.6)
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[thin]).predict(
+        model, dm, return_predictions=False
+    )
+    assert len(load_ply_sequence(tmp_path / "thin" / "synth_000" / "gaussians")[0]) == len(plys[0])
+    model.model.gaussian_head.last_conv.bias.data[3] = -1.0
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[thin]).predict(
+        model, dm, return_predictions=False
+    )
+    assert len(load_ply_sequence(tmp_path / "thin" / "synth_000" / "gaussians")[0]) == 0
 
 
 def test_predict_on_a_stage_1b_output(tmp_path, tiny_synthetic):

@@ -36,7 +36,8 @@ def gaussians_to_array(g: Gaussians) -> np.ndarray:
     """Structured float32 array ``[N]`` with the 3DGS vertex properties of ``g``."""
     g = g.detach().to("cpu", torch.float32)
     n = g.num
-    f_rest = g.shN.transpose(1, 2).reshape(n, -1)  # channel-major, as the 3DGS code writes it
+    # channel-major, as the 3DGS code writes it; explicit width so an empty set still works
+    f_rest = g.shN.transpose(1, 2).reshape(n, 3 * g.shN.shape[1])
     cols = [g.means, torch.zeros(n, 3), g.sh0[:, 0], f_rest, g.opacity_logits[:, None], g.log_scales, g.quats]
     data = torch.cat(cols, dim=1).numpy()
     names = _attribute_names(f_rest.shape[1])
