@@ -20,6 +20,7 @@ from fourdgen.gaussians.pixel_aligned import GAUSSIAN_CHANNELS, MAX_LOG_SCALE, p
 from fourdgen.gaussians.ply import load_ply_sequence
 from fourdgen.geometry.cameras import intrinsics_from_fov, is_rigid, look_at
 from fourdgen.nn.gaussian_recon import GaussianReconstructor
+from fourdgen.stages.common import check_finite_grads
 from fourdgen.stages.recon import FeedForwardReconstruction, fit_to_patches
 
 SYN = dict(num_views=4, num_frames=4, height=56, width=56, layout="arc", seed=3, supersample=1)
@@ -253,3 +254,12 @@ def test_resume_restores_weights_over_the_vggt_checkpoint(tmp_path):
     resumed.fit(second, _dm(tmp_path), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert seen["step"] == 3 and resumed.global_step == 5
     assert all(torch.equal(seen["head"][k], v) for k, v in trained.items())
+
+
+def test_non_finite_gradients_stop_before_the_step():
+    lin = torch.nn.Linear(2, 2)
+    lin(torch.ones(1, 2)).sum().backward()
+    check_finite_grads(lin, 0)  # finite: nothing happens
+    lin.bias.grad[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"step 7 in 1 parameters \(\['bias'\]"):
+        check_finite_grads(lin, 7)
