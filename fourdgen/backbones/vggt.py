@@ -2,8 +2,8 @@
 
 The aggregator embeds every frame with DINOv2 (timm's ViT with registers), prepends a camera token
 and register tokens per frame, and alternates frame-wise and global attention blocks. Heads read
-its layer outputs: an iterative camera head (pose encoding -> ``K``, ``w2c``) and DPT heads for
-depth / world points.
+its layer outputs: an iterative camera head (pose encoding -> ``K``, ``w2c``), DPT heads for
+depth / world points and the point-track head (:mod:`fourdgen.backbones.vggt_track`).
 
 Input here is a grid ``[B, V, T, 3, H, W]`` (views x timesteps, RGB in [0, 1]). Global attention
 spans the V views of one timestep, exactly VGGT on that timestep; ``T = 1`` is the official model.
@@ -15,7 +15,8 @@ spans the V views of one timestep, exactly VGGT on that timestep; ``T = 1`` is t
 - camera-token replacement (``camera_token_replacement``): after the blocks, every view at every
   timestep reads the camera tokens of the first timestep, so all timesteps share one camera set.
 
-Cameras come out in the frame of the first view (its ``w2c`` is the identity), following
+Cameras come out in the frame of the first view (a trained model gives it the identity ``w2c``),
+following
 :mod:`fourdgen.geometry.cameras`. VGGT unprojects pixel (i, j) at (i, j) with the principal
 point at (W/2, H/2); with fourdgen's pixel-centre convention that principal point is
 (W/2 + 0.5, H/2 + 0.5), which
