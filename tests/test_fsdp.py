@@ -128,3 +128,67 @@ def test_sharded_full4d_grid_dit_matches_unsharded(tmp_path):
     assert set(got["grads"]) == set(trainable) and any("fused_attn" in n for n in trainable)
     for name, p in trainable.items():
         torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _recon_model():
+    """The tiny 4Real reconstructor with live temporal blocks and Gaussian head; the Gaussian head
+    and temporal blocks train (the dynamic stage), the rest is frozen."""
+    from fourdgen.nn.gaussian_recon import GaussianReconstructor
+
+    torch.manual_seed(0)
+    model = GaussianReconstructor("tiny")
+    for blk in model.vggt.aggregator.temporal_blocks:
+        torch.nn.init.normal_(blk.attn.proj.weight, std=0.1)
+    torch.nn.init.normal_(model.gaussian_head.last_conv.weight, std=0.1)
+    model.requires_grad_(False)
+    model.gaussian_head.requires_grad_(True)
+    model.vggt.aggregator.temporal_blocks.requires_grad_(True)
+    return model
+
+
+def _recon_loss(model, rank: int):
+    g = torch.Generator().manual_seed(200 + rank)
+    x = torch.rand(1, 2, 2, 3, 28, 28, generator=g)
+    pred = model(x)
+    K, w2c = model.target_cameras(x[:, 0, 0], x[:, 1:, 0])
+    loss = pred.gaussians["means"].square().mean() + pred.gaussians["sh0"].square().mean()
+    return loss, w2c
+
+
+def _recon_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fourdgen.nn.gaussian_recon import shard_reconstructor
+
+    torch.set_num_threads(1)
+    model = shard_reconstructor(_recon_model(), init_device_mesh("cpu", (world,)))
+    loss, w2c = _recon_loss(model, rank)
+    loss.backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+    sharded = sum(type(p).__name__ == "DTensor" for p in model.parameters())
+    if rank == 0:
+        torch.save({"loss": loss.detach(), "w2c": w2c, "grads": grads, "sharded": sharded}, out_file)
+    dist.destroy_process_group()
+
+
+def test_sharded_reconstructor_matches_unsharded(tmp_path):
+    """Stage 2 under FSDP2 (per-block units, the target-camera pass entering the aggregator and the
+    camera head directly): same loss, target cameras and gradients as one unsharded model."""
+    world = 2
+    mp.spawn(_recon_worker, args=(world, str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=world)
+    got = torch.load(tmp_path / "out.pt")
+    ref = _recon_model()
+    assert got["sharded"] == len(list(ref.parameters()))
+    losses = []
+    for rank in range(world):
+        loss, w2c = _recon_loss(ref, rank)
+        if rank == 0:
+            torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got["w2c"], w2c, rtol=1e-5, atol=1e-5)
+        losses.append(loss)
+    (sum(losses) / world).backward()
+    trainable = {n: p for n, p in ref.named_parameters() if p.requires_grad}
+    assert set(got["grads"]) == set(trainable) and any("temporal_blocks" in n for n in trainable)
+    for name, p in trainable.items():
+        torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -115,3 +115,29 @@ class GaussianReconstructor(nn.Module):
         tokens = self.vggt.aggregator(images, keep={self.vggt.config.depth - 1})
         _, K, w2c = self.vggt.cameras(tokens, tuple(images.shape[-2:]))
         return K[:, 1:, 0], w2c[:, 1:, 0]
+
+
+def shard_reconstructor(
+    model: GaussianReconstructor,
+    mesh,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = torch.float32,
+) -> GaussianReconstructor:
+    """FSDP2 (``fully_shard``) one unit per transformer block (DINOv2, frame, global, temporal,
+    camera trunk), then each head, the aggregator (tokens, patch and position embeddings) and the
+    root. Every module the reconstructor enters by ``__call__`` (aggregator, heads) is a unit, so
+    their all-gather hooks fire also from :meth:`GaussianReconstructor.target_cameras`.
+    ``mesh``: a 1-D data-parallel DeviceMesh; ``param_dtype``: compute dtype (None: as stored)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    vggt = model.vggt
+    agg = vggt.aggregator
+    blocks = [*agg.patch_embed.blocks, *agg.frame_blocks, *agg.global_blocks]
+    blocks += list(agg.temporal_blocks or [])
+    heads = [vggt.camera_head, vggt.depth_head, vggt.point_head, vggt.track_head, model.gaussian_head]
+    if vggt.camera_head is not None:
+        blocks += list(vggt.camera_head.trunk)
+    for module in [*blocks, *(h for h in heads if h is not None), agg, model]:
+        fully_shard(module, mesh=mesh, mp_policy=mp)
+    return model

@@ -25,7 +25,7 @@ from fourdgen.callbacks.media import log_images
 from fourdgen.data.batch import GridBatch
 from fourdgen.gaussians.rasterize import rasterize
 from fourdgen.metrics.image import LPIPS, ImageMetrics
-from fourdgen.nn.gaussian_recon import GaussianReconstructor, ReconPrediction
+from fourdgen.nn.gaussian_recon import GaussianReconstructor, ReconPrediction, shard_reconstructor
 from fourdgen.stages.common import check_finite, check_finite_grads
 
 DEFAULT_TRAIN_MODULES = {
@@ -126,6 +126,7 @@ class FeedForwardReconstruction(L.LightningModule):
         )
         self.register_buffer("bg", torch.tensor(background, dtype=torch.float32), persistent=False)
         self._weights_loaded = False
+        self._sharded = False
         self._val_seen = 0
 
     def _freeze_all_but(self, names: list[str]) -> None:
@@ -152,6 +153,22 @@ class FeedForwardReconstruction(L.LightningModule):
         if h.init_checkpoint:
             self.load_init_checkpoint(h.init_checkpoint)
         self._weights_loaded = True
+
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy`` (``tensor_parallel_size: 1``), shard the
+        reconstructor with FSDP2 per block (:func:`shard_reconstructor`). Runs after ``setup``, so
+        the VGGT weights are loaded into the full model first."""
+        mesh = self.device_mesh
+        if mesh is None or self._sharded:
+            return
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "FeedForwardReconstruction shards with FSDP2 only: set the ModelParallelStrategy's "
+                f"tensor_parallel_size to 1 (got {mesh['tensor_parallel'].size()})"
+            )
+        shard_reconstructor(self.model, mesh["data_parallel"] if "data_parallel" in names else mesh)
+        self._sharded = True
 
     def load_init_checkpoint(self, path: str | os.PathLike) -> None:
         if not os.path.exists(path):
