@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from fourdgen.backbones.text import HashTextEncoder
+from fourdgen.data.augmented_grids import AugmentedGridDataModule
 from fourdgen.data.batch import GridBatch
 from fourdgen.data.datamodules import GridDataset
 from fourdgen.data.grid_augment import (
-    AugmentedGridDataModule,
     HomographyGridDataset,
     MixedGridDataset,
     StaticGridDataset,
@@ -296,7 +296,7 @@ def test_augmented_datamodule_sources(tmp_path, scenes):
 
 @pytest.mark.filterwarnings("ignore:.*only 1 scene")
 def test_multiview_datamodule_mix_uses_these_datasets(tmp_path):
-    """MultiViewDataModule(mix=...) builds its mixture from this module's datasets (old names)."""
+    """MultiViewDataModule(mix=...) builds its mixture from this module's datasets ."""
     dm = MultiViewDataModule(
         root=str(tmp_path / "scenes"),
         num_views=3,

@@ -12,7 +12,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fourdgen.backbones.vggt import VGGT, official_state_dict
+from fourdgen.backbones.vggt import VGGT
+from fourdgen.backbones.vggt_checkpoint import official_state_dict
 from fourdgen.callbacks.recon import ReconExport
 from fourdgen.data.datamodules import GridDataModule
 from fourdgen.gaussians.container import sh0_to_rgb

@@ -11,20 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fourdgen.backbones.vggt import (
-    VGGT,
-    VGGTConfig,
-    load_official,
-    official_state_dict,
-    read_state_dict,
-)
-from fourdgen.geometry.cameras import (
-    cameras_to_vggt_pose_encoding,
-    is_rigid,
-)
-from fourdgen.geometry.cameras import (
-    vggt_pose_encoding_to_cameras as pose_encoding_to_cameras,
-)
+from fourdgen.backbones.vggt import VGGT, VGGTConfig
+from fourdgen.backbones.vggt_checkpoint import load_official, official_state_dict, read_state_dict
+from fourdgen.geometry.cameras import cameras_to_vggt_pose_encoding, is_rigid
+from fourdgen.geometry.cameras import vggt_pose_encoding_to_cameras as pose_encoding_to_cameras
 
 SHAPES = Path(__file__).parent / "data" / "vggt_1b_state_dict_shapes.json"
 # Small enough for CPU; 3 block pairs; DINOv2-S-sized patch embedding so the official code can
@@ -211,9 +201,6 @@ def test_camera_token_replacement_shares_the_first_timesteps_cameras():
     )
     # the shared cameras are those the first timestep's tokens give
     torch.testing.assert_close(out.pose_enc[:, :, 0], free.pose_enc[:, :, 0], atol=1e-6, rtol=1e-6)
-    # the first view of each timestep is the reference: its camera is near the identity only
-    # for trained models, but it is the same for all timesteps
-    assert out.w2c.shape == (1, 3, 4, 4, 4)
 
 
 def test_gradient_checkpointing_matches():

@@ -16,7 +16,7 @@ from fourdgen.backbones.text import HashTextEncoder, UMT5TextEncoder
 from fourdgen.data.batch import GridBatch
 from fourdgen.data.datamodules import GridDataModule
 from fourdgen.data.embeddings import ConditionEmbedder
-from fourdgen.data.grid_augment import HomographyGrids, MixedGrids, StaticGrids
+from fourdgen.data.grid_augment import HomographyGridDataset, MixedGridDataset, StaticGridDataset
 from fourdgen.data.scene import find_scenes
 
 
@@ -49,7 +49,7 @@ class MultiViewDataModule(GridDataModule):
             test and prediction always use plain multi-view grids. Mixed training batches carry no
             depth (homography views have none): for 4Real-Video-V2, which needs none.
         monocular_root: scenes whose clips feed the homography grids (None: view 0 of the training
-            scenes). homography_strength: see :class:`~fourdgen.data.grid_augment.HomographyGrids`.
+            scenes). homography_strength: see :class:`~fourdgen.data.grid_augment.HomographyGridDataset`.
     """
 
     def __init__(
@@ -126,13 +126,13 @@ class MultiViewDataModule(GridDataModule):
         mono_scenes = find_scenes(h.monocular_root) if h.monocular_root else None
         sources = [
             grids,
-            HomographyGrids(
+            HomographyGridDataset(
                 super()._dataset(split, mono_scenes, num_views=1, load_depth=False),
                 V,
                 h.homography_strength,
                 h.condition,
             ),
-            StaticGrids(super()._dataset(split, num_frames=1, load_depth=False), T, h.condition),
+            StaticGridDataset(super()._dataset(split, num_frames=1, load_depth=False), T, h.condition),
         ]
-        mix = MixedGrids(sources, list(h.mix), length=len(grids))
+        mix = MixedGridDataset(sources, list(h.mix), length=len(grids))
         return EmbeddedGrids(mix, self.embedder)

@@ -13,7 +13,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from fourdgen.backbones.vggt import VGGT, load_official, read_state_dict
+from fourdgen.backbones.vggt import VGGT
+from fourdgen.backbones.vggt_checkpoint import load_official, read_state_dict
 from fourdgen.gaussians.container import Gaussians
 from fourdgen.gaussians.pixel_aligned import GAUSSIAN_CHANNELS, pixel_gaussians, to_gaussians
 from fourdgen.nn.dpt import DPTHead
