@@ -50,3 +50,53 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- output folders
+MANIFEST = ".fourdgen.json"
+
+
+def read_manifest(folder: str | os.PathLike) -> dict | None:
+    """The manifest fourdgen left in ``folder`` when it wrote it, or None."""
+    path = Path(folder) / MANIFEST
+    try:
+        out = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return out if isinstance(out, dict) else None
+
+
+def write_manifest(folder: str | os.PathLike, kind: str, **fields: Any) -> None:
+    """Mark ``folder`` as written by fourdgen (``kind``: which writer; ``fields``: e.g. the step)."""
+    write_json(Path(folder) / MANIFEST, {"writer": kind, **fields})
+
+
+def claim_output_dir(
+    folder: str | os.PathLike, kind: str, step: int | None = None, overwrite: bool = False, what: str = ""
+) -> None:
+    """Check that ``kind`` may write into ``folder``, or raise :class:`OutputExistsError`.
+
+    Allowed: a missing or empty folder; one that the same writer filled at a step no later than
+    ``step``; anything when ``overwrite``. A folder holding files fourdgen did not write, or the
+    outputs of a longer run, is never replaced without ``overwrite`` (``--overwrite`` on the CLI).
+    ``what`` names the config entry that chose the folder, for the message.
+    """
+    from fourdgen.errors import OutputExistsError
+
+    folder = Path(folder)
+    if overwrite or not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return
+    where = f" ({what})" if what else ""
+    manifest = read_manifest(folder)
+    if manifest is None or manifest.get("writer") != kind:
+        by = "files fourdgen did not write" if manifest is None else f"{manifest.get('writer')} outputs"
+        raise OutputExistsError(
+            f"{folder}{where}: holds {by}; refusing to write {kind} outputs into it. Choose another "
+            "folder, or pass --overwrite to replace them."
+        )
+    old = manifest.get("step")
+    if step is not None and isinstance(old, int) and old > step:
+        raise OutputExistsError(
+            f"{folder}{where}: holds {kind} outputs of step {old}; this run would replace them with "
+            f"step {step}. Choose another folder, or pass --overwrite to replace them."
+        )

@@ -154,3 +154,67 @@ def test_every_recipe_parses(recipe, capsys):
     assert e.value.code in (0, None)
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert "class_path" in cfg["model"]
+
+
+class WrappedScene(L.LightningDataModule):
+    """A user's DataModule that wraps fourdgen's (composition, not inheritance)."""
+
+    def __init__(self, scene: str, views_held_out: int = 1):
+        super().__init__()
+        from fourdgen.data.scene_frames import SceneFramesDataModule
+
+        self.inner = SceneFramesDataModule(
+            scene=scene,
+            synthetic={"num_views": 3, "num_frames": 2, "height": 32, "width": 32, "supersample": 1},
+            holdout_views=[views_held_out],
+            init_points=200,
+        )
+
+    def prepare_data(self):
+        self.inner.prepare_data()
+
+    def setup(self, stage=None):
+        self.inner.setup(stage)
+
+    def scene_info(self):
+        return self.inner.scene_info()
+
+    def train_dataloader(self):
+        return self.inner.train_dataloader()
+
+    def val_dataloader(self):
+        return self.inner.val_dataloader()
+
+
+class NoSceneInfo(UserDataModule):
+    """Yields GridBatch but lacks the stage-3 method."""
+
+
+def _fit_args(tmp_path, data):
+    return [
+        "fit",
+        "--config=lightning_configs/tiny/fit.yaml",
+        f"--data={data}",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_steps=2",
+        "--trainer.callbacks=[]",
+        "--trainer.logger=false",
+    ]
+
+
+def test_a_users_datamodule_can_wrap_fourdgens(tmp_path):
+    cli = FourDGenCLI(
+        args=[*_fit_args(tmp_path, f"{__name__}.WrappedScene"), f"--data.scene={tmp_path / 's'}"]
+    )
+    assert cli.trainer.global_step == 2
+    assert cli.datamodule.inner.hparams.synthetic["num_views"] == 3  # its own arguments, not the wrapper's
+    assert "views_held_out" not in cli.datamodule.inner.hparams
+
+
+def test_a_datamodule_without_the_stage_protocol_is_named_before_training(tmp_path):
+    from fourdgen.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"NoSceneInfo\): Gaussian4DFitter .* needs a DataModule with scene_info\(\)"
+    ):
+        FourDGenCLI(args=_fit_args(tmp_path, f"{__name__}.NoSceneInfo"))

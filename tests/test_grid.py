@@ -318,7 +318,11 @@ def test_tiny_grid_recipes_fit_and_predict_through_the_cli(tmp_path, recipe):
                 {
                     "class_path": "fourdgen.callbacks.grid.GridVideoWriter",
                     "init_args": {"out_dir": str(tmp_path / "pred")},
-                }
+                },
+                {
+                    "class_path": "fourdgen.callbacks.checkpoint.ModelCheckpoint",
+                    "init_args": {"dirpath": str(tmp_path / "ck"), "save_last": True},
+                },
             ]
         ),
     ]
@@ -331,8 +335,10 @@ def test_tiny_grid_recipes_fit_and_predict_through_the_cli(tmp_path, recipe):
             "--trainer.val_check_interval=2",
         ]
     )
-    FourDGenCLI(args=["predict", *common, "--model.init_args.sample_steps=2"])
-    scenes = sorted((tmp_path / "pred").iterdir())
+    last = tmp_path / "ck" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 2  # the final state is saved
+    FourDGenCLI(args=["predict", *common, "--model.init_args.sample_steps=2", f"--ckpt_path={last}"])
+    scenes = sorted(p for p in (tmp_path / "pred").iterdir() if p.is_dir())
     assert scenes, "predict wrote no grid"
     scene = read_scene(scenes[0] / "scene")
     assert scene.num_views == 3 and scene.num_frames == 5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from fourdgen.data.scene import read_scene
@@ -103,3 +104,13 @@ def test_cli_writes_scene(tmp_path):
     s = read_scene(tmp_path / "x")
     assert (s.num_views, s.num_frames, s.height, s.width) == (2, 3, 16, 24)
     assert json.loads((tmp_path / "x/scene.json").read_text())["synthetic"]["seed"] == 7
+
+
+@pytest.mark.parametrize("value", ["-2", "0"])
+def test_cli_refuses_impossible_scenes_in_one_line(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "s"), "--scene.num_views", value])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert f"synthetic.num_views: expected an integer >= 1, got {value}" in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()

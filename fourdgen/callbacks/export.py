@@ -1,6 +1,8 @@
 """Writes a fitted 4D Gaussian scene: PLY per timestep, a fly-through mp4, per-view renders.
 
-Runs at the end of ``fit`` and of ``predict``; every file is written atomically.
+Runs at the end of ``fit`` and of ``predict``; every file is written atomically. The folder is
+guarded (:class:`~fourdgen.callbacks.guard.GuardedOutput`): a fit checks it before training starts,
+and a shorter or debug run never replaces the export of a longer one without ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -9,13 +11,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
+from fourdgen.callbacks.guard import GuardedOutput
 from fourdgen.callbacks.media import save_video_mp4
+from fourdgen.errors import OutputExistsError
 from fourdgen.gaussians.ply import save_ply_sequence
 from fourdgen.io import write_json
 
 
-class Export4DGS(L.Callback):
+class Export4DGS(GuardedOutput, L.Callback):
     """Export the scene of a :class:`~fourdgen.stages.fit.Gaussian4DFitter`.
 
     Args:
@@ -39,16 +44,38 @@ class Export4DGS(L.Callback):
         self.path_samples, self.path_loops = path_samples, path_loops
         self.export_on_fit, self.export_on_predict = on_fit_end, on_predict_end
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Before any training: a run that could only be refused at its end says so now.
+        self._enabled = True
+        if stage == "fit" and self.export_on_fit and trainer.is_global_zero:
+            planned = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+            self._enabled = self.may_write(trainer, self.out_dir, planned)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.export_on_fit and trainer.is_global_zero:
-            self.export(pl_module)
+        if not (self.export_on_fit and trainer.is_global_zero and getattr(self, "_enabled", True)):
+            return
+        step = int(pl_module.trained_steps)
+        try:  # checked again with the step reached; refusing here must not stop the final checkpoint
+            self.may_write(trainer, self.out_dir, step)
+        except OutputExistsError as e:
+            rank_zero_warn(
+                f"fourdgen: export skipped: {e} The trained scene is in the last checkpoint: export it "
+                "with `fourdgen predict --ckpt_path <last.ckpt> --overwrite`."
+            )
+            return
+        self.export(pl_module)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.export_on_predict and trainer.is_global_zero:
+        step = int(pl_module.trained_steps)
+        if self.export_on_predict and trainer.is_global_zero and self.may_write(trainer, self.out_dir, step):
             self.export(pl_module)
 
     @torch.no_grad()
     def export(self, module) -> Path:
+        with self.writing(self.out_dir, step=int(module.trained_steps)):
+            return self._export(module)
+
+    def _export(self, module) -> Path:
         info, out = module.info, self.out_dir
         times = info.times.tolist()
         save_ply_sequence(out / "ply", [module.export_gaussians(t) for t in times])

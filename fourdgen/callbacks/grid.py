@@ -17,11 +17,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from einops import rearrange
 from torch import Tensor
 
+from fourdgen.callbacks.guard import GuardedPredictionWriter
 from fourdgen.callbacks.media import save_video_mp4
 from fourdgen.data.scene import write_scene
 from fourdgen.geometry.cameras import intrinsics_from_fov, is_rigid
@@ -140,7 +140,7 @@ def write_grid(
     return out
 
 
-class GridVideoWriter(L.pytorch.callbacks.BasePredictionWriter):
+class GridVideoWriter(GuardedPredictionWriter):
     """Write :meth:`GridDiffusion.predict_step` outputs (a list of clip dicts per batch) with
     :func:`write_grid`.
 

@@ -5,6 +5,8 @@ Writes ``out_dir/step_XXXXXXX/`` every ``every_n_steps`` and ``out_dir/final/`` 
 ``fourdgen_extra.safetensors`` (domain embeddings and other new trained tensors); for One4D's
 decoupled LoRA one adapter folder per branch (``rgb/``, ``xyz/``) and the control links in
 ``fourdgen_extra.safetensors``. Only rank 0 writes; under FSDP every rank gathers the shards first.
+``out_dir`` is guarded (:class:`~fourdgen.callbacks.guard.GuardedOutput`): checked before training,
+and never filled over another writer's files or a longer run's export without ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -13,18 +15,30 @@ from pathlib import Path
 
 import lightning as L
 
+from fourdgen.callbacks.guard import GuardedOutput
+from fourdgen.io import write_manifest
 from fourdgen.nn.decoupled_lora import save_dlc
 from fourdgen.nn.lora import save_lora
 
 
-class LoraExport(L.Callback):
+class LoraExport(GuardedOutput, L.Callback):
+    """Args: ``out_dir`` (``step_XXXXXXX/`` and ``final/`` under it), ``every_n_steps`` (0: final only)."""
+
     def __init__(self, out_dir: str = "outputs/video/lora", every_n_steps: int = 0):
         self.out_dir, self.every_n_steps = Path(out_dir), every_n_steps
+        self._enabled = True
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # before training: say now what the end of the run would refuse
+            planned = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+            self._enabled = self.may_write(trainer, self.out_dir, planned)
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
         model = pl_module.transformer
-        if model is None:
+        if model is None or not self._enabled:
             return
+        if trainer.is_global_zero:
+            self.may_write(trainer, self.out_dir, trainer.global_step)
         # Every rank gathers (FSDP shards), rank 0 writes.
         if getattr(model, "dlc_installed", False):
             save_dlc(model, self.out_dir / name, write=trainer.is_global_zero)
@@ -32,6 +46,8 @@ class LoraExport(L.Callback):
             save_lora(model, self.out_dir / name, write=trainer.is_global_zero)
         else:
             return  # full fine-tuning: the Lightning checkpoint holds the weights
+        if trainer.is_global_zero:
+            write_manifest(self.out_dir, self.writer_name, step=trainer.global_step, latest=name)
         trainer.strategy.barrier()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +24,8 @@ from lightning.fabric.loggers import TensorBoardLogger
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 from torchvision.utils import make_grid
+
+from fourdgen.io import atomic_path
 
 
 def _summary_writer(logger: Any) -> Any | None:
@@ -136,13 +137,11 @@ def save_video_mp4(
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
 
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # Same directory (same filesystem) so os.replace is atomic; .mp4 suffix tells ffmpeg the format.
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".mp4")
-    os.close(fd)
-    try:
-        with iio2.get_writer(
+    # Temp file + rename with the mode a plain open() gives (mkstemp's 0600 made mp4s private);
+    # the .mp4 suffix tells ffmpeg the format.
+    with (
+        atomic_path(path, suffix=".mp4") as tmp,
+        iio2.get_writer(
             tmp,
             format="FFMPEG",
             mode="I",
@@ -151,12 +150,8 @@ def save_video_mp4(
             quality=quality,
             macro_block_size=1,
             ffmpeg_log_level="error",
-        ) as writer:
-            for frame in frames:
-                writer.append_data(frame)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        ) as writer,
+    ):
+        for frame in frames:
+            writer.append_data(frame)
     return path

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 
+from fourdgen.callbacks.guard import GuardedPredictionWriter
 from fourdgen.callbacks.media import save_video_mp4
 from fourdgen.gaussians.ply import save_point_cloud
 from fourdgen.io import atomic_path, write_json
@@ -27,7 +27,7 @@ def _depth_colors(depth: torch.Tensor) -> torch.Tensor:
     return (d * valid).clamp(0, 1)[..., None].expand(*depth.shape, 3)
 
 
-class PointmapVideoWriter(L.pytorch.callbacks.BasePredictionWriter):
+class PointmapVideoWriter(GuardedPredictionWriter):
     """Write :meth:`VideoDiffusion.predict_step` outputs.
 
     Args:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import torch
 
+from fourdgen.callbacks.guard import GuardedPredictionWriter
 from fourdgen.callbacks.media import save_video_mp4
 from fourdgen.gaussians.ply import save_ply_sequence
 from fourdgen.gaussians.rasterize import rasterize
@@ -24,7 +24,7 @@ from fourdgen.nn.gaussian_recon import ReconPrediction
 _UP = torch.tensor([0.0, -1.0, 0.0])
 
 
-class ReconExport(L.pytorch.callbacks.BasePredictionWriter):
+class ReconExport(GuardedPredictionWriter):
     """Writes each predicted clip (see the module docstring).
 
     Args:

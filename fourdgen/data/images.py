@@ -114,8 +114,11 @@ class ImagePromptDataModule(BaseDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
     ):
+        # Own arguments, explicitly (a wrapping DataModule's would be collected otherwise).
+        skip = ("self", "__class__", "text_encoder", "image_encoder")
+        args = {k: v for k, v in locals().items() if k not in skip}
         super().__init__(batch_size=batch_size, num_workers=num_workers)
-        self.save_hyperparameters(ignore=["text_encoder", "image_encoder"])
+        self.save_hyperparameters(args)
         self.embedder = ConditionEmbedder(
             text_encoder, image_encoder, prompt_suffix, negative_prompt, cache_dir
         )

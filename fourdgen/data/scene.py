@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from fourdgen.errors import FourDGenError
 from fourdgen.geometry.cameras import is_rigid
 from fourdgen.io import atomic_path, write_json
 
@@ -45,7 +46,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VIDEO_SUFFIXES = (".mp4",)
 
 
-class SceneFormatError(ValueError):
+class SceneFormatError(FourDGenError, ValueError):
     """A scene on disk does not follow the format. Names the file, the field and the expectation."""
 
     def __init__(self, file: str | Path, field: str, expected: str, got: Any = None):

@@ -2,12 +2,12 @@
 
 Training samples are (view, time) frames of the training views; validation and test render
 the held-out views at every time. :meth:`SceneFramesDataModule.scene_info` gives the fitter
-what it needs before training: cameras, timestamps and an initial point cloud.
+what it needs before training: cameras, timestamps and an initial point cloud
+(:class:`~fourdgen.data.protocols.SceneSource`, the protocol of stage 3).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,25 +16,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from fourdgen.data.batch import GridBatch
 from fourdgen.data.datamodules import BaseDataModule, _resize, adjust_intrinsics, resize_crop_plan
+from fourdgen.data.protocols import SceneInfo
 from fourdgen.data.scene import Scene, read_scene
 from fourdgen.data.synthetic import SyntheticConfig, ensure_scene
-
-
-@dataclass
-class SceneInfo:
-    """Everything the fitter needs up front. ``K [V, 3, 3]``, ``w2c [V, T, 4, 4]``, ``times [T]``,
-    ``points [N, 3]`` / ``colors [N, 3]`` in [0, 1] (None when the scene has no depth/xyz)."""
-
-    K: Tensor
-    w2c: Tensor
-    times: Tensor
-    height: int
-    width: int
-    train_views: list[int]
-    holdout_views: list[int]
-    points: Tensor | None
-    colors: Tensor | None
-    fps: float
 
 
 class _Frames(Dataset):
@@ -101,8 +85,11 @@ class SceneFramesDataModule(BaseDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ):
+        # This class's own arguments, explicitly: save_hyperparameters() alone collects the outermost
+        # __init__'s, which is a user's DataModule when one wraps this one.
+        args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__(batch_size=batch_size, num_workers=num_workers)
-        self.save_hyperparameters()
+        self.save_hyperparameters(args)
         self._plain_synthetic(synthetic)
         self.root = Path(scene)
         self._loaded: dict | None = None
@@ -195,6 +182,7 @@ class SceneFramesDataModule(BaseDataModule):
             points=points,
             colors=colors,
             fps=scene.fps,
+            cameras_known=scene.extra.get("cameras") != "unknown",
         )
 
     def _frames(self, views: list[int], repeat: int = 1) -> _Frames:

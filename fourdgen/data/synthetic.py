@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fourdgen.errors import ConfigError
 from fourdgen.geometry.cameras import intrinsics_from_fov, invert_rigid, look_at, pixel_rays, scale_intrinsics
 from fourdgen.geometry.rotations import axis_angle_to_matrix
 
@@ -48,6 +49,25 @@ class SyntheticConfig:
     fps: float = 8.0
     supersample: int = 2  # RGB anti-aliasing: s x s rays per pixel (depth/xyz use the centre ray)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse impossible scenes with the field's name (a raw torch error would name nothing)."""
+        positive = ("num_views", "num_frames", "height", "width", "supersample")
+        checks = [
+            (k, "an integer >= 1", isinstance(getattr(self, k), int) and getattr(self, k) >= 1)
+            for k in positive
+        ]
+        checks += [
+            ("num_objects", "an integer >= 0", isinstance(self.num_objects, int) and self.num_objects >= 0),
+            ("layout", "'orbit' or 'arc'", self.layout in ("orbit", "arc")),
+            ("radius", "a number > 0", self.radius > 0),
+            ("fov_deg", "a number in (0, 180)", 0 < self.fov_deg < 180),
+            ("elevation_deg", "a number in (-90, 90)", -90 < self.elevation_deg < 90),
+            ("fps", "a number > 0", self.fps > 0),
+        ]
+        for name, expected, ok in checks:
+            if not ok:
+                raise ConfigError(f"synthetic.{name}: expected {expected}, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -301,20 +321,64 @@ def make_scene(cfg: SyntheticConfig | None = None) -> SyntheticScene:
     )
 
 
+MARKER = ".fourdgen-synthetic.json"
+
+
 def ensure_scene(root: str | Path, cfg: SyntheticConfig | None = None, frame_format: str = "png") -> Path:
-    """Write the scene for ``cfg`` at ``root`` unless an identical one is already there."""
+    """Write the scene for ``cfg`` at ``root`` unless fourdgen already wrote that same scene there.
+
+    Only a missing or empty folder is written to; the scene goes to a temporary sibling first and is
+    renamed into place with its marker, so an interrupted write leaves nothing half-done. A folder
+    holding anything else (a user's scene, a malformed one, another synthetic config) is refused
+    with :class:`OutputExistsError`: the built-in default never replaces data.
+    """
     import json
+    import shutil
+    import tempfile
+
+    from fourdgen.errors import OutputExistsError
 
     cfg = cfg or SyntheticConfig()
+    want = {**asdict(cfg), "frame_format": frame_format}
     root = Path(root)
-    meta = root / "scene.json"
-    if meta.is_file():
+    if root.is_dir() and any(root.iterdir()):
         try:
-            if json.loads(meta.read_text()).get("synthetic") == asdict(cfg):
-                return root
-        except json.JSONDecodeError:
-            pass
-    return make_scene(cfg).write(root, frame_format=frame_format)
+            marker = json.loads((root / MARKER).read_text())
+        except (OSError, ValueError):
+            marker = None
+        if marker is None:  # scenes written before the marker existed carry the config in scene.json
+            try:
+                legacy = json.loads((root / "scene.json").read_text()).get("synthetic")
+            except (OSError, ValueError, AttributeError):
+                legacy = None
+            marker = None if legacy is None else {**legacy, "frame_format": frame_format}
+        if marker == want and (root / "scene.json").is_file():
+            return root
+        what = (
+            "a different synthetic scene"
+            if isinstance(marker, dict)
+            else "data that fourdgen did not generate for this config"
+        )
+        if isinstance(marker, dict):
+            diff = {k: (marker.get(k), v) for k, v in want.items() if marker.get(k) != v}
+            what += " (" + ", ".join(f"{k}: {a!r} there, {b!r} asked" for k, (a, b) in diff.items()) + ")"
+        raise OutputExistsError(
+            f"{root}: holds {what}; the synthetic default writes only into a missing or empty folder, "
+            "so it was left untouched. Point the scene path elsewhere, or drop `synthetic:` to train on "
+            "the scene that is there."
+        )
+    if root.exists() and not root.is_dir():
+        raise OutputExistsError(f"{root}: is a file; the synthetic scene needs a folder there")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
+    try:
+        make_scene(cfg).write(tmp, frame_format=frame_format)
+        (tmp / MARKER).write_text(json.dumps(want, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        tmp.rename(root)  # atomic; replaces a missing or empty folder only
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
 
 
 def generate(
@@ -336,7 +400,9 @@ def generate(
 def main(args: list[str] | None = None) -> None:
     from jsonargparse import auto_cli
 
-    auto_cli(generate, args=args)
+    from fourdgen.entry import run_entry
+
+    run_entry(lambda argv: auto_cli(generate, args=argv), args)
 
 
 if __name__ == "__main__":

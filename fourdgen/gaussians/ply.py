@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,17 +52,10 @@ def save_ply(path: str | os.PathLike, gaussians: Gaussians) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     el = PlyElement.describe(gaussians_to_array(gaussians), "vertex")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            PlyData([el], byte_order="<").write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        PlyData([el], byte_order="<").write(f)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 

@@ -10,6 +10,7 @@ This module wires components and logs; the math lives in ``fourdgen.gaussians``/
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict
 
 import lightning as L
@@ -19,7 +20,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 
 from fourdgen.callbacks.media import log_images, log_video
 from fourdgen.data.batch import GridBatch
-from fourdgen.data.scene_frames import SceneInfo
+from fourdgen.data.protocols import SceneInfo, SceneSource, check_datamodule
 from fourdgen.gaussians.container import Gaussians
 from fourdgen.gaussians.deformation import DeformationField
 from fourdgen.gaussians.densify import BudgetStrategy
@@ -106,6 +107,9 @@ class Gaussian4DFitter(L.LightningModule):
         log_images_every_n_val: int = 1,
         compile: bool = False,
     ):
+        # Own arguments, explicitly (a wrapping module's would be collected otherwise).
+        ignored = ("self", "__class__", "deformation", "regularizers", "densify", "lr")
+        args = {k: v for k, v in locals().items() if k not in ignored}
         super().__init__()
         # Checkpoints hold plain dicts (Lightning loads them with weights_only=True); rebuild from them.
         if isinstance(deformation, dict):
@@ -113,7 +117,7 @@ class Gaussian4DFitter(L.LightningModule):
         self.deformation = (deformation or DeformationField()) if deform else None
         self.densify = BudgetStrategy(**densify) if isinstance(densify, dict) else densify or BudgetStrategy()
         self.lr = LearningRates(**lr) if isinstance(lr, dict) else lr or LearningRates()
-        self.save_hyperparameters(ignore=["deformation", "regularizers", "densify", "lr"])
+        self.save_hyperparameters(args)
         self.hparams.update(
             densify=asdict(self.densify),
             lr=asdict(self.lr),
@@ -127,6 +131,9 @@ class Gaussian4DFitter(L.LightningModule):
         )
         self.register_buffer("bg", torch.tensor(background, dtype=torch.float32))
         self.register_buffer("scene_scale", torch.tensor(1.0))
+        # Steps this scene was trained for, kept in the state dict: validate/test/predict/export on a
+        # loaded checkpoint run with global_step 0 and must still know the coarse/fine stage.
+        self.register_buffer("trained_steps", torch.tensor(0, dtype=torch.long))
         self.strategy_state: dict = {}
         self.info: SceneInfo | None = None
         self._render_infos: list[dict] = []
@@ -136,11 +143,14 @@ class Gaussian4DFitter(L.LightningModule):
     # ------------------------------------------------------------------ set-up and checkpoints
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
-        if dm is None or not hasattr(dm, "scene_info"):
-            raise TypeError(
-                "Gaussian4DFitter needs a DataModule with scene_info() (e.g. SceneFramesDataModule)"
-            )
+        check_datamodule(dm, SceneSource, "Gaussian4DFitter (e.g. with SceneFramesDataModule)")
         self.info = dm.scene_info()
+        if not self.info.cameras_known:
+            warnings.warn(
+                "the scene's cameras are 'unknown' (placeholders, e.g. a 4Real-Video-V2 grid): the fit "
+                "assumes them; estimate cameras first (e.g. the stage-2 reconstructor's) for a real scene",
+                stacklevel=2,
+            )
         if len(self.splats) == 0:
             self._init_splats(self.info)
 
@@ -198,6 +208,7 @@ class Gaussian4DFitter(L.LightningModule):
         # The number of Gaussians changes during training: size the parameters like the checkpoint's
         # before Lightning loads the state dict (the optimizer is built afterwards, so it matches).
         sd = checkpoint["state_dict"]
+        sd.setdefault("trained_steps", torch.tensor(int(checkpoint.get("global_step", 0))))  # older files
         for k in SPLAT_KEYS:
             if f"splats.{k}" in sd:
                 self.splats[k] = nn.Parameter(torch.empty_like(sd[f"splats.{k}"], device=self.device))
@@ -206,7 +217,18 @@ class Gaussian4DFitter(L.LightningModule):
     # ------------------------------------------------------------------------------ rendering
     @property
     def is_fine(self) -> bool:
-        return self.deformation is not None and self.global_step >= self.hparams.coarse_steps
+        """Whether the deformation field is on: from the model's own step count, not the trainer's."""
+        return self.deformation is not None and int(self.trained_steps) >= self.hparams.coarse_steps
+
+    def weights_source(self) -> str | None:
+        """None until the scene has been fitted (a checkpoint brings the fitted Gaussians)."""
+        return f"{int(self.trained_steps)} fitted steps" if int(self.trained_steps) > 0 else None
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.trained_steps.fill_(self.global_step)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.trained_steps.fill_(self.global_step)
 
     def gaussians_at(self, t: float | Tensor, deform: bool | None = None) -> dict[str, Tensor]:
         """Gaussians (gsplat-trainer form: log-scales, logits) at normalised time ``t``."""
@@ -378,7 +400,6 @@ class Gaussian4DFitter(L.LightningModule):
                 batch.times[i, 0],
                 batch.K[i, :1],
                 batch.w2c[i, 0, :1],
-                deform=self.deformation is not None and (self.is_fine or prefix == "test"),
             )
             preds.append(out.rgb[0].permute(2, 0, 1))
         pred, gt = torch.stack(preds).clamp(0, 1), (batch.rgb[:, 0, 0] + 1) / 2

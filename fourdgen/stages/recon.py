@@ -101,12 +101,14 @@ class FeedForwardReconstruction(L.LightningModule):
         log_images_every_n_val: int = 1,
         model_overrides: dict | None = None,
     ):
+        # Own arguments, explicitly (a wrapping module's would be collected otherwise).
+        args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         if training_stage not in DEFAULT_TRAIN_MODULES:
             raise ValueError(f"training_stage={training_stage!r}: expected 'static' or 'dynamic'")
         if num_source_views < 1 or num_target_views < 1:
             raise ValueError("num_source_views and num_target_views must be >= 1")
-        self.save_hyperparameters()
+        self.save_hyperparameters(args)
         self.model = GaussianReconstructor(
             preset,
             temporal=temporal,
@@ -169,6 +171,10 @@ class FeedForwardReconstruction(L.LightningModule):
             )
         shard_reconstructor(self.model, mesh["data_parallel"] if "data_parallel" in names else mesh)
         self._sharded = True
+
+    def weights_source(self) -> str | None:
+        """Where the trained Gaussian head comes from without a checkpoint (None: untrained)."""
+        return f"init_checkpoint {self.hparams.init_checkpoint}" if self.hparams.init_checkpoint else None
 
     def load_init_checkpoint(self, path: str | os.PathLike) -> None:
         if not os.path.exists(path):

@@ -180,6 +180,11 @@ class VideoDiffusion(L.LightningModule):
         self.vae = vae
         self.vae_id = vae_id(vae)
 
+    def weights_source(self) -> str | None:
+        """Where trained weights come from without a checkpoint (None: the adapters are untrained, so
+        ``predict`` refuses to run without ``--ckpt_path``)."""
+        return f"init_lora {self.hparams.init_lora}" if self.hparams.init_lora else None
+
     def input_channels(self, vae) -> int:
         """DiT input channels next to the noisy latents (the conditioning's)."""
         return self.conditioning.channels(vae)

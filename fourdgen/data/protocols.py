@@ -1,0 +1,76 @@
+"""What each stage needs from a DataModule: the one place that says it, checked before training.
+
+Any ``LightningDataModule`` plugs in (``--data.class_path my_pkg.MyDataModule``) when it has the
+methods of its stage's protocol below. Its loaders yield :class:`~fourdgen.data.batch.GridBatch`
+(or a dict with the same names, which ``GridBatch.coerce`` accepts).
+
+- ``VideoDiffusion``, ``GridDiffusion``, ``FeedForwardReconstruction``: :class:`GridBatchSource`,
+  ``train_dataloader()`` (and ``val_/test_/predict_dataloader()`` for those loops).
+- ``Gaussian4DFitter``: :class:`SceneSource`, the above and ``scene_info() -> SceneInfo``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+from fourdgen.errors import ConfigError
+
+
+@dataclass
+class SceneInfo:
+    """Everything the fitter needs up front. ``K [V, 3, 3]``, ``w2c [V, T, 4, 4]``, ``times [T]``
+    in [0, 1], ``points [N, 3]`` / ``colors [N, 3]`` in [0, 1] (None when the scene has no
+    depth/xyz: the fitter then starts from random points in the training frusta)."""
+
+    K: Tensor
+    w2c: Tensor
+    times: Tensor
+    height: int
+    width: int
+    train_views: list[int]
+    holdout_views: list[int]
+    points: Tensor | None
+    colors: Tensor | None
+    fps: float
+    cameras_known: bool = True  # False for grids whose cameras are placeholders (4Real-Video-V2)
+
+
+@runtime_checkable
+class GridBatchSource(Protocol):
+    """A DataModule whose training loader yields :class:`~fourdgen.data.batch.GridBatch`."""
+
+    def train_dataloader(self) -> Iterable: ...
+
+
+@runtime_checkable
+class SceneSource(GridBatchSource, Protocol):
+    """One scene for per-scene fitting: frames as ``GridBatch`` plus :class:`SceneInfo` up front."""
+
+    def scene_info(self) -> SceneInfo: ...
+
+
+def check_datamodule(datamodule: object, protocol: type, stage: str) -> None:
+    """Raise :class:`ConfigError` naming each method of ``protocol`` that ``datamodule`` lacks."""
+    if datamodule is None:
+        raise ConfigError(
+            f"{stage} needs a DataModule ({protocol.__name__}: see fourdgen/data/protocols.py); "
+            "give one with --data"
+        )
+    names = {
+        n
+        for cls in protocol.__mro__
+        if getattr(cls, "_is_protocol", False) and cls is not Protocol
+        for n, v in vars(cls).items()
+        if callable(v) and not n.startswith("_")
+    }
+    missing = [n for n in sorted(names) if not callable(getattr(datamodule, n, None))]
+    if missing:
+        raise ConfigError(
+            f"data ({type(datamodule).__module__}.{type(datamodule).__qualname__}): {stage} needs a "
+            f"DataModule with {', '.join(f'{n}()' for n in missing)} ({protocol.__name__} in "
+            "fourdgen/data/protocols.py)"
+        )
