@@ -218,3 +218,31 @@ def test_fitting_a_grid_with_unknown_cameras_warns(tmp_path):
     dm = SceneFramesDataModule(scene=str(root), holdout_views=[1], init_points=300)
     with pytest.warns(UserWarning, match="cameras are 'unknown'"):
         trainer.fit(_fitter(), dm)
+
+
+def test_cli_validate_and_test_on_a_checkpoint_agree(tmp_path):
+    """Through the CLI as a user runs them: the checkpoint's hyper-parameters parse back, and
+    validate scores the fitted (deformed) scene exactly as test does."""
+    from fourdgen.cli import FourDGenCLI
+
+    common = [
+        "--config=lightning_configs/tiny/fit.yaml",
+        f"--data.init_args.scene={tmp_path / 'scene'}",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks="
+        + json.dumps(
+            [
+                {
+                    "class_path": "fourdgen.callbacks.checkpoint.ModelCheckpoint",
+                    "init_args": {"dirpath": str(tmp_path / "ck"), "save_last": True},
+                }
+            ]
+        ),
+    ]
+    FourDGenCLI(args=["fit", *common, "--trainer.max_steps=4", "--model.init_args.coarse_steps=2"])
+    ckpt = f"--ckpt_path={tmp_path / 'ck' / 'last.ckpt'}"
+    val = FourDGenCLI(args=["validate", *common, ckpt]).trainer.callback_metrics["val/psnr"]
+    test = FourDGenCLI(args=["test", *common, ckpt]).trainer.callback_metrics["test/psnr"]
+    assert float(val) == pytest.approx(float(test), abs=1e-6)

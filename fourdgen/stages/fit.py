@@ -107,9 +107,6 @@ class Gaussian4DFitter(L.LightningModule):
         log_images_every_n_val: int = 1,
         compile: bool = False,
     ):
-        # Own arguments, explicitly (a wrapping module's would be collected otherwise).
-        ignored = ("self", "__class__", "deformation", "regularizers", "densify", "lr")
-        args = {k: v for k, v in locals().items() if k not in ignored}
         super().__init__()
         # Checkpoints hold plain dicts (Lightning loads them with weights_only=True); rebuild from them.
         if isinstance(deformation, dict):
@@ -117,7 +114,9 @@ class Gaussian4DFitter(L.LightningModule):
         self.deformation = (deformation or DeformationField()) if deform else None
         self.densify = BudgetStrategy(**densify) if isinstance(densify, dict) else densify or BudgetStrategy()
         self.lr = LearningRates(**lr) if isinstance(lr, dict) else lr or LearningRates()
-        self.save_hyperparameters(args)
+        # No explicit dict: under LightningCLI this records the config as given (with its class_path),
+        # which `fourdgen validate/test/predict --ckpt_path` parse back.
+        self.save_hyperparameters(ignore=["deformation", "regularizers", "densify", "lr"])
         self.hparams.update(
             densify=asdict(self.densify),
             lr=asdict(self.lr),

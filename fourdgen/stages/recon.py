@@ -101,14 +101,12 @@ class FeedForwardReconstruction(L.LightningModule):
         log_images_every_n_val: int = 1,
         model_overrides: dict | None = None,
     ):
-        # Own arguments, explicitly (a wrapping module's would be collected otherwise).
-        args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         if training_stage not in DEFAULT_TRAIN_MODULES:
             raise ValueError(f"training_stage={training_stage!r}: expected 'static' or 'dynamic'")
         if num_source_views < 1 or num_target_views < 1:
             raise ValueError("num_source_views and num_target_views must be >= 1")
-        self.save_hyperparameters(args)
+        self.save_hyperparameters()
         self.model = GaussianReconstructor(
             preset,
             temporal=temporal,
