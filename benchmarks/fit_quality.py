@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
+from fourdgen.batch import GridBatch
 from fourdgen.cli import FourDGenCLI
-from fourdgen.data.batch import GridBatch
 
 
 def run(args: argparse.Namespace, deform: bool, workdir: str) -> dict:

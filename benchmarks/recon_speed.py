@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from fourdgen.nn.gaussian_recon import GaussianReconstructor
+from fourdgen.models.gaussian_recon import GaussianReconstructor
 
 PAPER_A100 = {(4, 4): (0.65, 13), (8, 8): (2.42, 31), (8, 16): (5.70, 60)}  # seconds, GB
 

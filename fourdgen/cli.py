@@ -183,6 +183,10 @@ class FourDGenCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The DataModule caches latents with the model's VAE and conditioning: one setting for both.
+        # A model or DataModule without these arguments is left alone.
+        parser.link_arguments("model.init_args.vae", "data.init_args.vae", apply_on="parse")
+        parser.link_arguments("model.init_args.conditioning", "data.init_args.conditioning", apply_on="parse")
         parser.add_argument(
             "--overwrite",
             type=bool,

@@ -12,8 +12,8 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset
 
+from fourdgen.batch import GridBatch
 from fourdgen.cli import FourDGenCLI
-from fourdgen.data.batch import GridBatch
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "lightning_configs").rglob("*.yaml"))
@@ -218,3 +218,19 @@ def test_a_datamodule_without_the_stage_protocol_is_named_before_training(tmp_pa
         ConfigError, match=r"NoSceneInfo\): Gaussian4DFitter .* needs a DataModule with scene_info\(\)"
     ):
         FourDGenCLI(args=_fit_args(tmp_path, f"{__name__}.NoSceneInfo"))
+
+
+def test_model_vae_and_conditioning_reach_the_datamodule_once(tmp_path):
+    """The recipe names the VAE and conditioning once (on the model); the CLI links them to the data."""
+    cli = FourDGenCLI(
+        args=[
+            "--config=lightning_configs/tiny/video.yaml",
+            f"--data.init_args.root={tmp_path}",
+            '--model.init_args.vae={"preset": "tiny", "seed": 5}',
+            "--model.init_args.conditioning.init_args.xyz_mask=0.25",
+        ],
+        run=False,
+    )
+    assert cli.datamodule.hparams.vae == {"preset": "tiny", "seed": 5} == cli.model.hparams.vae
+    assert cli.datamodule.conditioning.xyz_mask == 0.25 == cli.model.conditioning.xyz_mask
+    assert cli.datamodule.conditioning is not cli.model.conditioning  # same settings, own objects

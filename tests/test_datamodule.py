@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from fourdgen.data.batch import GridBatch
+from fourdgen.batch import GridBatch
 from fourdgen.data.datamodules import GridDataModule, GridDataset
 from fourdgen.data.synthetic import SyntheticConfig
 

@@ -255,6 +255,7 @@ def test_export_round_trip_and_stock_load(tmp_path):
     torch.testing.assert_close(_run(stock, *inputs)[0], _run(no_links, *inputs)[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # convergence test: in the default suite, deselect with -m 'not slow'
 def test_tiny_one4d_model_learns_a_clip_for_each_task(tmp_path):
     """LoRA-only DLC + UMC trained on one clip (tasks drawn 0.35/0.30/0.35): sampling with a single
     image, sparse frames or the full video as condition lands near the clip's latents; the

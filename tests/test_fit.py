@@ -11,16 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fourdgen.batch import GridBatch
 from fourdgen.callbacks.export import Export4DGS
-from fourdgen.data.batch import GridBatch
 from fourdgen.data.scene_frames import SceneFramesDataModule
 from fourdgen.data.synthetic import SyntheticConfig
 from fourdgen.gaussians.deformation import DeformationField
 from fourdgen.gaussians.densify import BudgetStrategy
+from fourdgen.gaussians.hexplane import PLANES, HexPlane
 from fourdgen.gaussians.optim import LearningRates
 from fourdgen.gaussians.ply import load_ply
 from fourdgen.gaussians.regularizers import NovelViewRegularizer
-from fourdgen.nn.hexplane import PLANES, HexPlane
 from fourdgen.stages.fit import Gaussian4DFitter, compile_dynamic
 
 SCENE = SyntheticConfig(

@@ -87,6 +87,7 @@ def test_classifier_free_guidance_combines_velocities():
         euler_sample(towards(a), noise, num_steps=2, guidance_scale=2.0)
 
 
+@pytest.mark.slow  # convergence test: in the default suite, deselect with -m 'not slow'
 def test_flow_matching_learns_a_distribution():
     """A tiny MLP trained with this loss samples the two-point training distribution; an
     untrained one does not."""

@@ -46,6 +46,7 @@ def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     sharded = sum(type(p).__name__ == "DTensor" for p in model.parameters())
     if rank == 0:
         torch.save({"out": out.detach(), "grads": grads, "sharded": sharded}, out_file)
+    dist.barrier()  # both ranks done before gloo tears down (an early exit aborted the peer)
     dist.destroy_process_group()
 
 
@@ -109,6 +110,7 @@ def _grid_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
     if rank == 0:
         torch.save({"out": out.detach(), "grads": grads}, out_file)
+    dist.barrier()  # both ranks done before gloo tears down (an early exit aborted the peer)
     dist.destroy_process_group()
 
 
@@ -133,7 +135,7 @@ def test_sharded_full4d_grid_dit_matches_unsharded(tmp_path):
 def _recon_model():
     """The tiny 4Real reconstructor with live temporal blocks and Gaussian head; the Gaussian head
     and temporal blocks train (the dynamic stage), the rest is frozen."""
-    from fourdgen.nn.gaussian_recon import GaussianReconstructor
+    from fourdgen.models.gaussian_recon import GaussianReconstructor
 
     torch.manual_seed(0)
     model = GaussianReconstructor("tiny")
@@ -159,7 +161,7 @@ def _recon_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     from torch.distributed.device_mesh import init_device_mesh
 
-    from fourdgen.nn.gaussian_recon import shard_reconstructor
+    from fourdgen.models.gaussian_recon import shard_reconstructor
 
     torch.set_num_threads(1)
     model = shard_reconstructor(_recon_model(), init_device_mesh("cpu", (world,)))
@@ -169,6 +171,7 @@ def _recon_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     sharded = sum(type(p).__name__ == "DTensor" for p in model.parameters())
     if rank == 0:
         torch.save({"loss": loss.detach(), "w2c": w2c, "grads": grads, "sharded": sharded}, out_file)
+    dist.barrier()  # both ranks done before gloo tears down (an early exit aborted the peer)
     dist.destroy_process_group()
 
 

@@ -11,7 +11,7 @@ import torch
 
 from fourdgen.backbones.text import HashTextEncoder
 from fourdgen.backbones.wan import build_transformer
-from fourdgen.data.batch import GridBatch
+from fourdgen.batch import GridBatch
 from fourdgen.data.multiview import MultiViewDataModule
 from fourdgen.data.synthetic import SyntheticConfig
 from fourdgen.nn.grid_coupling import ProjectionGrid, ReferenceGrid, latent_frames_observed

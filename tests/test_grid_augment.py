@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from fourdgen.backbones.text import HashTextEncoder
+from fourdgen.batch import GridBatch
 from fourdgen.data.augmented_grids import AugmentedGridDataModule
-from fourdgen.data.batch import GridBatch
 from fourdgen.data.datamodules import GridDataset
 from fourdgen.data.grid_augment import (
     HomographyGridDataset,

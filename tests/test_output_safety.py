@@ -161,7 +161,9 @@ def test_validate_and_test_score_a_checkpoint_alike(tmp_path):
     scores = {}
     for fn in ("validate", "test"):
         fresh = _fitter()
-        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+        trainer = L.Trainer(
+            accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path
+        )
         out = getattr(trainer, fn)(fresh, _dm(tmp_path), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
         assert fresh.is_fine and trainer.global_step == 0
         scores[fn] = out[0][f"{'val' if fn == 'validate' else 'test'}/psnr"]
@@ -214,7 +216,9 @@ def test_fitting_a_grid_with_unknown_cameras_warns(tmp_path):
     (root / "scene.json").write_text(
         json.dumps({**meta, "cameras": "unknown"})
     )  # as GridVideoWriter flags 4RV2
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer = L.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+    )
     dm = SceneFramesDataModule(scene=str(root), holdout_views=[1], init_points=300)
     with pytest.warns(UserWarning, match="cameras are 'unknown'"):
         trainer.fit(_fitter(), dm)

@@ -59,6 +59,26 @@ def test_matches_official(official):
     torch.testing.assert_close(conf, ref_conf, atol=1e-5, rtol=1e-5)
 
 
+def test_matches_recorded_official_outputs(vggt_goldens):
+    """Like ``test_matches_official`` on every run, without the official source: the seed-derived
+    weights of ``tools/make_vggt_goldens.py`` give the official head's recorded outputs."""
+    tool, golden, meta = vggt_goldens
+    assert tool.TRACK_HEAD == TINY
+    ours = TrackHead(**TINY).eval()
+    shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert tool.layout_digest(shapes) == meta["track.layout_sha256"]  # the official key names and shapes
+    weights = tool.seeded_weights(shapes, gain=tool.TRACK_GAIN, scales=tool.TRACK_SCALES)
+    ours.load_state_dict(weights, strict=True)
+    t = tool.TRACK_INPUT
+    with torch.no_grad():
+        tracks, vis, conf = ours(
+            list(golden["track.tokens"]), (t["H"], t["W"]), t["patch_start_idx"], golden["track.query"]
+        )
+    torch.testing.assert_close(torch.stack(tracks), golden["track.tracks"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vis, golden["track.vis"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(conf, golden["track.conf"], atol=1e-5, rtol=1e-5)
+
+
 def test_full_size_keys_match_official(official):
     with torch.device("meta"):
         ref = {k: v.shape for k, v in official(dim_in=2048, patch_size=14).state_dict().items()}

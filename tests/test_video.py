@@ -204,6 +204,7 @@ def _relative_error(model, b) -> float:
     return float(((s - x0) ** 2).mean() / (x0**2).mean())
 
 
+@pytest.mark.slow  # convergence test: in the default suite, deselect with -m 'not slow'
 def test_tiny_model_learns_a_clip(tmp_path):
     """Trained on one clip, sampling from fresh noise reproduces its latents; untrained it does not."""
     torch.manual_seed(0)

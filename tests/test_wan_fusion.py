@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from fourdgen.backbones.wan import build_transformer
-from fourdgen.nn.wan_fusion import GridRotaryPosEmbed, fuse_width, install_width_fusion, split_width
+from fourdgen.nn.rope import GridRotaryPosEmbed
+from fourdgen.nn.wan_fusion import fuse_width, install_width_fusion, split_width
 
 
 def _run(model, x, seed=0):

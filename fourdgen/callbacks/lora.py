@@ -17,8 +17,6 @@ import lightning as L
 
 from fourdgen.callbacks.guard import GuardedOutput
 from fourdgen.io import write_manifest
-from fourdgen.nn.decoupled_lora import save_dlc
-from fourdgen.nn.lora import save_lora
 
 
 class LoraExport(GuardedOutput, L.Callback):
@@ -34,18 +32,14 @@ class LoraExport(GuardedOutput, L.Callback):
             self._enabled = self.may_write(trainer, self.out_dir, planned)
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
-        model = pl_module.transformer
-        if model is None or not self._enabled:
+        if pl_module.transformer is None or not self._enabled:
             return
         if trainer.is_global_zero:
             self.may_write(trainer, self.out_dir, trainer.global_step)
-        # Every rank gathers (FSDP shards), rank 0 writes.
-        if getattr(model, "dlc_installed", False):
-            save_dlc(model, self.out_dir / name, write=trainer.is_global_zero)
-        elif getattr(model, "peft_config", None):
-            save_lora(model, self.out_dir / name, write=trainer.is_global_zero)
-        else:
-            return  # full fine-tuning: the Lightning checkpoint holds the weights
+        # The stage's adapter knows its format. Every rank gathers (FSDP shards), rank 0 writes;
+        # full fine-tuning exports nothing (the Lightning checkpoint holds the weights).
+        if not pl_module.export_adapter(self.out_dir / name, write=trainer.is_global_zero):
+            return
         if trainer.is_global_zero:
             write_manifest(self.out_dir, self.writer_name, step=trainer.global_step, latest=name)
         trainer.strategy.barrier()

@@ -18,7 +18,7 @@ from fourdgen.gaussians.ply import save_ply_sequence
 from fourdgen.gaussians.rasterize import rasterize
 from fourdgen.geometry.interpolation import interpolate_path
 from fourdgen.io import write_json
-from fourdgen.nn.gaussian_recon import ReconPrediction
+from fourdgen.models.gaussian_recon import ReconPrediction
 
 # The first camera's frame is OpenCV (y down): its up direction is -y.
 _UP = torch.tensor([0.0, -1.0, 0.0])

@@ -1,4 +1,4 @@
-"""DataModules that serve :class:`~fourdgen.data.batch.GridBatch` from scene folders.
+"""DataModules that serve :class:`~fourdgen.batch.GridBatch` from scene folders.
 
 ``BaseDataModule`` is the intermediate base class recipes name (an intermediate class also
 side-steps Lightning#20024 in LightningCLI's subclass mode); any ``LightningDataModule`` a
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from fourdgen.data.batch import GridBatch
+from fourdgen.batch import GridBatch
 from fourdgen.data.scene import Scene, find_scenes, read_scene
 from fourdgen.data.synthetic import SyntheticConfig, ensure_scene
 from fourdgen.geometry.cameras import crop_intrinsics, scale_intrinsics

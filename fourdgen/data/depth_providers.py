@@ -1,7 +1,7 @@
 """Where Full-4D's projection conditioning gets the source video's depth: a recipe picks one.
 
 - :class:`BatchDepth`: the scene's depth files (``GridBatch.depth``), the default for training on
-  scenes with ground truth.
+  scenes with ground truth (defined beside the coupling that uses it, re-exported here).
 - :class:`PredictedDepth`: depth recovered by stage 1a (``depth.npz`` written next to each clip by
   :class:`~fourdgen.callbacks.pointmaps.PointmapVideoWriter`), for inputs without depth. Its units
   are the clip's pointmap units: the target cameras must use the same scale.
@@ -16,26 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fourdgen.data.batch import GridBatch
+from fourdgen.batch import GridBatch
+from fourdgen.nn.grid_coupling import BatchDepth, DepthProvider
 
-
-class DepthProvider:
-    """``__call__(b, view) -> depth [B, T, H, W]`` (camera z, 0 = unknown) of one view of the batch."""
-
-    def __call__(self, b: GridBatch, view: int) -> Tensor:
-        raise NotImplementedError
-
-
-class BatchDepth(DepthProvider):
-    """Ground-truth depth from the scene files (``GridBatch.depth``)."""
-
-    def __call__(self, b: GridBatch, view: int) -> Tensor:
-        if b.depth is None:
-            raise ValueError(
-                "GridBatch.depth is missing: the projection conditioning needs the source view's depth "
-                "(scenes with depth files, load_depth: true), or use PredictedDepth"
-            )
-        return b.depth[:, view, :, 0].float()
+__all__ = ["BatchDepth", "DepthProvider", "PredictedDepth"]
 
 
 class PredictedDepth(DepthProvider):

@@ -1,7 +1,7 @@
 """4Real-Video-V2's training-data augmentations for synchronized multi-view grids (section 3.1).
 
 The paper trains on three sources; each has a dataset here that yields one-sample
-:class:`~fourdgen.data.batch.GridBatch` grids like :class:`~fourdgen.data.datamodules.GridDataset`:
+:class:`~fourdgen.batch.GridBatch` grids like :class:`~fourdgen.data.datamodules.GridDataset`:
 
 1. Synthetic multi-view videos: plain :class:`GridDataset` grids of multi-view scenes.
 2. "2D transformed videos" (:class:`HomographyGridDataset`): a monocular clip becomes V
@@ -31,7 +31,7 @@ from einops import rearrange, repeat
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from fourdgen.data.batch import GridBatch
+from fourdgen.batch import GridBatch
 from fourdgen.data.datamodules import CONDITIONS, GridDataset
 from fourdgen.data.synthetic import SyntheticConfig, ensure_scene
 

@@ -20,7 +20,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from fourdgen.backbones.image import CLIPImageEncoder, HashImageEncoder
 from fourdgen.backbones.text import HashTextEncoder, UMT5TextEncoder
-from fourdgen.data.batch import GridBatch
+from fourdgen.batch import GridBatch
 from fourdgen.data.datamodules import BaseDataModule, _resize, resize_crop_plan
 from fourdgen.data.embeddings import ConditionEmbedder
 from fourdgen.geometry.cameras import intrinsics_from_fov

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from fourdgen.backbones.image import CLIPImageEncoder, HashImageEncoder
 from fourdgen.backbones.text import HashTextEncoder, UMT5TextEncoder
-from fourdgen.data.batch import GridBatch
+from fourdgen.batch import GridBatch
 from fourdgen.data.datamodules import GridDataModule
 from fourdgen.data.embeddings import ConditionEmbedder
 from fourdgen.data.grid_augment import HomographyGridDataset, MixedGridDataset, StaticGridDataset

@@ -22,25 +22,13 @@ from torch.utils.data import Dataset, get_worker_info
 from fourdgen.backbones.image import CLIPImageEncoder, HashImageEncoder
 from fourdgen.backbones.text import HashTextEncoder, UMT5TextEncoder
 from fourdgen.backbones.wan import build_vae
-from fourdgen.data.batch import GridBatch
+from fourdgen.batch import GridBatch
 from fourdgen.data.datamodules import GridDataModule, GridDataset
 from fourdgen.data.embeddings import ConditionEmbedder
 from fourdgen.diffusion.conditioning import Conditioning
 from fourdgen.diffusion.latents import encode_pointmaps, encode_video, prepare_pointmaps, vae_id
-from fourdgen.geometry.pointmaps import LATENT_SCALE, LATENT_SHIFT, latent_stats
-from fourdgen.geometry.projection import depth_to_points
+from fourdgen.geometry.pointmaps import LATENT_SCALE, LATENT_SHIFT, latent_stats, world_pointmaps
 from fourdgen.io import atomic_path
-
-
-def world_pointmaps(b: GridBatch) -> torch.Tensor:
-    """``[B, V, T, H, W, 3]`` world points from ``xyz`` or, failing that, ``depth`` + cameras."""
-    if b.xyz is not None:
-        return b.xyz.permute(0, 1, 2, 4, 5, 3)
-    if b.depth is None:
-        raise ValueError("pointmap clips need 'xyz' or 'depth' in the scene (GridBatch.xyz / .depth)")
-    B, V, T, H, W = b.shape
-    K = b.K[:, :, None].expand(B, V, T, 3, 3)
-    return depth_to_points(b.depth[:, :, :, 0], K, b.w2c)
 
 
 class _PointmapClips(Dataset):

@@ -1,7 +1,7 @@
 """What each stage needs from a DataModule: the one place that says it, checked before training.
 
 Any ``LightningDataModule`` plugs in (``--data.class_path my_pkg.MyDataModule``) when it has the
-methods of its stage's protocol below. Its loaders yield :class:`~fourdgen.data.batch.GridBatch`
+methods of its stage's protocol below. Its loaders yield :class:`~fourdgen.batch.GridBatch`
 (or a dict with the same names, which ``GridBatch.coerce`` accepts).
 
 - ``VideoDiffusion``, ``GridDiffusion``, ``FeedForwardReconstruction``: :class:`GridBatchSource`,
@@ -41,7 +41,7 @@ class SceneInfo:
 
 @runtime_checkable
 class GridBatchSource(Protocol):
-    """A DataModule whose training loader yields :class:`~fourdgen.data.batch.GridBatch`."""
+    """A DataModule whose training loader yields :class:`~fourdgen.batch.GridBatch`."""
 
     def train_dataloader(self) -> Iterable: ...
 

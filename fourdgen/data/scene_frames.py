@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from fourdgen.data.batch import GridBatch
+from fourdgen.batch import GridBatch
 from fourdgen.data.datamodules import BaseDataModule, _resize, adjust_intrinsics, resize_crop_plan
 from fourdgen.data.protocols import SceneInfo
 from fourdgen.data.scene import Scene, read_scene

@@ -12,11 +12,12 @@ import torch
 from diffusers import AutoencoderKLWan
 from torch import Tensor
 
+from fourdgen.components import Recorded
 from fourdgen.diffusion.latents import encode_video, scale_factors
 from fourdgen.geometry.pointmaps import xyz_condition_grid
 
 
-class Conditioning:
+class Conditioning(Recorded):
     """Base class of the conditioning components: extra DiT input channels built from the clip's
     observed frames. ``cache_key`` (None: not cacheable) names what a latent cache may store."""
 
@@ -55,10 +56,6 @@ class GuidedFirstFrame(Conditioning):
         if xyz_guess not in ("grid", "zeros"):
             raise ValueError(f"GuidedFirstFrame: xyz_guess must be 'grid' or 'zeros', got {xyz_guess!r}")
         self.rgb_mask, self.xyz_mask, self.xyz_guess = rgb_mask, xyz_mask, xyz_guess
-
-    @property
-    def config(self) -> dict:
-        return {"rgb_mask": self.rgb_mask, "xyz_mask": self.xyz_mask, "xyz_guess": self.xyz_guess}
 
     @property
     def cache_key(self) -> str:
@@ -132,10 +129,6 @@ class MaskedFrames(Conditioning):
             )
         self.ratios = tuple(float(r) for r in ratios)
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
-
-    @property
-    def config(self) -> dict:
-        return {"ratios": list(self.ratios)}
 
     def channels(self, vae: AutoencoderKLWan) -> int:
         return scale_factors(vae)[0] + vae.config.z_dim

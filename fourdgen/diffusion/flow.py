@@ -128,3 +128,37 @@ def euler_sample(
         if callback is not None:
             x = callback(i, x)
     return x
+
+
+def euler_sample_known(
+    velocity: VelocityFn,
+    noise: Tensor,
+    x0: Tensor,
+    known: Tensor | None,
+    num_steps: int = 50,
+    shift: float = 1.0,
+    guidance_scale: float = 1.0,
+    uncond_velocity: VelocityFn | None = None,
+) -> Tensor:
+    """:func:`euler_sample` with known cells: where ``known`` (broadcastable bool) is set, the sample
+    is replaced by ``x0`` noised to each step's level (the model sees them as in training), and by
+    ``x0`` itself at the end. ``known=None`` is plain sampling."""
+    sched = make_scheduler(shift)
+    sched.set_timesteps(num_steps, device=noise.device)
+
+    def reimpose(i: int, x: Tensor) -> Tensor:
+        if known is None:
+            return x
+        s = sched.sigmas[i + 1].expand(x.shape[0]).to(x)
+        return torch.where(known, add_noise(x0, noise, s), x)
+
+    x = euler_sample(
+        velocity,
+        reimpose(-1, noise),
+        num_steps=num_steps,
+        guidance_scale=guidance_scale,
+        uncond_velocity=uncond_velocity,
+        scheduler=sched,
+        callback=reimpose,
+    )
+    return x if known is None else torch.where(known, x0, x)

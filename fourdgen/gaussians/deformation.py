@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fourdgen.nn.hexplane import HexPlane
+from fourdgen.gaussians.hexplane import HexPlane
 
 
 @dataclass

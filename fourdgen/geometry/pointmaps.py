@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fourdgen.geometry.projection import depth_to_points
+
 LATENT_SHIFT, LATENT_SCALE = 0.13, 1.70  # 4DNeX's pointmap-latent renormalisation
 
 
@@ -105,3 +107,15 @@ def latent_stats(latents: Tensor) -> tuple[float, float]:
     other than 4DNeX-10M: ``shift = -mean``, ``scale = std``."""
     z = latents.float()
     return -z.mean().item(), z.std().item()
+
+
+def world_pointmaps(b) -> torch.Tensor:
+    """``[B, V, T, H, W, 3]`` world points of a :class:`~fourdgen.batch.GridBatch`, from ``xyz`` or,
+    failing that, ``depth`` + cameras."""
+    if b.xyz is not None:
+        return b.xyz.permute(0, 1, 2, 4, 5, 3)
+    if b.depth is None:
+        raise ValueError("pointmap clips need 'xyz' or 'depth' in the scene (GridBatch.xyz / .depth)")
+    B, V, T, H, W = b.shape
+    K = b.K[:, :, None].expand(B, V, T, 3, 3)
+    return depth_to_points(b.depth[:, :, :, 0], K, b.w2c)

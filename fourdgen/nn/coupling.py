@@ -1,14 +1,27 @@
-"""How the RGB and XYZ latents share one Wan DiT in the video diffusion stage.
+"""How the latents a stage denoises meet one Wan DiT: the coupling protocols.
 
-A recipe picks a coupling by ``class_path``; :class:`~fourdgen.stages.video.VideoDiffusion` only
-calls these methods, so new couplings (multi-view grids, ...) plug in without a new module.
-Implementations: :class:`fourdgen.nn.wan_fusion.WidthFusion` (4DNeX) and
-:class:`fourdgen.nn.decoupled_lora.DecoupledLoRAControl` (One4D).
+A recipe picks a coupling by ``class_path``. Two protocols share :class:`DiTCoupling` (what it
+installs in the DiT, which new layers train, which adapter it needs):
+
+- :class:`LatentCoupling` (pointmap videos, :class:`~fourdgen.stages.video.VideoDiffusion`): RGB
+  and XYZ latents are fused into one tensor; conditioning arrives as channels.
+  ``WidthFusion`` (4DNeX, :mod:`fourdgen.nn.wan_fusion`), ``DecoupledLoRAControl`` (One4D,
+  :mod:`fourdgen.nn.decoupled_lora`).
+- :class:`fourdgen.nn.grid_coupling.GridCoupling` (multi-view grids,
+  :class:`~fourdgen.stages.grid.GridDiffusion`): a grid is one token sequence whose conditions
+  arrive in ``GridInputs``. ``ReferenceGrid`` (4Real-Video-V2), ``ProjectionGrid`` (Full-4D).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor, nn
+
+from fourdgen.components import Recorded
+
+if TYPE_CHECKING:
+    from fourdgen.nn.adapters import Adapter
 
 
 def call_dit(transformer: nn.Module, hidden: Tensor, timestep: Tensor, text: Tensor, image) -> Tensor:
@@ -24,20 +37,29 @@ def call_dit(transformer: nn.Module, hidden: Tensor, timestep: Tensor, text: Ten
     return out.float()
 
 
-class Coupling:
-    """Base class of the couplings.
+class DiTCoupling(Recorded):
+    """Base of every coupling.
 
     Attributes:
-        trainable: substrings of the names of new parameters that train (next to any LoRA).
-        owns_lora: True when the coupling installs its own adapters (the stage then adds none).
+        trainable: substrings of the names of new parameters that train (next to any adapter).
+        adapter: the coupling's own kind of adapter (One4D's decoupled LoRA), or None: the stage's
+            ``lora_*`` / ``train_modules`` arguments choose one.
     """
 
     trainable: tuple[str, ...] = ()
-    owns_lora: bool = False
+    adapter: Adapter | None = None
 
     def install(self, transformer: nn.Module) -> nn.Module:
-        """Modify the DiT in place (new layers, hooks) and return it."""
-        raise NotImplementedError
+        """Modify the DiT in place (new layers, processors) before the adapter; return it."""
+        return transformer
+
+    def channels(self, vae) -> int:
+        """DiT input channels this coupling adds (none by default)."""
+        return 0
+
+
+class LatentCoupling(DiTCoupling):
+    """RGB and XYZ latents ``[B, C, F, h, w]`` fused into one tensor the sampler denoises."""
 
     def fuse(self, rgb: Tensor, xyz: Tensor) -> Tensor:
         """RGB and XYZ latents ``[B, C, F, h, w]`` -> the tensor the sampler denoises."""

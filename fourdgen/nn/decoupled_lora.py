@@ -8,10 +8,11 @@ blocks add each branch's features into the other.
 
 Why not peft: peft's adapter switching is global state (``set_adapter``), so a recomputation under
 gradient checkpointing would run whichever adapter is active at backward, and its mixed-batch
-``adapter_names`` refuses training (PITFALLS.md). Here the branch of every token is fixed by its
-batch position, which :func:`stack_branches` sets explicitly, so a recomputed block routes exactly
-like the first pass. Hooks keep the stock parameter names (``blocks.0.attn1.to_q.weight``), so
-pretrained weights load unchanged; the new tensors live in ``<linear>.dlc.*`` and ``dlc_links.*``.
+``adapter_names`` raises in training mode (peft allows mixed-adapter batches at inference only).
+Here the branch of every token is fixed by its batch position, which :func:`stack_branches` sets
+explicitly, so a recomputed block routes exactly like the first pass. Hooks keep the stock parameter
+names (``blocks.0.attn1.to_q.weight``), so pretrained weights load unchanged; the new tensors live in
+``<linear>.dlc.*`` and ``dlc_links.*``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from fourdgen.nn.coupling import Coupling, call_dit
+from fourdgen.nn.adapters import Adapter, trainables_to_float32
+from fourdgen.nn.coupling import LatentCoupling, call_dit
 
 BRANCHES = ("rgb", "xyz")
 
@@ -107,11 +109,12 @@ def install_dlc(
     rank: int = 64,
     alpha: float = 64,
     targets: str | list[str] = "blocks",
-    link_layers: tuple[int, ...] = (0, 10, 20, 30, 39),
+    link_layers: tuple[int, ...] | None = None,
 ) -> nn.Module:
     """Add two-branch LoRA to ``targets`` (module names, or a :func:`dit_linears` scope) and control
-    links after the blocks in ``link_layers``; freeze everything else. Returns the transformer,
-    which must then be called with :func:`stack_branches` inputs (batch = [RGB; XYZ])."""
+    links after the blocks in ``link_layers`` (default: :func:`default_link_layers`, five); freeze
+    everything else. Returns the transformer, which must then be called with :func:`stack_branches`
+    inputs (batch = [RGB; XYZ])."""
     if getattr(transformer, "dlc_installed", False):
         raise ValueError("install_dlc: the transformer already has DLC adapters")
     transformer.requires_grad_(False)
@@ -123,6 +126,8 @@ def install_dlc(
         linear.register_forward_hook(_lora_hook)
     n_blocks = len(transformer.blocks)
     dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    if link_layers is None:
+        link_layers = default_link_layers(n_blocks)
     for i in link_layers:
         if not -n_blocks <= i < n_blocks:
             raise ValueError(f"install_dlc: link layer {i} outside the DiT's {n_blocks} blocks")
@@ -169,7 +174,7 @@ def branch_state(transformer: nn.Module, branch: str) -> dict[str, Tensor]:
     return out
 
 
-class DecoupledLoRAControl(Coupling):
+class DecoupledLoRAControl(LatentCoupling):
     """One4D's coupling of RGB and XYZ for :class:`~fourdgen.stages.video.VideoDiffusion`.
 
     Latents are fused along channels (``[B, 2C, F, h, w]``: RGB then XYZ) so both share one noise
@@ -185,7 +190,6 @@ class DecoupledLoRAControl(Coupling):
             or ``"all"``.
     """
 
-    owns_lora = True  # VideoDiffusion adds no peft LoRA next to these adapters
     trainable = (".dlc.", "dlc_link.")
 
     def __init__(
@@ -196,18 +200,7 @@ class DecoupledLoRAControl(Coupling):
         link_layers: list[int] | None = None,
         targets: str | list[str] = "blocks",
     ):
-        self.rank, self.alpha = rank, float(alpha if alpha is not None else rank)
-        self.num_links, self.link_layers, self.targets = num_links, link_layers, targets
-
-    @property
-    def config(self) -> dict:
-        return {"rank": self.rank, "alpha": self.alpha, "link_layers": self.link_layers}
-
-    def install(self, transformer: nn.Module) -> nn.Module:
-        layers = self.link_layers
-        if layers is None:
-            layers = default_link_layers(len(transformer.blocks), self.num_links)
-        return install_dlc(transformer, self.rank, self.alpha, self.targets, tuple(layers))
+        self.adapter = DecoupledLoRA(rank, alpha, num_links, link_layers, targets)
 
     def fuse(self, rgb: Tensor, xyz: Tensor) -> Tensor:
         """``[B, C, F, h, w]`` twice -> ``[B, 2C, F, h, w]``."""
@@ -294,3 +287,33 @@ def load_dlc(transformer: nn.Module, lora_dir: str | os.PathLike) -> nn.Module:
             raise KeyError(f"{d / EXTRA_FILE}: {k} has no control link in the model (same link_layers?)")
         params[k].copy_(v)
     return transformer
+
+
+class DecoupledLoRA(Adapter):
+    """The adapter of :class:`DecoupledLoRAControl`: :func:`install_dlc` (with ``init``:
+    :func:`load_dlc` of an export), exported by :func:`save_dlc`. Link layers: ``link_layers``, or
+    ``num_links`` blocks spread evenly."""
+
+    def __init__(
+        self,
+        rank: int = 64,
+        alpha: float | None = None,
+        num_links: int = 5,
+        link_layers: list[int] | None = None,
+        targets: str | list[str] = "blocks",
+    ):
+        self.rank, self.alpha = rank, float(alpha if alpha is not None else rank)
+        self.num_links, self.link_layers, self.targets = num_links, link_layers, targets
+
+    def setup(self, transformer, keep_trainable=(), init=None):
+        layers = self.link_layers
+        if layers is None:
+            layers = default_link_layers(len(transformer.blocks), self.num_links)
+        install_dlc(transformer, self.rank, self.alpha, self.targets, tuple(layers))
+        if init:
+            load_dlc(transformer, init)
+        trainables_to_float32(transformer)
+
+    def export(self, transformer, out_dir, write=True):
+        save_dlc(transformer, Path(out_dir), write=write)
+        return True

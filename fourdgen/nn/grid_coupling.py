@@ -18,17 +18,36 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fourdgen.data.batch import GridBatch
-from fourdgen.data.depth_providers import BatchDepth, DepthProvider
+from fourdgen.batch import GridBatch
+from fourdgen.components import Recorded
 from fourdgen.geometry.pointcloud import render_pointmap_to_view
 from fourdgen.geometry.projection import depth_to_points
-from fourdgen.nn.coupling import Coupling, call_dit
+from fourdgen.nn.coupling import DiTCoupling, call_dit
 from fourdgen.nn.fused_attention import GridAttentionState
 from fourdgen.nn.grid_layout import GridLayout, grid_to_sequence, sequence_to_grid
 from fourdgen.nn.multiview import install_grid, relative_cameras
 from fourdgen.nn.view_time_mask import ViewTimeMask
 
 Encoder = Callable[[Tensor], Tensor]  # pixel grid [B, V, T, 3, H, W] -> latents [B, V, C, F, h, w]
+
+
+class DepthProvider(Recorded):
+    """``__call__(b, view) -> depth [B, T, H, W]`` (camera z, 0 = unknown) of one view of the batch."""
+
+    def __call__(self, b: GridBatch, view: int) -> Tensor:
+        raise NotImplementedError
+
+
+class BatchDepth(DepthProvider):
+    """Ground-truth depth from the scene files (``GridBatch.depth``)."""
+
+    def __call__(self, b: GridBatch, view: int) -> Tensor:
+        if b.depth is None:
+            raise ValueError(
+                "GridBatch.depth is missing: the projection conditioning needs the source view's depth "
+                "(scenes with depth files, load_depth: true), or use PredictedDepth"
+            )
+        return b.depth[:, view, :, 0].float()
 
 
 @dataclass
@@ -68,7 +87,7 @@ def _cells(m: Tensor) -> Tensor:
     return m.flatten(1)[:, None, :, None, None]
 
 
-class GridCoupling(Coupling):
+class GridCoupling(DiTCoupling):
     """Base of the grid couplings.
 
     Args:
@@ -76,8 +95,6 @@ class GridCoupling(Coupling):
         t_max: RoPE frame stride between views (Wan: 21 latent frames = 81 frames).
         backend: ``auto`` / ``flex`` / ``dense`` (see :func:`~fourdgen.nn.fused_attention.grid_attention`).
     """
-
-    owns_lora = False
 
     def __init__(self, mask: list[str] | None = None, t_max: int = 21, backend: str = "auto"):
         self.mask = ViewTimeMask(mask or ["same_view", "same_time"])
@@ -114,10 +131,11 @@ class GridCoupling(Coupling):
         s.layout, s.camera, s.reference = layout, camera, reference
         return call_dit(transformer, hidden, timestep, text, image)
 
-    def fuse(self, rgb: Tensor, xyz: Tensor) -> Tensor:
-        raise TypeError(f"{type(self).__name__} generates RGB grids: use fourdgen.stages.grid.GridDiffusion")
-
-    split = fuse
+    def predict(
+        self, transformer, x: Tensor, inp: GridInputs, timestep: Tensor, text: Tensor, image
+    ) -> Tensor:
+        """Velocity ``[B, C, V F, h, w]`` for the noisy grid latents ``x`` of problem ``inp``."""
+        raise NotImplementedError
 
 
 class ReferenceGrid(GridCoupling):

@@ -78,10 +78,6 @@ class GridLayout:
         n = torch.arange(self.num_frames, device=device)
         return n // self.frames, n % self.frames
 
-    def token_frame(self, device=None) -> Tensor:
-        """Sequence frame ``v * F + f`` of every token ``[N]``."""
-        return torch.arange(self.num_tokens, device=device) // self.frame_tokens
-
     def position_ids(self, device=None) -> Tensor:
         """``[N, 3]`` RoPE ids (frame ``v * t_max + f``, row, column) in token order."""
         v, f = self.frame_view_time(device)

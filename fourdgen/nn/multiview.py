@@ -20,7 +20,7 @@ from fourdgen.nn.fused_attention import (
     GridAttentionState,
     zero_linear,
 )
-from fourdgen.nn.wan_fusion import GridRotaryPosEmbed
+from fourdgen.nn.rope import GridRotaryPosEmbed
 
 CAMERA_DIM = 12  # a flattened relative [R|t]
 

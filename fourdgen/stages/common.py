@@ -33,3 +33,29 @@ def check_finite_grads(module: torch.nn.Module, step: int) -> None:
         "before the optimizer step so the weights stay finite. Resume from the last checkpoint "
         "(--ckpt_path last) with a lower learning rate, or check the input data."
     )
+
+
+def adamw_with_warmup(params, lr: float, weight_decay: float, warmup_steps: int) -> dict:
+    """AdamW with a linear learning-rate warm-up over ``warmup_steps`` (stepped every step), in the
+    form ``configure_optimizers`` returns."""
+    params = list(params)
+    if not params:
+        raise ValueError("nothing to train: every parameter is frozen (check the adapter / train_modules)")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warm = max(warmup_steps, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def fsdp_mesh(mesh, who: str):
+    """The data-parallel mesh that FSDP2 shards over, from Lightning's ``ModelParallelStrategy`` mesh
+    (None without one). fourdgen shards with FSDP2 only: a tensor-parallel size above 1 is refused."""
+    if mesh is None:
+        return None
+    names = mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            f"{who} shards with FSDP2 only: set the ModelParallelStrategy's tensor_parallel_size to 1 "
+            f"(got {mesh['tensor_parallel'].size()})"
+        )
+    return mesh["data_parallel"] if "data_parallel" in names else mesh

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from fourdgen.batch import GridBatch
 from fourdgen.callbacks.media import log_images, log_video
-from fourdgen.data.batch import GridBatch
 from fourdgen.data.protocols import SceneInfo, SceneSource, check_datamodule
 from fourdgen.gaussians.container import Gaussians
 from fourdgen.gaussians.deformation import DeformationField

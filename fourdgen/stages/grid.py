@@ -4,8 +4,8 @@ A grid of V views x T frames (rows: fixed viewpoints; columns: instants) is deno
 sequence (:mod:`fourdgen.nn.grid_layout`) with fused view-time attention. The ``coupling``
 component decides how conditions enter (:class:`~fourdgen.nn.grid_coupling.ReferenceGrid`:
 reference row/column as patch embeddings; :class:`~fourdgen.nn.grid_coupling.ProjectionGrid`:
-point-cloud projections along frames + camera encoders). Model set-up, LoRA/full fine-tuning,
-FSDP2 and checkpoints are :class:`~fourdgen.stages.video.VideoDiffusion`'s.
+point-cloud projections along frames + camera encoders). Model set-up, adapters, FSDP2,
+checkpoints and the optimizer are :class:`~fourdgen.stages.dit.DiTFinetune`'s.
 
 Validation samples each grid and scores PSNR / SSIM / LPIPS on the generated (not given) cells
 against the held-out ground truth; prediction returns grids for
@@ -18,29 +18,23 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from fourdgen.batch import GridBatch
 from fourdgen.callbacks.grid import grid_mosaic
 from fourdgen.callbacks.media import log_video
-from fourdgen.data.batch import GridBatch
-from fourdgen.diffusion.flow import (
-    add_noise,
-    euler_sample,
-    flow_loss,
-    make_scheduler,
-    sample_sigmas,
-    velocity_target,
-)
+from fourdgen.diffusion.flow import add_noise, euler_sample_known, flow_loss, sample_sigmas, velocity_target
 from fourdgen.diffusion.latents import decode_video, encode_video, scale_factors
 from fourdgen.metrics.image import ImageMetrics
 from fourdgen.nn.grid_coupling import GridCoupling, GridInputs, ReferenceGrid
 from fourdgen.nn.grid_layout import sequence_to_grid
 from fourdgen.stages.common import check_finite
-from fourdgen.stages.video import VideoDiffusion
+from fourdgen.stages.dit import DiTFinetune
 
 
-class GridDiffusion(VideoDiffusion):
+class GridDiffusion(DiTFinetune):
     """Multi-view grid diffusion.
 
-    Args (besides :class:`VideoDiffusion`'s model, LoRA, optimiser and sampling ones):
+    Args (besides :class:`~fourdgen.stages.dit.DiTFinetune`'s model, adapter, optimizer and sampling
+    ones; here ``lora_rank`` defaults to 0, full fine-tuning, and ``lr`` to 1e-5):
         coupling: :class:`ReferenceGrid` (4Real-Video-V2) or ``ProjectionGrid`` (Full-4D).
         clip_schedule: progressive clip length (4Real-Video-V2): ``{step: frames}``; from each step
             on, training clips keep their first ``frames`` frames (1 + 4k). None: full clips.
@@ -49,54 +43,16 @@ class GridDiffusion(VideoDiffusion):
 
     def __init__(
         self,
-        transformer: dict | None = None,
-        vae: dict | None = None,
         coupling: GridCoupling | None = None,
         lora_rank: int = 0,
-        lora_alpha: float = 32,
-        lora_targets: list[str] | None = None,
-        init_lora: str | None = None,
-        train_modules: list[str] | None = None,
         lr: float = 1e-5,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        timestep_sampling: str = "uniform",
-        train_shift: float = 1.0,
-        loss_weighting: str = "none",
-        sample_steps: int = 50,
-        guidance_scale: float = 5.0,
-        sample_shift: float = 3.0,
-        val_sample_steps: int = 10,
-        gradient_checkpointing: bool = False,
-        base_dtype: str = "float32",
         clip_schedule: dict[int, int] | None = None,
         lpips_net: str | None = "alex",
         lpips_weights: str | None = None,
         lpips_allow_random_backbone: bool = False,
+        **kwargs,
     ):
-        super().__init__(
-            transformer=transformer,
-            vae=vae,
-            coupling=coupling or ReferenceGrid(),
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            lora_targets=lora_targets,
-            init_lora=init_lora,
-            train_modules=train_modules,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup_steps=warmup_steps,
-            timestep_sampling=timestep_sampling,
-            train_shift=train_shift,
-            loss_weighting=loss_weighting,
-            sample_steps=sample_steps,
-            guidance_scale=guidance_scale,
-            sample_shift=sample_shift,
-            val_sample_steps=val_sample_steps,
-            gradient_checkpointing=gradient_checkpointing,
-            base_dtype=base_dtype,
-        )
-        self.conditioning = None  # conditions enter through the coupling
+        super().__init__(coupling=coupling or ReferenceGrid(), lora_rank=lora_rank, lr=lr, **kwargs)
         self.clip_schedule = {int(k): int(v) for k, v in (clip_schedule or {}).items()}
         self.metrics = (
             None
@@ -107,6 +63,11 @@ class GridDiffusion(VideoDiffusion):
 
     def input_channels(self, vae) -> int:
         return self.coupling.channels(vae)
+
+    def velocity(self, x: Tensor, inp: GridInputs, timestep: Tensor, text: Tensor, image) -> Tensor:
+        """DiT velocity for noisy grid latents ``x [B, C, V F, h, w]`` of the problem ``inp``."""
+        self._check_image_tokens(text, image)
+        return self.coupling.predict(self.transformer, x, inp, timestep, text, image)
 
     # ------------------------------------------------------------------------------ latents
     def encode_grid(self, rgb: Tensor) -> Tensor:
@@ -175,34 +136,23 @@ class GridDiffusion(VideoDiffusion):
         level of every step and exactly at the end, so the model sees them as in training."""
         h = self.hparams
         inp = inp or self.prepare(b)
-        steps = num_steps or h.sample_steps
         noise = torch.randn(inp.x0.shape, generator=generator).to(self.device)
         text, image = self._text(b), b.image_embeds
         w = h.guidance_scale if guidance_scale is None else guidance_scale
-        sched = make_scheduler(h.sample_shift)
-        sched.set_timesteps(steps, device=noise.device)
-        known = inp.known
-
-        def reimpose(i: int, x: Tensor) -> Tensor:
-            if known is None:
-                return x
-            s = sched.sigmas[i + 1].expand(x.shape[0]).to(x)
-            return torch.where(known, add_noise(inp.x0, noise, s), x)
-
         uncond = None
         if w != 1.0:
             neg = self._text(b, negative=True)
             uncond = lambda x, t: self.velocity(x, inp, t, neg, image)  # noqa: E731
-        x = euler_sample(
+        return euler_sample_known(
             lambda x, t: self.velocity(x, inp, t, text, image),
-            reimpose(-1, noise),
-            num_steps=steps,
+            noise,
+            inp.x0,
+            inp.known,
+            num_steps=num_steps or h.sample_steps,
+            shift=h.sample_shift,
             guidance_scale=w,
             uncond_velocity=uncond,
-            scheduler=sched,
-            callback=reimpose,
         )
-        return x if known is None else torch.where(known, inp.x0, x)
 
     # ---------------------------------------------------------------------------- validation
     def score(self, pred: Tensor, b: GridBatch) -> dict[str, Tensor]:

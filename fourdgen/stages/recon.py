@@ -1,7 +1,7 @@
 """Stage 2: feed-forward Gaussian reconstruction (4Real-Video-V2, section 3.2).
 
 A grid of V views x T timesteps goes in without cameras; the model
-(:class:`~fourdgen.nn.gaussian_recon.GaussianReconstructor`) predicts the cameras and one Gaussian
+(:class:`~fourdgen.models.gaussian_recon.GaussianReconstructor`) predicts the cameras and one Gaussian
 per pixel of every source frame, per timestep, in the frame of the first source camera. Training
 renders held-out target views with target cameras that VGGT predicts from the first source frame
 plus the targets (the Gaussians' frame), and minimises MSE + lambda * LPIPS.
@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fourdgen.batch import GridBatch
 from fourdgen.callbacks.media import log_images
-from fourdgen.data.batch import GridBatch
 from fourdgen.gaussians.rasterize import rasterize
 from fourdgen.metrics.image import LPIPS, ImageMetrics
-from fourdgen.nn.gaussian_recon import GaussianReconstructor, ReconPrediction, shard_reconstructor
-from fourdgen.stages.common import check_finite, check_finite_grads
+from fourdgen.models.gaussian_recon import GaussianReconstructor, ReconPrediction, shard_reconstructor
+from fourdgen.stages.common import adamw_with_warmup, check_finite, check_finite_grads, fsdp_mesh
 
 DEFAULT_TRAIN_MODULES = {
     "static": ["gaussian_head"],
@@ -158,16 +158,10 @@ class FeedForwardReconstruction(L.LightningModule):
         """Under Lightning's ``ModelParallelStrategy`` (``tensor_parallel_size: 1``), shard the
         reconstructor with FSDP2 per block (:func:`shard_reconstructor`). Runs after ``setup``, so
         the VGGT weights are loaded into the full model first."""
-        mesh = self.device_mesh
-        if mesh is None or self._sharded:
+        dp = fsdp_mesh(self.device_mesh, type(self).__name__)
+        if dp is None or self._sharded:
             return
-        names = mesh.mesh_dim_names or ()
-        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
-            raise ValueError(
-                "FeedForwardReconstruction shards with FSDP2 only: set the ModelParallelStrategy's "
-                f"tensor_parallel_size to 1 (got {mesh['tensor_parallel'].size()})"
-            )
-        shard_reconstructor(self.model, mesh["data_parallel"] if "data_parallel" in names else mesh)
+        shard_reconstructor(self.model, dp)
         self._sharded = True
 
     def weights_source(self) -> str | None:
@@ -242,11 +236,9 @@ class FeedForwardReconstruction(L.LightningModule):
         check_finite_grads(self.model, self.global_step)
 
     def configure_optimizers(self):
+        h = self.hparams
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        warm = max(1, self.hparams.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_warmup(params, h.lr, h.weight_decay, h.warmup_steps)
 
     # --------------------------------------------------------------------- validation / test
     @torch.no_grad()

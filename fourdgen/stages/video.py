@@ -1,25 +1,22 @@
-"""Stage 1: 4D video diffusion on a Wan DiT, LoRA-tuned (4DNeX; One4D and the multi-view recipes
-plug in other coupling/conditioning components).
+"""Stage 1: 4D video diffusion on a Wan DiT, LoRA-tuned (4DNeX; One4D plugs in other coupling and
+conditioning components).
 
-Training: rectified flow on the coupled RGB+XYZ latents (``coupling``), with the conditioning
-channels (``conditioning``) concatenated to the noisy latents. Validation samples a clip, logs
-RGB/XYZ videos and scores depth (AbsRel, delta1) and cameras (ATE) recovered by post-optimisation
-against ground truth. Prediction returns RGB and pointmap videos, cameras, depth and point clouds.
-
-Checkpoints hold only trainable tensors (LoRA + new layers): the frozen base is rebuilt from
-``transformer``/``vae`` (a local path, or a seeded preset).
+Training: rectified flow on the coupled RGB+XYZ latents (``coupling``, a
+:class:`~fourdgen.nn.coupling.LatentCoupling`), with the conditioning channels (``conditioning``)
+concatenated to the noisy latents. Validation samples a clip, logs RGB/XYZ videos and scores depth
+(AbsRel, delta1) and cameras (ATE) recovered by post-optimisation against ground truth. Prediction
+returns RGB and pointmap videos, cameras, depth and point clouds. Model set-up, adapters, FSDP2,
+checkpoints and the optimizer are :class:`~fourdgen.stages.dit.DiTFinetune`'s.
 """
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from torch import Tensor
 
-from fourdgen.backbones.wan import build_transformer, build_vae, materialize, shard_transformer
+from fourdgen.batch import GridBatch
 from fourdgen.callbacks.media import log_video
-from fourdgen.data.batch import GridBatch
-from fourdgen.data.pointmaps import world_pointmaps
+from fourdgen.components import build
 from fourdgen.diffusion.conditioning import Conditioning, GuidedFirstFrame
 from fourdgen.diffusion.flow import add_noise, euler_sample, flow_loss, sample_sigmas, velocity_target
 from fourdgen.diffusion.latents import (
@@ -28,170 +25,47 @@ from fourdgen.diffusion.latents import (
     encode_video,
     prepare_pointmaps,
     scale_factors,
-    vae_id,
 )
-from fourdgen.geometry.pointmaps import LATENT_SCALE, LATENT_SHIFT, denormalize_latents
+from fourdgen.geometry.pointmaps import LATENT_SCALE, LATENT_SHIFT, denormalize_latents, world_pointmaps
 from fourdgen.geometry.postopt import recover_cameras
 from fourdgen.geometry.projection import rebase_cameras
 from fourdgen.metrics.camera import camera_metrics
 from fourdgen.metrics.depth import depth_metrics
-from fourdgen.nn.coupling import Coupling
-from fourdgen.nn.lora import ATTN_TARGETS, add_lora, load_lora
+from fourdgen.nn.coupling import LatentCoupling
 from fourdgen.nn.wan_fusion import WidthFusion
 from fourdgen.stages.common import check_finite
+from fourdgen.stages.dit import DiTFinetune
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-
-class VideoDiffusion(L.LightningModule):
+class VideoDiffusion(DiTFinetune):
     """RGB+XYZ video diffusion on a Wan DiT.
 
-    Args:
-        transformer: ``build_transformer`` keywords (``path`` of a local diffusers checkpoint, or
-            ``preset`` + ``overrides`` + ``seed``). For presets, ``in_channels`` is set to the latent
-            channels plus the conditioning's; for checkpoints it is checked.
-        vae: ``build_vae`` keywords (use the same spec in the DataModule's latent cache).
+    Args (besides :class:`~fourdgen.stages.dit.DiTFinetune`'s model, adapter, optimizer and
+    sampling ones; 4DNeX: LoRA 64/32 on the attention projections, lr 2e-5, uniform timesteps,
+    50 sampling steps, CFG 5.0):
         coupling: how RGB and XYZ share the DiT (4DNeX: :class:`WidthFusion`; One4D:
-            ``DecoupledLoRAControl``).
+            ``DecoupledLoRAControl``, which brings its own adapter).
         conditioning: extra input channels (4DNeX: :class:`GuidedFirstFrame`; One4D: ``MaskedFrames``).
-        lora_rank / lora_alpha / lora_targets: peft LoRA (4DNeX: 64, 32, attention projections);
-            ``lora_rank=0`` trains the whole DiT, or with ``train_modules`` only the parameters whose
-            names contain one of those substrings (4Real-Video-V2: ``[attn1.]``, self-attention).
-            Ignored when the coupling brings its own adapters (One4D's
-            :class:`~fourdgen.nn.decoupled_lora.DecoupledLoRAControl`).
-        init_lora: a LoRA export (``fourdgen.nn.lora.save_lora``) to start from (its rank wins).
-        lr / weight_decay / warmup_steps: AdamW with linear warm-up (4DNeX: lr 2e-5).
-        timestep_sampling / train_shift / loss_weighting: rectified-flow training (4DNeX:
-            uniform, 1.0, none).
         latent_shift / latent_scale: pointmap-latent renormalisation (when encoding on the fly).
-        sample_steps / guidance_scale / sample_shift: inference (4DNeX: 50 steps, CFG 5.0).
-        val_sample_steps / val_postopt_steps: the shorter validation sampling and post-optimisation.
-        gradient_checkpointing: recompute DiT blocks in backward (memory for speed).
-        base_dtype: dtype of the frozen base weights ("bfloat16" for the real models).
+        val_postopt_steps: post-optimisation steps at validation (twice that at prediction).
     """
 
     def __init__(
         self,
-        transformer: dict | None = None,
-        vae: dict | None = None,
-        coupling: Coupling | None = None,
+        coupling: LatentCoupling | None = None,
         conditioning: Conditioning | None = None,
-        lora_rank: int = 64,
-        lora_alpha: float = 32,
-        lora_targets: list[str] | None = None,
-        init_lora: str | None = None,
-        train_modules: list[str] | None = None,
-        lr: float = 2e-5,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        timestep_sampling: str = "uniform",
-        train_shift: float = 1.0,
-        loss_weighting: str = "none",
         latent_shift: float = LATENT_SHIFT,
         latent_scale: float = LATENT_SCALE,
-        sample_steps: int = 50,
-        guidance_scale: float = 5.0,
-        sample_shift: float = 3.0,
-        val_sample_steps: int = 10,
         val_postopt_steps: int = 100,
-        gradient_checkpointing: bool = False,
-        base_dtype: str = "float32",
+        **kwargs,
     ):
-        super().__init__()
-        self.save_hyperparameters(ignore=["coupling", "conditioning"])
-        self.hparams.lora_targets = list(lora_targets or ATTN_TARGETS)
-        self.hparams.transformer = dict(transformer or {"preset": "tiny"})
-        self.hparams.vae = dict(vae or {"preset": "tiny"})
-        self.coupling = coupling or WidthFusion()
-        self.conditioning = conditioning or GuidedFirstFrame()
-        self.transformer = None
-        self.vae = None
-        self.vae_id: str | None = None
-        self.strict_loading = False  # checkpoints hold the trainable tensors only
-
-    # ------------------------------------------------------------------------- model set-up
-    def configure_model(self) -> None:
-        """Build (or materialise) the DiT and VAE on this device, install the coupling, add LoRA.
-
-        Under Lightning's ``ModelParallelStrategy`` (``tensor_parallel_size: 1``) the DiT is
-        sharded with FSDP2 per block (:func:`shard_transformer`), computing in ``base_dtype``; the
-        VAE is small and replicated."""
-        if self.transformer is not None:
-            return
-        h = self.hparams
-        dtype = _DTYPES[h.base_dtype]
-        mesh = self.device_mesh
-        device = self.device if self.device.type != "meta" else torch.device("cpu")
-        if mesh is not None and mesh.device_type == "cuda":
-            device = torch.device("cuda", torch.cuda.current_device())
-        vae = build_vae(**h.vae).to(device).eval().requires_grad_(False)
-        spec = dict(h.transformer)
-        z_dim = vae.config.z_dim
-        want_in = z_dim + self.input_channels(vae)
-        if spec.get("path") is None:
-            spec["overrides"] = {"in_channels": want_in, "out_channels": z_dim, **spec.get("overrides", {})}
-        model = build_transformer(**spec, dtype=dtype)
-        if next(model.parameters()).is_meta:
-            materialize(model, device, dtype, seed=spec.get("seed", 0))
-        if model.config.in_channels != want_in or model.config.out_channels != z_dim:
-            raise ValueError(
-                f"transformer {spec}: in/out channels {model.config.in_channels}/"
-                f"{model.config.out_channels}, expected {want_in}/{z_dim} (VAE z_dim + conditioning)"
-            )
-        self.coupling.install(model)
-        trainable = self.coupling.trainable
-        own = getattr(self.coupling, "owns_lora", False)  # the coupling brings its adapters (DLC)
-        if own and h.init_lora:
-            raise ValueError(
-                f"init_lora: {type(self.coupling).__name__} brings its own adapters; load its export "
-                "with fourdgen.nn.decoupled_lora.load_dlc instead"
-            )
-        if own:  # adapters and links are installed (the rest frozen) by the coupling
-            pass
-        elif h.init_lora:  # an export's adapter (its rank; alpha is baked into B) and extra tensors
-            load_lora(model, h.init_lora)
-            for name, p in model.named_parameters():
-                p.requires_grad_("lora_" in name or any(k in name for k in trainable))
-        elif h.lora_rank > 0:
-            add_lora(model, h.lora_rank, h.lora_alpha, tuple(h.lora_targets), keep_trainable=trainable)
-        elif h.train_modules:
-            keep = tuple(h.train_modules) + tuple(trainable)
-            for name, p in model.named_parameters():
-                p.requires_grad_(any(k in name for k in keep))
-            if not any(p.requires_grad for p in model.parameters()):
-                raise ValueError(
-                    f"train_modules {h.train_modules}: no DiT parameter name contains any of them"
-                )
-        if own or h.init_lora or h.lora_rank > 0 or h.train_modules:
-            for p in model.parameters():  # LoRA and new layers train in float32
-                if p.requires_grad:
-                    p.data = p.data.float()
-        if h.gradient_checkpointing:
-            model.enable_gradient_checkpointing()
-        if mesh is not None:
-            if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
-                raise ValueError(
-                    "VideoDiffusion shards the DiT with FSDP2 only: set the ModelParallelStrategy's "
-                    f"tensor_parallel_size to 1 (got {mesh['tensor_parallel'].size()})"
-                )
-            dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
-            shard_transformer(model, dp, param_dtype=None if dtype == torch.float32 else dtype)
-        self.transformer = model.to(device)
-        self.vae = vae
-        self.vae_id = vae_id(vae)
-
-    def weights_source(self) -> str | None:
-        """Where trained weights come from without a checkpoint (None: the adapters are untrained, so
-        ``predict`` refuses to run without ``--ckpt_path``)."""
-        return f"init_lora {self.hparams.init_lora}" if self.hparams.init_lora else None
+        super().__init__(coupling=coupling or WidthFusion(), **kwargs)
+        self.conditioning = build(conditioning) or GuidedFirstFrame()
+        self.hparams.conditioning = self.conditioning.spec()
 
     def input_channels(self, vae) -> int:
         """DiT input channels next to the noisy latents (the conditioning's)."""
         return self.conditioning.channels(vae)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     # ------------------------------------------------------------------------------ latents
     def encode(self, b: GridBatch) -> dict[str, Tensor]:
@@ -253,27 +127,8 @@ class VideoDiffusion(L.LightningModule):
         self, x: Tensor, cond: Tensor, timestep: Tensor, text: Tensor, image: Tensor | None
     ) -> Tensor:
         """DiT velocity for noisy coupled latents ``x [B, C, F, h, W]``."""
-        cfg = self.transformer.config
-        if cfg.image_dim is not None:
-            if image is None:
-                raise ValueError(
-                    f"the DiT takes CLIP image tokens (image_dim={cfg.image_dim}): GridBatch.image_embeds "
-                    "is missing; give the DataModule an image_encoder"
-                )
-            if text.shape[1] != 512:  # Wan's I2V attention splits image|text at the last 512 tokens
-                raise ValueError(
-                    f"GridBatch.text_embeds: image-conditioned Wan needs 512 text tokens, got {text.shape[1]}"
-                )
+        self._check_image_tokens(text, image)
         return self.coupling.predict(self.transformer, x, cond, timestep, text, image)
-
-    @staticmethod
-    def _text(b: GridBatch, negative: bool = False) -> Tensor:
-        t = b.neg_text_embeds if negative else b.text_embeds
-        if t is None:
-            if negative and b.text_embeds is not None:
-                return torch.zeros_like(b.text_embeds)
-            raise ValueError("GridBatch.text_embeds is required (use a DataModule with a text encoder/cache)")
-        return t
 
     # ------------------------------------------------------------------------------- training
     def training_step(self, batch: GridBatch, batch_idx: int) -> Tensor:
@@ -290,15 +145,6 @@ class VideoDiffusion(L.LightningModule):
         check_finite(loss, "train/loss", self.global_step)
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
-
-    def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("VideoDiffusion: nothing to train (lora_rank=0 and a frozen DiT?)")
-        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        warm = max(self.hparams.warmup_steps, 1)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------------------ sampling
     @torch.no_grad()

@@ -10,7 +10,7 @@ import torch
 
 from fourdgen.backbones.vggt import VGGT
 from fourdgen.backbones.vggt_checkpoint import load_official, official_state_dict
-from fourdgen.nn.gaussian_recon import GaussianReconstructor
+from fourdgen.models.gaussian_recon import GaussianReconstructor
 from fourdgen.stages.recon import FeedForwardReconstruction
 from tests.test_recon import _dm
 

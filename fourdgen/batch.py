@@ -1,4 +1,4 @@
-"""The typed batch every stage consumes (DESIGN.md "Batch").
+"""The typed batch every stage consumes: the data contract of every stage (shapes below).
 
 A custom DataModule only has to yield :class:`GridBatch` (or a dict with the same keys, see
 :meth:`GridBatch.coerce`) to plug into any stage.

@@ -1,0 +1,170 @@
+"""The base of the stages that fine-tune a Wan DiT: model set-up, adapter, FSDP2, checkpoints, optimizer.
+
+:class:`~fourdgen.stages.video.VideoDiffusion` (pointmap videos: 4DNeX, One4D) and
+:class:`~fourdgen.stages.grid.GridDiffusion` (multi-view grids: 4Real-Video-V2, Full-4D) are
+siblings on it; each brings its coupling protocol, its latents, its loss and its sampling.
+
+Checkpoints hold only trainable tensors (adapter + new layers): the frozen base is rebuilt from
+``transformer``/``vae`` (a local path, or a seeded preset). The hyper-parameters record the coupling
+(and conditioning) as ``class_path`` specs, so a checkpoint says what trained it and rebuilds it.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from fourdgen.backbones.wan import build_transformer, build_vae, materialize, shard_transformer
+from fourdgen.components import build
+from fourdgen.diffusion.latents import vae_id
+from fourdgen.nn.adapters import Adapter, default_adapter
+from fourdgen.nn.coupling import DiTCoupling
+from fourdgen.nn.lora import ATTN_TARGETS
+from fourdgen.stages.common import adamw_with_warmup, fsdp_mesh
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class DiTFinetune(L.LightningModule):
+    """Fine-tuning of a Wan DiT (abstract: subclasses give :meth:`input_channels` and the steps).
+
+    Args:
+        transformer: ``build_transformer`` keywords (``path`` of a local diffusers checkpoint, or
+            ``preset`` + ``overrides`` + ``seed``). For presets, ``in_channels`` is set to the latent
+            channels plus :meth:`input_channels`; for checkpoints it is checked.
+        vae: ``build_vae`` keywords (use the same spec in the DataModule's latent cache).
+        coupling: how the stage's latents meet the DiT (a :class:`~fourdgen.nn.coupling.DiTCoupling`).
+        lora_rank / lora_alpha / lora_targets: peft LoRA; ``lora_rank=0`` trains the whole DiT, or
+            with ``train_modules`` only the parameters whose names contain one of those substrings.
+            Ignored when the coupling brings its own adapter (One4D's decoupled LoRA).
+        init_lora: an adapter export (``LoraExport``'s folder) to start from.
+        lr / weight_decay / warmup_steps: AdamW with linear warm-up.
+        timestep_sampling / train_shift / loss_weighting: rectified-flow training.
+        sample_steps / guidance_scale / sample_shift: inference; ``val_sample_steps`` at validation.
+        gradient_checkpointing: recompute DiT blocks in backward (memory for speed).
+        base_dtype: dtype of the frozen base weights ("bfloat16" for the real models).
+    """
+
+    def __init__(
+        self,
+        transformer: dict | None = None,
+        vae: dict | None = None,
+        coupling: DiTCoupling | None = None,
+        lora_rank: int = 64,
+        lora_alpha: float = 32,
+        lora_targets: list[str] | None = None,
+        init_lora: str | None = None,
+        train_modules: list[str] | None = None,
+        lr: float = 2e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        timestep_sampling: str = "uniform",
+        train_shift: float = 1.0,
+        loss_weighting: str = "none",
+        sample_steps: int = 50,
+        guidance_scale: float = 5.0,
+        sample_shift: float = 3.0,
+        val_sample_steps: int = 10,
+        gradient_checkpointing: bool = False,
+        base_dtype: str = "float32",
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["coupling", "conditioning"])
+        self.hparams.lora_targets = list(lora_targets or ATTN_TARGETS)
+        self.hparams.transformer = dict(transformer or {"preset": "tiny"})
+        self.hparams.vae = dict(vae or {"preset": "tiny"})
+        self.coupling = build(coupling)  # a spec when rebuilt from a checkpoint's hyper-parameters
+        self.hparams.coupling = self.coupling.spec()
+        self.adapter: Adapter = self.coupling.adapter or default_adapter(
+            lora_rank, lora_alpha, self.hparams.lora_targets, init_lora, train_modules
+        )
+        self.transformer = None
+        self.vae = None
+        self.vae_id: str | None = None
+        self.strict_loading = False  # checkpoints hold the trainable tensors only
+
+    def input_channels(self, vae) -> int:
+        """DiT input channels next to the noisy latents."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------- model set-up
+    def configure_model(self) -> None:
+        """Build (or materialise) the DiT and VAE on this device, install the coupling, set up the
+        adapter. Under Lightning's ``ModelParallelStrategy`` (``tensor_parallel_size: 1``) the DiT is
+        sharded with FSDP2 per block (:func:`shard_transformer`), computing in ``base_dtype``; the
+        VAE is small and replicated."""
+        if self.transformer is not None:
+            return
+        h = self.hparams
+        dtype = _DTYPES[h.base_dtype]
+        mesh = self.device_mesh
+        device = self.device if self.device.type != "meta" else torch.device("cpu")
+        if mesh is not None and mesh.device_type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        vae = build_vae(**h.vae).to(device).eval().requires_grad_(False)
+        spec = dict(h.transformer)
+        z_dim = vae.config.z_dim
+        want_in = z_dim + self.input_channels(vae)
+        if spec.get("path") is None:
+            spec["overrides"] = {"in_channels": want_in, "out_channels": z_dim, **spec.get("overrides", {})}
+        model = build_transformer(**spec, dtype=dtype)
+        if next(model.parameters()).is_meta:
+            materialize(model, device, dtype, seed=spec.get("seed", 0))
+        if model.config.in_channels != want_in or model.config.out_channels != z_dim:
+            raise ValueError(
+                f"transformer {spec}: in/out channels {model.config.in_channels}/"
+                f"{model.config.out_channels}, expected {want_in}/{z_dim} (VAE z_dim + conditioning)"
+            )
+        self.coupling.install(model)
+        self.adapter.setup(model, keep_trainable=self.coupling.trainable, init=h.init_lora)
+        if h.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        dp = fsdp_mesh(mesh, type(self).__name__)
+        if dp is not None:
+            shard_transformer(model, dp, param_dtype=None if dtype == torch.float32 else dtype)
+        self.transformer = model.to(device)
+        self.vae = vae
+        self.vae_id = vae_id(vae)
+
+    def weights_source(self) -> str | None:
+        """Where trained weights come from without a checkpoint (None: the adapter is untrained, so
+        ``predict`` refuses to run without ``--ckpt_path``)."""
+        return f"init_lora {self.hparams.init_lora}" if self.hparams.init_lora else None
+
+    def export_adapter(self, out_dir, write: bool = True) -> bool:
+        """Write the trained adapter in diffusers' format (False: nothing to export, the checkpoint
+        holds the weights). Every rank calls it under FSDP; only ``write=True`` writes."""
+        return self.adapter.export(self.transformer, out_dir, write=write)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def configure_optimizers(self):
+        h = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        return adamw_with_warmup(params, h.lr, h.weight_decay, h.warmup_steps)
+
+    # ------------------------------------------------------------------------- shared checks
+    def _text(self, b, negative: bool = False) -> Tensor:
+        t = b.neg_text_embeds if negative else b.text_embeds
+        if t is None:
+            if negative and b.text_embeds is not None:
+                return torch.zeros_like(b.text_embeds)
+            raise ValueError("GridBatch.text_embeds is required (use a DataModule with a text encoder/cache)")
+        return t
+
+    def _check_image_tokens(self, text: Tensor, image: Tensor | None) -> None:
+        cfg = self.transformer.config
+        if cfg.image_dim is None:
+            return
+        if image is None:
+            raise ValueError(
+                f"the DiT takes CLIP image tokens (image_dim={cfg.image_dim}): GridBatch.image_embeds "
+                "is missing; give the DataModule an image_encoder"
+            )
+        if text.shape[1] != 512:  # Wan's I2V attention splits image|text at the last 512 tokens
+            raise ValueError(
+                f"GridBatch.text_embeds: image-conditioned Wan needs 512 text tokens, got {text.shape[1]}"
+            )
