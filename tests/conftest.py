@@ -33,3 +33,25 @@ def official_vggt():
     if os.path.isdir(os.path.join(root, "vggt")) and root not in sys.path:
         sys.path.insert(0, root)
     return pytest.importorskip("vggt")
+
+
+@pytest.fixture(scope="session")
+def vggt_goldens():
+    """Outputs of the official VGGT code recorded by ``tools/make_vggt_goldens.py`` (small models
+    with seed-derived weights): ``(tool module, tensors, metadata)``. Needs no official source."""
+    import importlib.util
+    import json
+
+    from safetensors import safe_open
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("make_vggt_goldens", root / "tools/make_vggt_goldens.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    with safe_open(root / "tests" / "data" / "vggt_goldens.safetensors", "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k).float() for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    # the file was made by this version of the tool (same sizes, same seed): else rerun the tool
+    assert json.loads(meta["config"]) == json.loads(json.dumps(tool.CONFIG))
+    assert int(meta["seed"]) == tool.SEED
+    return tool, tensors, meta

@@ -239,6 +239,7 @@ def test_opacity_reset_runs():
 
 
 # ------------------------------------------------------------------------------- fitting
+@pytest.mark.slow
 def test_dynamic_fit_beats_static_on_moving_objects(tmp_path):
     """The done criterion of stage 3: with real motion, deformation must clearly win on the moving
     objects of a held-out view (and the fit must learn at all)."""

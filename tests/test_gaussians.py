@@ -23,7 +23,12 @@ from fourdgen.gaussians import (
     save_ply_sequence,
     sh0_to_rgb,
 )
+from fourdgen.gaussians.bounds import camera_extent, foreground_bounds
+from fourdgen.gaussians.densify import BudgetStrategy
+from fourdgen.gaussians.losses import add_hexplane_regularization, photometric_loss
+from fourdgen.gaussians.optim import LearningRates, exp_decay
 from fourdgen.geometry.cameras import look_at, make_intrinsics
+from fourdgen.metrics.image import ssim
 
 
 @pytest.fixture(autouse=True)
@@ -322,6 +327,119 @@ def test_gsplat_default_strategy_cycle(packed):
     assert out.rgb.isfinite().all()
 
 
+def test_budget_accumulate_adds_each_renders_statistics():
+    """``accumulate`` (extra renders of a step) adds what a plain reference says: per render, the
+    norm of dL/dmeans2d in [-1, 1] screen units for every Gaussian it shows, and one count."""
+    g, K, w2c, W, H, _ = random_scene(2, n=60, n_behind=6)  # those are culled in view 0
+    names = {"log_scales": "scales", "opacity_logits": "opacities"}
+    params = torch.nn.ParameterDict({names.get(k, k): torch.nn.Parameter(v) for k, v in g.as_dict().items()})
+    N = g.num
+    strategy = BudgetStrategy(refine_scale2d_stop_iter=1)  # also tracks the largest radii
+    state = strategy.initialize_state(scene_scale=1.0)
+    outs = [rasterize(params, K[i : i + 1], w2c[i : i + 1], W, H, backend="torch") for i in range(2)]
+    sum(o.rgb.square().mean() for o in outs).backward()
+    for o in outs:
+        strategy.accumulate(params, state, o.info)
+    grad2d, count, radii = torch.zeros(N), torch.zeros(N), torch.zeros(N)
+    for o in outs:
+        grad, r = o.info["means2d"].grad[0], o.info["radii"][0]
+        for n in range(N):
+            if (r[n] > 0).all():
+                gx, gy = float(grad[n, 0]) * W / 2, float(grad[n, 1]) * H / 2
+                grad2d[n] += math.hypot(gx, gy)
+                count[n] += 1
+                radii[n] = max(float(radii[n]), float(r[n].max()) / max(W, H))
+    assert 0 < count.sum() < 2 * N  # some Gaussians are out of one view
+    torch.testing.assert_close(state["grad2d"], grad2d, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(state["count"], count)
+    torch.testing.assert_close(state["radii"], radii)
+
+
+# -------------------------------------------------------------------------- fit math
+
+
+def test_camera_extent_and_foreground_bounds_match_a_plain_reference():
+    angles = torch.linspace(0, math.pi / 2, 4)  # an arc of cameras 4 units from the origin
+    eyes = torch.stack([4 * torch.sin(angles), torch.zeros(4), -4 * torch.cos(angles)], -1)
+    w2c = look_at(eyes, torch.zeros(4, 3))
+    centers = eyes.double().tolist()
+    mean = [sum(c[i] for c in centers) / 4 for i in range(3)]
+    ref_extent = 1.1 * max(math.dist(c, mean) for c in centers)
+    assert camera_extent(w2c).item() == pytest.approx(ref_extent, rel=1e-5)
+    assert camera_extent(w2c[:1]).item() == pytest.approx(1.1e-3)  # one camera: the floor
+
+    g = torch.Generator().manual_seed(0)
+    fg = torch.rand(300, 3, generator=g) * 2 - 1  # the box the cameras look at
+    far = torch.randn(40, 3, generator=g) * 30 + torch.tensor([0.0, 0.0, 60.0])  # a far background
+    lo, hi = foreground_bounds(torch.cat([fg, far]), w2c, radius=0.75, quantile=0.05)
+    # reference: points within 0.75 x 4 of the focus point (the origin), linear quantiles, 10% pad
+    near = fg.double().numpy()[np.linalg.norm(fg.double().numpy(), axis=1) < 3.0]
+    q_lo, q_hi = np.quantile(near, [0.05, 0.95], axis=0)
+    pad = 0.1 * (q_hi - q_lo)
+    torch.testing.assert_close(lo.double(), torch.from_numpy(q_lo - pad), atol=1e-4, rtol=0)
+    torch.testing.assert_close(hi.double(), torch.from_numpy(q_hi + pad), atol=1e-4, rtol=0)
+    assert lo.dtype == torch.float32 and (hi - lo).max() < 2.5  # the background did not stretch it
+    # fewer than min_points in the foreground: every point counts; a flat axis is padded anyway
+    few = torch.cat([fg[:5], far])
+    lo, hi = foreground_bounds(few, w2c, quantile=0.0)
+    torch.testing.assert_close(lo, few.min(0).values - 0.1 * (few.max(0).values - few.min(0).values))
+    flat = torch.cat([fg[:, :2], torch.zeros(300, 1)], -1)
+    lo, hi = foreground_bounds(flat, w2c)
+    assert lo[2].item() == pytest.approx(-1e-4) and hi[2].item() == pytest.approx(1e-4)
+
+
+def test_photometric_loss_and_hexplane_regularization():
+    g = torch.Generator().manual_seed(0)
+    preds = [
+        torch.rand(1, 3, 16, 20, generator=g).requires_grad_(True),
+        torch.rand(1, 3, 12, 12, generator=g),
+    ]
+    gts = [torch.rand(1, 3, 16, 20, generator=g), torch.rand(1, 3, 12, 12, generator=g)]  # sizes may differ
+    out = photometric_loss(preds, gts, ssim_weight=0.2)
+    l1 = (
+        sum(
+            sum(abs(a - b) for a, b in zip(p.flatten().tolist(), t.flatten().tolist(), strict=True))
+            / p.numel()
+            for p, t in zip(preds, gts, strict=True)
+        )
+        / 2
+    )
+    mean_ssim = sum(ssim(p.detach(), t) for p, t in zip(preds, gts, strict=True)) / 2
+    assert out.l1.item() == pytest.approx(l1, rel=1e-5)
+    assert out.dssim.item() == pytest.approx(1 - mean_ssim.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(0.8 * l1 + 0.2 * (1 - mean_ssim.item()), rel=1e-5)
+    out.loss.backward()
+    assert preds[0].grad.abs().sum() > 0
+    same = photometric_loss(gts, gts, ssim_weight=0.2)
+    assert same.loss.abs().item() < 1e-5 and same.l1.item() == 0
+    with pytest.raises(ValueError, match="1 preds and 2 targets"):
+        photometric_loss(preds[:1], gts, 0.2)
+
+    reg = {"tv": torch.tensor(2.0), "time_smooth": torch.tensor(3.0), "time_l1": torch.tensor(5.0)}
+    total = add_hexplane_regularization(torch.tensor(1.0), reg, tv=0.1, time_smooth=0.01, time_l1=0.001)
+    assert total.item() == pytest.approx(1.0 + 0.2 + 0.03 + 0.005)
+
+
+def test_learning_rate_schedule():
+    """Positions decay log-linearly from the start, the deformation field from the fine stage; the
+    factors are plain functions, so LambdaLR keeps nothing of them in checkpoints."""
+    lr = LearningRates(means=1e-3, means_final=1e-5, deformation=1e-2, deformation_final=1e-4, max_steps=100)
+    assert lr.initial("means", 2.0) == 2e-3 and lr.initial("grid", 2.0) == 2 * lr.grid
+    assert lr.initial("deformation", 2.0) == 2e-2 and lr.initial("scales", 2.0) == lr.scales
+    means, deform, opac = lr.factor("means"), lr.factor("deformation", fine_start=30), lr.factor("opacities")
+    assert means(0) == pytest.approx(1.0) and means(100) == pytest.approx(1e-2) and means(500) == means(100)
+    assert means(50) == pytest.approx(0.1)  # log-linear: the geometric middle
+    assert deform(0) == deform(30) == pytest.approx(1.0)
+    assert deform(80) == pytest.approx(0.1) and deform(130) == pytest.approx(1e-2)
+    assert opac(0) == opac(10**6) == 1.0
+    assert exp_decay(10, 0.0, 1.0, 100) == 0.0
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
+    opt = torch.optim.Adam([{"params": [p], "lr": 1.0} for p in params])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [means, deform, opac])
+    assert sched.state_dict()["lr_lambdas"] == [None, None, None]
+
+
+@pytest.mark.slow
 def test_tiny_fit_learns():
     torch.manual_seed(0)
     W = H = 40

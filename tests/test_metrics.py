@@ -29,6 +29,7 @@ from fourdgen.metrics import (
     camera_metrics,
     delta_acc,
     depth_metrics,
+    pooled_psnr,
     psnr,
     rpe,
     ssim,
@@ -72,6 +73,26 @@ def test_psnr_constant_offset():
     assert psnr(target + 0.1, target).item() == pytest.approx(20.0, abs=1e-3)  # MSE 0.01
     assert psnr(target + 0.1, target, reduction="none").shape == (2,)
     assert psnr(target * 255 + 25.5, target * 255, data_range=255.0).item() == pytest.approx(20.0, abs=1e-3)
+
+
+def test_pooled_psnr_matches_a_plain_reference():
+    """MSE pooled over all (or the masked) elements, not per image; clamped at 1e-10."""
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.rand(2, 3, 5, 7, generator=g), torch.rand(2, 3, 5, 7, generator=g)
+    mask = torch.rand(2, 1, 5, 7, generator=g).expand_as(pred) > 0.6
+    p, t, m = pred.double().flatten().tolist(), target.double().flatten().tolist(), mask.flatten().tolist()
+    sq = [(a - b) ** 2 for a, b in zip(p, t, strict=True)]
+    ref_all = -10 * math.log10(sum(sq) / len(sq))
+    masked = [e for e, keep in zip(sq, m, strict=True) if keep]
+    ref_masked = -10 * math.log10(sum(masked) / len(masked))
+    assert pooled_psnr(pred, target).item() == pytest.approx(ref_all, abs=1e-4)
+    assert pooled_psnr(pred, target, mask=mask).item() == pytest.approx(ref_masked, abs=1e-4)
+    assert pooled_psnr(pred * 255, target * 255, data_range=255.0).item() == pytest.approx(ref_all, abs=1e-3)
+    assert pooled_psnr(pred, pred).item() == pytest.approx(100.0)  # identical: 100 dB, not inf
+    per_image = psnr(pred, target)  # the per-image mean differs from the pooled one
+    assert abs(per_image.item() - ref_all) > 1e-3
+    one = pred[:1].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # any layout
+    assert pooled_psnr(one, target[:1]).item() == pytest.approx(psnr(pred[:1], target[:1]).item(), abs=1e-4)
 
 
 def test_ssim_identical_and_noisy():

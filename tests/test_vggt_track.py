@@ -1,5 +1,6 @@
 """VGGT track head: shapes on CPU, and parity with the official implementation when its source is
-available (the ``official_vggt`` fixture of conftest; those tests skip otherwise)."""
+available (the ``official_vggt`` fixture of conftest; those tests skip otherwise) and, on every
+run, with the outputs it recorded (``tests/data/vggt_goldens.safetensors``)."""
 
 from __future__ import annotations
 

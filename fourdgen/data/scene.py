@@ -1,6 +1,6 @@
 """On-disk scene format: ``scene.json`` + frames (+ optional depth, xyz pointmaps, masks).
 
-A scene is a grid of V views x T timesteps (DESIGN.md). ``scene.json``::
+A scene is a grid of V views x T timesteps, the layout every stage reads. ``scene.json``::
 
     {
       "format": "fourdgen-scene", "version": 1,
@@ -190,11 +190,20 @@ def _check_array(path: Path, file: Path, fld: str, shape: tuple[int, ...]) -> No
         raise SceneFormatError(file, fld, f"array of shape {list(shape)} in {path.name}", list(arr.shape))
 
 
-def read_scene(path: str | Path, check_files: bool = True) -> Scene:
-    """Read and validate a scene folder (or its ``scene.json``). Raises :class:`SceneFormatError`."""
-    path = Path(path)
-    root = path.parent if path.name == SCENE_FILE else path
-    file = root / SCENE_FILE
+@dataclass(frozen=True)
+class _Header:
+    """The scene-wide fields of ``scene.json``, validated."""
+
+    width: int
+    height: int
+    num_frames: int
+    fps: float | int
+    caption: str
+    views: list
+
+
+def _load_json(file: Path) -> dict:
+    """``scene.json`` as a dict: the file exists and holds one JSON object."""
     if not file.is_file():
         raise SceneFormatError(file, "<file>", "an existing scene.json", "missing file")
     try:
@@ -205,6 +214,11 @@ def read_scene(path: str | Path, check_files: bool = True) -> Scene:
         ) from e
     if not isinstance(meta, dict):
         raise SceneFormatError(file, "<root>", "a JSON object", type(meta).__name__)
+    return meta
+
+
+def _check_header(meta: dict, file: Path) -> _Header:
+    """Format name and version, sizes, fps, caption and a non-empty ``views`` list."""
     if meta.get("format", FORMAT_NAME) != FORMAT_NAME:
         raise SceneFormatError(file, "format", f"'{FORMAT_NAME}'", repr(meta.get("format")))
     if meta.get("version", FORMAT_VERSION) != FORMAT_VERSION:
@@ -216,68 +230,97 @@ def read_scene(path: str | Path, check_files: bool = True) -> Scene:
     caption = meta.get("caption", "")
     if not isinstance(caption, str):
         raise SceneFormatError(file, "caption", "a string", type(caption).__name__)
-    views_meta = _require(meta, "views", file, "a non-empty list of views")
-    if not isinstance(views_meta, list) or not views_meta:
-        raise SceneFormatError(file, "views", "a non-empty list of views", repr(views_meta)[:80])
+    views = _require(meta, "views", file, "a non-empty list of views")
+    if not isinstance(views, list) or not views:
+        raise SceneFormatError(file, "views", "a non-empty list of views", repr(views)[:80])
+    return _Header(width=W, height=H, num_frames=T, fps=fps, caption=caption, views=views)
 
+
+def _check_cameras(vm: dict, file: Path, pre: str, T: int) -> tuple[Tensor, Tensor]:
+    """A view's ``K [3, 3]`` (pinhole) and ``w2c [T, 4, 4]`` (rigid; one 4x4 is repeated), float64."""
+    K = _matrix(_require(vm, "K", file, "a 3x3 matrix", pre), file, pre + "K", (3, 3))
+    if K[0, 0] <= 0 or K[1, 1] <= 0 or K[2].tolist() != [0.0, 0.0, 1.0] or K[1, 0] != 0:
+        raise SceneFormatError(
+            file, pre + "K", "a pinhole matrix (fx, fy > 0, last row [0, 0, 1])", K.tolist()
+        )
+    raw = _require(vm, "w2c", file, f"{T} 4x4 matrices (or one)", pre)
+    w2c = _matrix(raw, file, pre + "w2c", (T, 4, 4), (4, 4))
+    w2c = w2c.expand(T, 4, 4) if w2c.ndim == 2 else w2c
+    bad = (~is_rigid(w2c)).nonzero()
+    if len(bad):
+        raise SceneFormatError(
+            file,
+            f"{pre}w2c[{int(bad[0])}]",
+            "a rigid transform (orthonormal R, det 1, last row [0, 0, 0, 1])",
+            w2c[int(bad[0])].tolist(),
+        )
+    return K, w2c
+
+
+def _check_rgb(
+    vm: dict, root: Path, file: Path, pre: str, h: _Header, check_files: bool
+) -> list[Path] | Path:
+    """A view's frames: ``T`` image paths or one video, of the scene's size (``check_files``)."""
+    W, H, T = h.width, h.height, h.num_frames
+    rgb_meta = _require(vm, "rgb", file, f"a list of {T} image paths or one .mp4 path", pre)
+    if isinstance(rgb_meta, list):
+        if len(rgb_meta) != T:
+            raise SceneFormatError(file, pre + "rgb", f"{T} frames (num_frames)", f"{len(rgb_meta)} frames")
+        rgb = [_file(root, r, file, f"{pre}rgb[{t}]", IMAGE_SUFFIXES) for t, r in enumerate(rgb_meta)]
+        if check_files:
+            for t, p in enumerate(rgb):
+                with Image.open(p) as im:
+                    if im.size != (W, H):
+                        raise SceneFormatError(
+                            file,
+                            f"{pre}rgb[{t}]",
+                            f"a {W}x{H} image ({p.name})",
+                            f"{im.size[0]}x{im.size[1]}",
+                        )
+        return rgb
+    rgb = _file(root, rgb_meta, file, pre + "rgb", VIDEO_SUFFIXES)
+    if check_files:
+        with iio.get_reader(rgb, format="FFMPEG") as reader:
+            n_frames = reader.count_frames()
+            size = tuple(reader.get_meta_data().get("size", (W, H)))
+        if n_frames != T:
+            raise SceneFormatError(file, pre + "rgb", f"a video of {T} frames", f"{n_frames} frames")
+        if size != (W, H):
+            raise SceneFormatError(file, pre + "rgb", f"a {W}x{H} video", f"{size[0]}x{size[1]}")
+    return rgb
+
+
+def _check_arrays(vm: dict, root: Path, file: Path, pre: str, h: _Header, check_files: bool) -> dict:
+    """A view's optional ``depth``/``xyz``/``mask`` ``.npy`` files (shapes checked if ``check_files``)."""
+    T, H, W = h.num_frames, h.height, h.width
+    extras = {}
+    for key, shape in (("depth", (T, H, W)), ("xyz", (T, H, W, 3)), ("mask", (T, H, W))):
+        if vm.get(key) is None:
+            extras[key] = None
+            continue
+        p = _file(root, vm[key], file, pre + key, (".npy",))
+        if check_files:
+            _check_array(p, file, pre + key, shape)
+        extras[key] = p
+    return extras
+
+
+def read_scene(path: str | Path, check_files: bool = True) -> Scene:
+    """Read and validate a scene folder (or its ``scene.json``). Raises :class:`SceneFormatError`."""
+    path = Path(path)
+    root = path.parent if path.name == SCENE_FILE else path
+    file = root / SCENE_FILE
+    meta = _load_json(file)
+    h = _check_header(meta, file)
     Ks, w2cs, views = [], [], []
-    for i, vm in enumerate(views_meta):
+    for i, vm in enumerate(h.views):
         pre = f"views[{i}]."
         if not isinstance(vm, dict):
             raise SceneFormatError(file, f"views[{i}]", "an object", type(vm).__name__)
-        K = _matrix(_require(vm, "K", file, "a 3x3 matrix", pre), file, pre + "K", (3, 3))
-        if K[0, 0] <= 0 or K[1, 1] <= 0 or K[2].tolist() != [0.0, 0.0, 1.0] or K[1, 0] != 0:
-            raise SceneFormatError(
-                file, pre + "K", "a pinhole matrix (fx, fy > 0, last row [0, 0, 1])", K.tolist()
-            )
-        raw = _require(vm, "w2c", file, f"{T} 4x4 matrices (or one)", pre)
-        w2c = _matrix(raw, file, pre + "w2c", (T, 4, 4), (4, 4))
-        w2c = w2c.expand(T, 4, 4) if w2c.ndim == 2 else w2c
-        bad = (~is_rigid(w2c)).nonzero()
-        if len(bad):
-            raise SceneFormatError(
-                file,
-                f"{pre}w2c[{int(bad[0])}]",
-                "a rigid transform (orthonormal R, det 1, last row [0, 0, 0, 1])",
-                w2c[int(bad[0])].tolist(),
-            )
+        K, w2c = _check_cameras(vm, file, pre, h.num_frames)
         name = vm.get("name", f"view{i:02d}")
-        rgb_meta = _require(vm, "rgb", file, f"a list of {T} image paths or one .mp4 path", pre)
-        if isinstance(rgb_meta, list):
-            if len(rgb_meta) != T:
-                raise SceneFormatError(
-                    file, pre + "rgb", f"{T} frames (num_frames)", f"{len(rgb_meta)} frames"
-                )
-            rgb = [_file(root, r, file, f"{pre}rgb[{t}]", IMAGE_SUFFIXES) for t, r in enumerate(rgb_meta)]
-            if check_files:
-                for t, p in enumerate(rgb):
-                    with Image.open(p) as im:
-                        if im.size != (W, H):
-                            raise SceneFormatError(
-                                file,
-                                f"{pre}rgb[{t}]",
-                                f"a {W}x{H} image ({p.name})",
-                                f"{im.size[0]}x{im.size[1]}",
-                            )
-        else:
-            rgb = _file(root, rgb_meta, file, pre + "rgb", VIDEO_SUFFIXES)
-            if check_files:
-                with iio.get_reader(rgb, format="FFMPEG") as reader:
-                    n_frames = reader.count_frames()
-                    size = tuple(reader.get_meta_data().get("size", (W, H)))
-                if n_frames != T:
-                    raise SceneFormatError(file, pre + "rgb", f"a video of {T} frames", f"{n_frames} frames")
-                if size != (W, H):
-                    raise SceneFormatError(file, pre + "rgb", f"a {W}x{H} video", f"{size[0]}x{size[1]}")
-        extras = {}
-        for key, suffix_shape in (("depth", (T, H, W)), ("xyz", (T, H, W, 3)), ("mask", (T, H, W))):
-            if vm.get(key) is None:
-                extras[key] = None
-                continue
-            p = _file(root, vm[key], file, pre + key, (".npy",))
-            if check_files:
-                _check_array(p, file, pre + key, suffix_shape)
-            extras[key] = p
+        rgb = _check_rgb(vm, root, file, pre, h, check_files)
+        extras = _check_arrays(vm, root, file, pre, h, check_files)
         Ks.append(K)
         w2cs.append(w2c)
         views.append(ViewFiles(name=name, rgb=rgb, **extras))
@@ -285,11 +328,11 @@ def read_scene(path: str | Path, check_files: bool = True) -> Scene:
     known = {"format", "version", "width", "height", "num_frames", "fps", "caption", "views"}
     return Scene(
         root=root,
-        width=W,
-        height=H,
-        num_frames=T,
-        fps=float(fps),
-        caption=caption,
+        width=h.width,
+        height=h.height,
+        num_frames=h.num_frames,
+        fps=float(h.fps),
+        caption=h.caption,
         K=torch.stack(Ks).float(),
         w2c=torch.stack(w2cs).float(),
         views=views,

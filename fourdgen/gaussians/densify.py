@@ -29,6 +29,17 @@ class BudgetStrategy(DefaultStrategy):
     prune_to: int = 80_000
     prune_opa: float = 0.015
 
+    def accumulate(self, params, state: dict[str, Any], info: dict[str, Any], packed: bool = False) -> None:
+        """Add one render's screen-space gradient statistics to ``state`` without refining.
+
+        For steps that render several times: every render but the last goes through this after
+        the backward pass, the last through :meth:`step_post_backward` (which adds its own
+        statistics, then grows/prunes). ``info``: the render's ``RenderOutput.info`` (gsplat's meta,
+        ``means2d [C, N, 2]`` holding its gradient); ``state`` (from ``initialize_state``) sums
+        ``grad2d [N]`` and ``count [N]`` and keeps the largest screen-space ``radii [N]``.
+        """
+        self._update_state(params, state, info, packed=packed)
+
     def step_post_backward(self, params, optimizers, state, step, info, packed: bool = False) -> None:
         super().step_post_backward(params, optimizers, state, step, info, packed=packed)
         # gsplat 1.5.3 writes `step % self.reset_every == 0 & step > 0`, a chained comparison that is

@@ -10,6 +10,7 @@ group and the real state in place.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch.optim import Optimizer
@@ -34,6 +35,29 @@ class LearningRates:
     grid: float = 1.6e-3
     grid_final: float = 1.6e-4
     max_steps: int = 20_000
+
+    def initial(self, name: str, scene_scale: float) -> float:
+        """Learning rate of group ``name`` (a field without ``_final``) at step 0: times
+        ``scene_scale`` for ``means``, ``deformation`` and ``grid``."""
+        return getattr(self, name) * (scene_scale if name in _SCENE_SCALED else 1)
+
+    def factor(self, name: str, fine_start: int = 0) -> Callable[[int], float]:
+        """Multiplier of :meth:`initial`'s rate at a step (a ``LambdaLR`` lambda) for group ``name``.
+
+        ``means``: ``exp_decay(step, means, means_final, max_steps) / means``; ``deformation`` and
+        ``grid``: the same decay counted from ``fine_start`` (constant before it); the others 1.
+        Returns a plain function (``LambdaLR`` keeps callable objects' state in its checkpoints,
+        not functions').
+        """
+        if name == "means":
+            return lambda s: exp_decay(s, self.means, self.means_final, self.max_steps) / self.means
+        if name in ("deformation", "grid"):
+            init, final = getattr(self, name), getattr(self, f"{name}_final")
+            return lambda s: exp_decay(max(s - fine_start, 0), init, final, self.max_steps) / init
+        return lambda s: 1.0
+
+
+_SCENE_SCALED = ("means", "deformation", "grid")
 
 
 def exp_decay(step: int, init: float, final: float, max_steps: int) -> float:

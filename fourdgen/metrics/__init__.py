@@ -8,7 +8,15 @@ from fourdgen.metrics.depth import (
     delta_acc,
     depth_metrics,
 )
-from fourdgen.metrics.image import LPIPS, ImageMetrics, build_lpips_net, load_lpips_backbone, psnr, ssim
+from fourdgen.metrics.image import (
+    LPIPS,
+    ImageMetrics,
+    build_lpips_net,
+    load_lpips_backbone,
+    pooled_psnr,
+    psnr,
+    ssim,
+)
 
 __all__ = [
     "LPIPS",
@@ -22,6 +30,7 @@ __all__ = [
     "delta_acc",
     "depth_metrics",
     "load_lpips_backbone",
+    "pooled_psnr",
     "psnr",
     "rotation_angle",
     "rpe",

@@ -51,6 +51,22 @@ def psnr(pred: Tensor, target: Tensor, data_range: float = 1.0, reduction: str =
     return _reduce(per_image, reduction)
 
 
+def pooled_psnr(
+    pred: Tensor, target: Tensor, mask: Tensor | None = None, data_range: float = 1.0, eps: float = 1e-10
+) -> Tensor:
+    """PSNR in dB of the squared error pooled over all elements, or over those where ``mask``.
+
+    ``pred``, ``target`` (and the boolean ``mask``) are tensors of one shape, any layout (e.g. one
+    image ``[1, 3, H, W]``, or a batch whose masked pixels are pooled across images, unlike
+    :func:`psnr`'s per-image mean). Returns a scalar, ``-10 log10(max(MSE / data_range^2, eps))``:
+    identical images give ``-10 log10(eps)`` (100 dB) rather than infinity. Differentiable.
+    """
+    diff = pred - target
+    if mask is not None:
+        diff = diff[mask]
+    return -10 * torch.log10(((diff**2).mean() / data_range**2).clamp_min(eps))
+
+
 def ssim(pred: Tensor, target: Tensor, data_range: float = 1.0, reduction: str = "mean") -> Tensor:
     """Structural similarity (Gaussian window 11, sigma 1.5), per image then averaged.
     Needs H, W >= 11."""

@@ -5,7 +5,9 @@ rasterizer (CPU). A coarse stage trains static Gaussians, the fine stage adds th
 Densification follows gsplat's 3DGS rules under a hard budget (:class:`BudgetStrategy`).
 Novel-view regularisers (e.g. flow-matching distillation) plug into ``regularizers``.
 
-This module wires components and logs; the math lives in ``fourdgen.gaussians``/``fourdgen.nn``.
+This module wires components and logs; the math lives in ``fourdgen.gaussians`` (``bounds``: scene
+extent and HexPlane box, ``losses``, ``optim``: learning-rate schedule, ``densify``) and
+``fourdgen.metrics``.
 """
 
 from __future__ import annotations
@@ -16,21 +18,21 @@ from dataclasses import asdict
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 from fourdgen.batch import GridBatch
 from fourdgen.callbacks.media import log_images, log_video
 from fourdgen.data.protocols import SceneInfo, SceneSource, check_datamodule
+from fourdgen.gaussians.bounds import camera_extent, foreground_bounds
 from fourdgen.gaussians.container import Gaussians
 from fourdgen.gaussians.deformation import DeformationField
 from fourdgen.gaussians.densify import BudgetStrategy
-from fourdgen.gaussians.optim import LearningRates, exp_decay, group_views
+from fourdgen.gaussians.losses import add_hexplane_regularization, photometric_loss
+from fourdgen.gaussians.optim import LearningRates, group_views
 from fourdgen.gaussians.rasterize import RenderOutput, rasterize
 from fourdgen.gaussians.regularizers import NovelViewRegularizer, NovelViewRender
-from fourdgen.geometry.cameras import camera_centers, focus_point
 from fourdgen.geometry.interpolation import interpolate_loop
 from fourdgen.geometry.projection import unproject
-from fourdgen.metrics.image import ImageMetrics
+from fourdgen.metrics.image import ImageMetrics, pooled_psnr
 from fourdgen.stages.common import check_finite
 
 SPLAT_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")
@@ -66,7 +68,7 @@ class Gaussian4DFitter(L.LightningModule):
             training cameras' frusta (depth range in scene units) when the scene has no geometry.
         bounds_radius / bounds_quantile: the HexPlane box spans the ``[q, 1 - q]`` quantiles (padded
             10%) of the initial points within ``bounds_radius`` x (mean camera distance) of the
-            cameras' focus point.
+            cameras' focus point (:func:`~fourdgen.gaussians.bounds.foreground_bounds`).
         ssim_weight: lambda of (1 - lambda) L1 + lambda (1 - SSIM).
         tv_weight / time_smooth_weight / time_l1_weight: HexPlane regularisers (fine stage).
         regularizers: novel-view losses; ``regularize_every`` steps a camera of the interpolated path
@@ -155,8 +157,7 @@ class Gaussian4DFitter(L.LightningModule):
 
     def _init_splats(self, info: SceneInfo) -> None:
         h = self.hparams
-        centers = camera_centers(info.w2c[info.train_views, 0])
-        scale = 1.1 * (centers - centers.mean(0)).norm(dim=-1).max().clamp_min(1e-3)  # 3DGS scene extent
+        rig = info.w2c[info.train_views, 0]
         if info.points is not None:
             points, colors = info.points, info.colors
         else:
@@ -176,20 +177,10 @@ class Gaussian4DFitter(L.LightningModule):
         )
         for k in SPLAT_KEYS:
             self.splats[k] = nn.Parameter(self.splats[k].detach().clone())
-        self.scene_scale.fill_(float(scale))
-        if self.deformation is not None:
-            # Foreground box: points within `bounds_radius` x (mean camera distance) of where the
-            # cameras look. A far background (sky, distant ground) would otherwise stretch the HexPlane
-            # cells over the whole scene; points outside are clamped to its border.
-            rig = info.w2c[info.train_views, 0]
-            focus = focus_point(rig)
-            radius = h.bounds_radius * (camera_centers(rig) - focus).norm(dim=-1).mean()
-            fg = points[(points - focus).norm(dim=-1) < radius]
-            fg = fg if len(fg) >= 16 else points
-            q = torch.tensor([h.bounds_quantile, 1 - h.bounds_quantile])
-            lo, hi = torch.quantile(fg.float(), q, dim=0)
-            pad = 0.1 * (hi - lo).clamp_min(1e-3)
-            self.deformation.set_bounds(lo - pad, hi + pad)
+        self.scene_scale.fill_(float(camera_extent(rig)))
+        if self.deformation is not None:  # the foreground the cameras look at, not a far background
+            lo, hi = foreground_bounds(points, rig, radius=h.bounds_radius, quantile=h.bounds_quantile)
+            self.deformation.set_bounds(lo, hi)
 
     @staticmethod
     def _random_frustum_points(info: SceneInfo, n: int, depth: tuple[float, float]) -> tuple[Tensor, Tensor]:
@@ -291,26 +282,19 @@ class Gaussian4DFitter(L.LightningModule):
         batch = GridBatch.coerce(batch)
         h = self.hparams
         self._render_infos = []
-        l1 = ssim = psnr = 0.0
         B = batch.rgb.shape[0]
+        preds, gts = [], []
         for i in range(B):  # frames of one batch can have different times: one render each
             out = self.render(batch.times[i, 0], batch.K[i, :1], batch.w2c[i, 0, :1])
             self._render_infos.append(out.info)
-            pred = out.rgb[0].permute(2, 0, 1)[None]
-            gt = (batch.rgb[i, 0, 0][None] + 1) / 2
-            l1 = l1 + (pred - gt).abs().mean() / B
-            ssim = ssim + structural_similarity_index_measure(pred, gt, data_range=1.0) / B
-            psnr = psnr - 10 * torch.log10(((pred - gt) ** 2).mean().detach().clamp_min(1e-10)) / B
-        losses = {"l1": l1, "dssim": 1 - ssim}
-        loss = (1 - h.ssim_weight) * l1 + h.ssim_weight * (1 - ssim)
+            preds.append(out.rgb[0].permute(2, 0, 1)[None])
+            gts.append((batch.rgb[i, 0, 0][None] + 1) / 2)
+        photo = photometric_loss(preds, gts, h.ssim_weight)
+        psnr = sum(pooled_psnr(pred.detach(), gt) / B for pred, gt in zip(preds, gts, strict=True))
+        losses, loss = {"l1": photo.l1, "dssim": photo.dssim}, photo.loss
         if self.is_fine:
             reg = self._deform_fn("regularization")()
-            loss = (
-                loss
-                + h.tv_weight * reg["tv"]
-                + h.time_smooth_weight * reg["time_smooth"]
-                + h.time_l1_weight * reg["time_l1"]
-            )
+            loss = add_hexplane_regularization(loss, reg, h.tv_weight, h.time_smooth_weight, h.time_l1_weight)
             losses.update({f"reg_{k}": v for k, v in reg.items()})
         active = [r for r in self._regularizers if self.global_step >= r.start_step]
         if active and self.global_step % h.regularize_every == 0:
@@ -355,7 +339,7 @@ class Gaussian4DFitter(L.LightningModule):
         opt = self.optimizers(use_pl_optimizer=False)
         views = group_views(opt, list(SPLAT_KEYS))
         for info in self._render_infos[:-1]:  # extra renders of this step only add statistics
-            self.densify._update_state(self.splats, self.strategy_state, info)
+            self.densify.accumulate(self.splats, self.strategy_state, info)
         self.densify.step_post_backward(
             self.splats, views, self.strategy_state, self.global_step, self._render_infos[-1]
         )
@@ -363,31 +347,20 @@ class Gaussian4DFitter(L.LightningModule):
 
     def configure_optimizers(self):
         lr, scale = self.lr, float(self.scene_scale)
-        groups = [
-            {"params": [self.splats[k]], "name": k, "lr": getattr(lr, k) * (scale if k == "means" else 1)}
-            for k in SPLAT_KEYS
-        ]
+        groups = [{"params": [self.splats[k]], "name": k, "lr": lr.initial(k, scale)} for k in SPLAT_KEYS]
         if self.deformation is not None:
             grid = list(self.deformation.grid.parameters())
             grid_ids = {id(p) for p in grid}
             mlp = [p for p in self.deformation.parameters() if id(p) not in grid_ids]
             groups += [
-                {"params": mlp, "name": "deformation", "lr": lr.deformation * scale},
-                {"params": grid, "name": "grid", "lr": lr.grid * scale},
+                {"params": mlp, "name": "deformation", "lr": lr.initial("deformation", scale)},
+                {"params": grid, "name": "grid", "lr": lr.initial("grid", scale)},
             ]
         # fused: one kernel for all groups on CUDA (the for-each path launches per tensor)
         opt = torch.optim.Adam(groups, lr=0.0, eps=1e-15, fused=self.device.type == "cuda")
-        coarse = self.hparams.coarse_steps
-
-        def factor(name: str, base: float):
-            if name == "means":
-                return lambda s: exp_decay(s, lr.means, lr.means_final, lr.max_steps) / lr.means
-            if name in ("deformation", "grid"):
-                init, final = getattr(lr, name), getattr(lr, f"{name}_final")
-                return lambda s: exp_decay(max(s - coarse, 0), init, final, lr.max_steps) / init
-            return lambda s: 1.0
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, [factor(g["name"], g["lr"]) for g in groups])
+        # the deformation field's rates decay from the start of the fine stage
+        factors = [lr.factor(g["name"], fine_start=self.hparams.coarse_steps) for g in groups]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factors)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ----------------------------------------------------------------------- validation / test
@@ -406,7 +379,7 @@ class Gaussian4DFitter(L.LightningModule):
         if batch.mask is not None:  # PSNR on moving objects only (masks: object ids > 0)
             m = (batch.mask[:, 0, 0] > 0).expand_as(gt)
             if m.any():
-                metrics["psnr_dynamic"] = -10 * torch.log10(((pred - gt)[m] ** 2).mean().clamp_min(1e-10))
+                metrics["psnr_dynamic"] = pooled_psnr(pred, gt, mask=m)
         if log:
             self.log_dict({f"{prefix}/{k}": v for k, v in metrics.items()}, batch_size=len(pred))
         return {"pred": pred, "gt": gt, **metrics}
