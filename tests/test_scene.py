@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from fourdgen.data.scene import SceneFormatError, find_scenes, read_scene, write_scene
+from fourdgen.data.scene import SceneFormatError, find_scenes, read_scene
+from fourdgen.data.scene_writer import write_scene
 
 
 def test_round_trip_png(tiny_synthetic, tiny_scene_dir):

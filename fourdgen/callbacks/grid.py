@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fourdgen.callbacks.guard import GuardedPredictionWriter
 from fourdgen.callbacks.media import save_video_mp4
-from fourdgen.data.scene import write_scene
+from fourdgen.data.scene_writer import write_scene
 from fourdgen.geometry.cameras import intrinsics_from_fov, is_rigid
 
 

@@ -64,15 +64,12 @@ class GuardedPredictionWriter(GuardedOutput, BasePredictionWriter):
     def on_predict_start(self, trainer, pl_module) -> None:
         self._skip = not self.may_write(trainer, self.out_dir)
         if not self._skip and trainer.is_global_zero:
-            self._writing = self.writing(self.out_dir)
-            self._writing.__enter__()
+            write_manifest(self.out_dir, self.writer_name, step=None, complete=False)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if not getattr(self, "_skip", False):
             super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        writing = getattr(self, "_writing", None)
-        if writing is not None:
-            self._writing = None
-            writing.__exit__(None, None, None)
+        if not getattr(self, "_skip", True) and trainer.is_global_zero:
+            write_manifest(self.out_dir, self.writer_name, step=None, complete=True)

@@ -103,7 +103,7 @@ class SyntheticScene:
 
     def write(self, root: str | Path, frame_format: str = "png") -> Path:
         """Write in the scene format (see :mod:`fourdgen.data.scene`)."""
-        from fourdgen.data.scene import write_scene
+        from fourdgen.data.scene_writer import write_scene
 
         return write_scene(
             root,
