@@ -33,7 +33,7 @@ from fourdgen.errors import ConfigError
 
 # GPU recipe -> its tiny CPU twin, both relative to lightning_configs/.
 TINY_TWINS: dict[str, tuple[str, ...]] = {
-    "fit/full4d.yaml": ("quickstart.yaml", "tiny/fit.yaml"),
+    "fit/full4d.yaml": ("quickstart.yaml", "tiny/fit.yaml", "tiny/fit_fmd.yaml"),
     "video/4dnex.yaml": ("tiny/video.yaml",),
     "video/one4d.yaml": ("tiny/one4d.yaml",),
     "video/4real_v2.yaml": ("tiny/4real_v2.yaml",),

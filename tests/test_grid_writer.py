@@ -229,3 +229,54 @@ def test_callback_writes_every_clip_of_a_prediction_list(tmp_path):
 def test_callback_rejects_unknown_frame_format():
     with pytest.raises(ValueError, match="frame_format"):
         GridVideoWriter(frame_format="gif")
+
+
+# --- source view and its depth (Full-4D) ---------------------------------------------------------
+
+
+def _depth(seed=0):
+    return torch.rand(T, H, W, generator=torch.Generator().manual_seed(seed)) * 3 + 0.5
+
+
+def test_source_view_and_its_depth_round_trip(tmp_path):
+    """The source row is recorded at the top level of scene.json and only it has a depth file."""
+    depth = _depth()
+    depth[0, 0, 0] = 0.0  # unknown stays 0
+    clip = {**_clip(), "source_view": 1, "depth": depth}
+    writer = GridVideoWriter(out_dir=str(tmp_path), write_views=False, write_mosaic=False)
+    writer.write_on_batch_end(None, None, [clip], [0], None, 0)
+    meta = json.loads((tmp_path / "s" / "scene" / "scene.json").read_text())
+    assert meta["source_view"] == 1
+    assert ["depth" in vm for vm in meta["views"]] == [False, True, False]
+    scene = read_scene(tmp_path / "s" / "scene")
+    assert scene.source_view == 1 and "source_view" not in scene.extra
+    assert [v.depth is not None for v in scene.views] == [False, True, False]
+    assert not scene.has_depth  # not every view: loaders that need depth everywhere skip it
+    assert torch.equal(scene.load_depth(1), depth) and scene.load_depth(0) is None
+    torch.testing.assert_close(scene.K, clip["K"], atol=1e-5, rtol=0)
+
+
+def test_source_view_without_depth_and_clips_without_either(tmp_path):
+    scene = read_scene(write_grid({**_clip("a"), "source_view": 2, "depth": None}, tmp_path) / "scene")
+    assert scene.source_view == 2 and all(v.depth is None for v in scene.views)
+    scene = read_scene(write_grid({**_clip("b"), "source_view": None, "depth": None}, tmp_path) / "scene")
+    assert scene.source_view is None
+    assert "source_view" not in json.loads((tmp_path / "b" / "scene" / "scene.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda c: c.update(source_view=3), r"'source_view'.*\[0, 3\).*got 3"),
+        (lambda c: c.update(source_view=True), r"'source_view'.*got True"),
+        (lambda c: c.update(depth=_depth()[None]), r"'depth'.*\[4, 6, 8\].*got \[1, 4, 6, 8\]"),
+        (lambda c: c.update(source_view=None), r"'depth'.*give 'source_view'"),
+        (lambda c: c["depth"].__setitem__((0, 0, 0), float("nan")), r"'depth'.*finite"),
+    ],
+)
+def test_bad_source_view_or_depth_raise_before_writing(tmp_path, edit, match):
+    clip = {**_clip(), "source_view": 1, "depth": _depth()}
+    edit(clip)
+    with pytest.raises(ValueError, match=match):
+        write_grid(clip, tmp_path)
+    assert not any(tmp_path.iterdir())

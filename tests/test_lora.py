@@ -82,3 +82,93 @@ def test_stock_diffusers_loads_the_exported_lora(tmp_path):
     stock2 = WanTransformer3DModel.from_pretrained(base, subfolder="transformer")
     stock2.load_lora_adapter(str(tmp_path / "export" / LORA_FILE), prefix="transformer")
     torch.testing.assert_close(_run(stock2, x), _run(model, x), rtol=1e-5, atol=1e-5)
+
+
+# --- full fine-tuning: float32 master weights next to a bf16 base ----------------------------------
+
+
+def _bf16_grid(**kw):
+    from fourdgen.nn.grid_coupling import ProjectionGrid
+    from fourdgen.stages.grid import GridDiffusion
+
+    model = GridDiffusion(
+        transformer={"preset": "tiny"},
+        coupling=ProjectionGrid(),
+        base_dtype="bfloat16",
+        lora_rank=0,
+        lpips_net=None,
+        **kw,
+    )
+    model.configure_model()
+    return model
+
+
+def test_full_finetune_trains_float32_master_weights():
+    whole = _bf16_grid()
+    params = dict(whole.transformer.named_parameters())
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in params.values())
+    part = _bf16_grid(train_modules=["attn1."])
+    trainable = {n: p for n, p in part.transformer.named_parameters() if p.requires_grad}
+    frozen = {n: p for n, p in part.transformer.named_parameters() if not p.requires_grad}
+    assert trainable and frozen
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    assert all(p.dtype == torch.bfloat16 for p in frozen.values())
+    assert any("camera_encoder" in n for n in trainable)  # the coupling's new layers train too
+
+
+def _grid_batch(seed=0):
+    from fourdgen.batch import GridBatch
+
+    g = torch.Generator().manual_seed(seed)
+    B, V, T, H, W = 1, 2, 5, 16, 16
+    w2c = torch.eye(4).repeat(B, V, T, 1, 1)
+    w2c[:, 1, :, 0, 3] = 0.2
+    return GridBatch(
+        rgb=torch.rand(B, V, T, 3, H, W, generator=g) * 2 - 1,
+        K=torch.tensor([[16.0, 0, 8], [0, 16, 8], [0, 0, 1]]).repeat(B, V, 1, 1),
+        w2c=w2c,
+        observed=torch.zeros(B, V, T, dtype=torch.bool),
+        times=torch.linspace(0, 1, T)[None],
+        view_ids=torch.arange(V)[None],
+        time_ids=torch.arange(T)[None],
+        depth=torch.full((B, V, T, 1, H, W), 2.0),
+        text_embeds=torch.randn(B, 8, 32, generator=g),
+    )
+
+
+@pytest.mark.parametrize("train_modules", [None, ["attn1."]])
+def test_bf16_mixed_training_step_updates_float32_weights(tmp_path, train_modules):
+    """Under Lightning's bf16-mixed on CPU the DiT computes in bf16, AdamW's state is float32 and one
+    step changes the trained weights (the frozen ones stay)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from fourdgen.batch import GridBatch
+
+    torch.manual_seed(0)
+    model = _bf16_grid(train_modules=train_modules, lr=1e-3)
+    named = dict(model.transformer.named_parameters())
+    before = {n: p.detach().clone() for n, p in named.items()}
+    dtypes = []
+    model.transformer.blocks[0].ffn.net[0].proj.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        precision="bf16-mixed",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    data = DataLoader([_grid_batch()], batch_size=1, collate_fn=GridBatch.collate)
+    trainer.fit(model, data)
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # compute in bf16
+    state = trainer.optimizers[0].state
+    assert state and all(s["exp_avg"].dtype == torch.float32 for s in state.values())
+    changed = {n for n, p in named.items() if not torch.equal(p.detach(), before[n])}
+    trained = {n for n, p in named.items() if p.requires_grad}
+    assert changed and changed <= trained
+    assert all(named[n].dtype == torch.float32 for n in trained)
+    # blocks' own weights move (not only the zero-initialised new layers)
+    assert any("blocks.0.attn1.to_q" in n for n in changed)

@@ -119,6 +119,11 @@ def _bad_depth(meta, root):
         (_bad_size, "views[2].rgb[1]", "40x32"),
         (_bad_depth, "views[0].depth", "[6, 32, 40]"),
         (_set(["views", 0, "xyz"], "xyz/missing.npy"), "views[0].xyz", "existing file"),
+        (_set(["source_view"], 4), "source_view", "[0, 4)"),
+        (_set(["source_view"], -1), "source_view", "[0, 4)"),
+        (_set(["source_view"], "0"), "source_view", "integer view index"),
+        (_set(["source_view"], True), "source_view", "integer view index"),
+        (_set(["source_view"], 1.0), "source_view", "integer view index"),
     ],
 )
 def test_format_errors(tmp_path, tiny_scene_dir, edit, field, expected):
@@ -150,3 +155,41 @@ def test_mp4_frame_count_mismatch(tmp_path):
     (tmp_path / "scene.json").write_text(json.dumps(meta))
     with pytest.raises(SceneFormatError, match="a video of 5 frames"):
         read_scene(tmp_path)
+
+
+def test_source_view_is_optional_and_exposed(tmp_path, tiny_scene_dir):
+    assert read_scene(tiny_scene_dir).source_view is None
+    root = _broken(tmp_path, tiny_scene_dir, _set(["source_view"], 3))
+    s = read_scene(root)
+    assert s.source_view == 3 and "source_view" not in s.extra
+
+
+@pytest.mark.parametrize("form", ["list", "dict"])
+def test_write_scene_depth_for_some_views_only(tmp_path, tiny_synthetic, form):
+    gt = tiny_synthetic
+    V = gt.K.shape[0]
+    depth = [None] * V
+    depth[2] = gt.depth[2]
+    given = depth if form == "list" else {2: gt.depth[2]}
+    write_scene(tmp_path / "s", gt.rgb, gt.K, gt.w2c, depth=given, mask=gt.mask)
+    s = read_scene(tmp_path / "s")
+    assert [v.depth is not None for v in s.views] == [v == 2 for v in range(V)]
+    assert not s.has_depth and s.has_mask
+    torch.testing.assert_close(s.load_depth(2), gt.depth[2])
+    assert s.load_depth(0) is None
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"depth": [None, None]}, r"depth: expected 4 per-view entries, got 2"),
+        ({"depth": {4: None}}, r"depth: view keys must be ints in \[0, 4\)"),
+        ({"depth": [None, torch.zeros(6, 32, 41), None, None]}, r"depth\[1\]: expected \[6, 32, 40\]"),
+        ({"xyz": torch.zeros(4, 6, 32, 40)}, r"xyz: expected \[4, 6, 32, 40, 3\]"),
+    ],
+)
+def test_write_scene_rejects_bad_arrays_before_writing(tmp_path, tiny_synthetic, kw, match):
+    gt = tiny_synthetic
+    with pytest.raises(ValueError, match=match):
+        write_scene(tmp_path / "s", gt.rgb, gt.K, gt.w2c, **kw)
+    assert not (tmp_path / "s").exists()

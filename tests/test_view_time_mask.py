@@ -142,3 +142,82 @@ def test_apply_rope_matches_diffusers():
     out = self_attention(attn, x, (cos, sin), lambda q, k, v: F.scaled_dot_product_attention(q, k, v))
     torch.testing.assert_close(out, ref)
     assert apply_rope(torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4), torch.zeros(1, 1, 1, 4)).sum() == 4
+
+
+# --- the source view travels with the layout (Full-4D's cross-half term) ------------------------
+
+FULL4D = ("same_view", "same_time", "cross_half")
+
+
+def _source_layout(k: int) -> GridLayout:
+    """3 views x (2 target + 2 condition) frames x 2 tokens, source row ``k``."""
+    return GridLayout(3, 4, 1, 2, target_frames=2, source_view=k)
+
+
+def padded_enumeration(layout: GridLayout, terms, source_view: int, P: int) -> torch.Tensor:
+    """The mask on a sequence whose frames are padded to ``P`` tokens, index by index: padding keys
+    are masked, padding queries keep their frame's row."""
+    V, Fr, n = layout.views, layout.frames, layout.frame_tokens
+    frame = enumerated(GridLayout(V, Fr, 1, 1, target_frames=layout.targets), terms, source_view)
+    N = V * Fr * P
+    m = torch.zeros(N, N, dtype=torch.bool)
+    for q in range(N):
+        for kv in range(N):
+            m[q, kv] = bool(frame[q // P, kv // P]) and kv % P < n
+    return m
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_cross_half_reads_the_layouts_source_view(k):
+    """``dense``, ``frames``, ``mask_mod`` on every index pair (plain and padded) and the block mask
+    (its structure and its mask_mod) all equal the token-by-token enumeration with source row k."""
+    layout = _source_layout(k)
+    mask = ViewTimeMask(FULL4D)
+    ref = enumerated(layout, FULL4D, source_view=k)
+    n, N = layout.frame_tokens, layout.num_tokens
+    assert torch.equal(mask.dense(layout), ref)
+    assert torch.equal(mask.frames(layout), ref[::n, ::n])
+    q, kv = torch.arange(N)[:, None].expand(N, N), torch.arange(N)[None].expand(N, N)
+    assert torch.equal(mask.mask_mod(layout)(0, 0, q, kv), ref)
+    P = 3
+    Np = layout.num_frames * P
+    qp, kvp = torch.arange(Np)[:, None].expand(Np, Np), torch.arange(Np)[None].expand(Np, Np)
+    got = mask.mask_mod(layout, pad_to=P)(0, 0, qp, kvp)
+    assert torch.equal(got, padded_enumeration(layout, FULL4D, k, P))
+    # Spelled out: view w's first target token sees view k's condition frames, no other view's
+    # (its own through same_view).
+    for w in range(3):
+        for v in range(3):
+            cond_key = (v * 4 + 2) * n  # view v, first condition frame
+            assert bool(ref[w * 4 * n, cond_key]) == (v in (k, w)), (w, v)
+    # Block mask (3-token blocks straddle the 2-token frames: full, partial and skipped blocks).
+    block = 3
+    bm = mask.block_mask(layout, block=block)
+    assert torch.equal(bm.mask_mod(0, 0, q, kv), ref)
+    nb = -(-N // block)
+    full, partial = set(), set()
+    for qb in range(nb):
+        for j in range(int(bm.kv_num_blocks[0, 0, qb])):
+            partial.add((qb, int(bm.kv_indices[0, 0, qb, j])))
+        for j in range(int(bm.full_kv_num_blocks[0, 0, qb])):
+            full.add((qb, int(bm.full_kv_indices[0, 0, qb, j])))
+    want_full, want_partial = set(), set()
+    for qb in range(nb):
+        for kb in range(nb):
+            tile = ref[qb * block : (qb + 1) * block, kb * block : (kb + 1) * block]
+            if tile.all():
+                want_full.add((qb, kb))
+            elif tile.any():
+                want_partial.add((qb, kb))
+    assert (full, partial) == (want_full, want_partial)
+    assert want_full and want_partial  # the case exercises both kinds
+
+
+def test_source_view_is_part_of_the_block_mask_cache_key_and_validated():
+    mask = ViewTimeMask(FULL4D)
+    masks = [mask.block_mask(_source_layout(k), block=3) for k in range(3)]
+    assert len({id(m) for m in masks}) == 3
+    assert mask.block_mask(_source_layout(1), block=3) is masks[1]
+    assert not torch.equal(mask.dense(_source_layout(0)), mask.dense(_source_layout(2)))
+    with pytest.raises(ValueError, match="source_view"):
+        GridLayout(3, 4, 1, 2, target_frames=2, source_view=3)

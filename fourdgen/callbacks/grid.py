@@ -9,6 +9,9 @@ last, so a folder with a ``scene.json`` is complete.
 cameras, e.g. Full-4D) or ``"unknown"`` (e.g. 4Real-Video-V2: the cameras stored are placeholders,
 K from ``default_fov_deg`` and identity w2c, for stage 2 to replace); ``"observed"`` (``[V][T]``
 bools, when the clip has it) marks the cells that were given as conditions rather than generated.
+The top-level ``"source_view"`` (:attr:`~fourdgen.data.scene.Scene.source_view`, when the clip has
+one: Full-4D) is the row that is the input video; that view alone has a depth file, the depth the
+projection conditioning used.
 """
 
 from __future__ import annotations
@@ -70,6 +73,17 @@ def check_grid_clip(clip: dict) -> tuple[int, int, int, int]:
         if not isinstance(x, Tensor) or tuple(x.shape) != shape:
             got = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise _shape_error(key, f"a tensor {list(shape)} or None", got, rgb)
+    s, depth = clip.get("source_view"), clip.get("depth")
+    if s is not None and (isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < V):
+        raise _shape_error("source_view", f"an int in [0, {V}) or None", repr(s), rgb)
+    if depth is not None:
+        if s is None:
+            raise ValueError("grid clip field 'depth': it is the source view's depth; give 'source_view' too")
+        if not isinstance(depth, Tensor) or tuple(depth.shape) != (T, H, W):
+            got = list(depth.shape) if isinstance(depth, Tensor) else type(depth).__name__
+            raise _shape_error("depth", f"a tensor {[T, H, W]} (the source view's) or None", got, rgb)
+        if not torch.isfinite(depth).all() or (depth < 0).any():
+            raise ValueError("grid clip field 'depth': expected finite z-depth >= 0 (0 = unknown)")
     K, w2c = clip.get("K"), clip.get("w2c")
     if (K is None) != (w2c is None):
         raise ValueError("grid clip fields 'K' and 'w2c': give both cameras or neither (None = unknown)")
@@ -106,8 +120,10 @@ def write_grid(
     """Write one generated grid under ``out_dir/<scene_id>/``; returns that folder.
 
     ``clip``: ``scene_id``; ``rgb [V, T, 3, H, W]`` in [-1, 1]; ``K [V, 3, 3]`` and ``w2c [V, T, 4, 4]``
-    (OpenCV), or both None when the recipe does not know the cameras; optional ``caption`` and
-    ``observed [V, T]`` bool. ``frame_format``: the scene's frames (``png``, ``jpg`` or ``mp4``).
+    (OpenCV), or both None when the recipe does not know the cameras; optional ``caption``,
+    ``observed [V, T]`` bool, ``source_view`` (int: the input video's row) and ``depth [T, H, W]``
+    (that row's depth, written as its depth file). ``frame_format``: the scene's frames (``png``,
+    ``jpg`` or ``mp4``).
     """
     V, T, H, W = check_grid_clip(clip)
     out = Path(out_dir) / str(clip["scene_id"])
@@ -121,6 +137,12 @@ def write_grid(
         extra["cameras"] = "known"
     if clip.get("observed") is not None:
         extra["observed"] = clip["observed"].bool().cpu().tolist()
+    depth = None
+    if clip.get("source_view") is not None:
+        s = extra["source_view"] = int(clip["source_view"])
+        if clip.get("depth") is not None:
+            depth = [None] * V  # only the source view has depth
+            depth[s] = clip["depth"].detach().float().cpu()
     if write_views:
         for v in range(V):
             save_video_mp4(out / "views" / f"view_{v:02d}.mp4", rgb[v].permute(0, 2, 3, 1), fps=fps)
@@ -135,6 +157,7 @@ def write_grid(
         fps=fps,
         caption=str(clip.get("caption") or ""),
         frame_format=frame_format,
+        depth=depth,
         extra=extra,
     )
     return out

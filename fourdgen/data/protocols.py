@@ -6,7 +6,9 @@ methods of its stage's protocol below. Its loaders yield :class:`~fourdgen.batch
 
 - ``VideoDiffusion``, ``GridDiffusion``, ``FeedForwardReconstruction``: :class:`GridBatchSource`,
   ``train_dataloader()`` (and ``val_/test_/predict_dataloader()`` for those loops).
-- ``Gaussian4DFitter``: :class:`SceneSource`, the above and ``scene_info() -> SceneInfo``.
+- ``Gaussian4DFitter``: :class:`SceneSource`, the above and ``scene_info() -> SceneInfo``; with
+  flow-matching distillation also ``view_clip(view) -> {"rgb" [T, 3, H, W] in [0, 1], "depth"
+  [T, H, W] or None}`` (:class:`SourceClipSource`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from fourdgen.errors import ConfigError
 class SceneInfo:
     """Everything the fitter needs up front. ``K [V, 3, 3]``, ``w2c [V, T, 4, 4]``, ``times [T]``
     in [0, 1], ``points [N, 3]`` / ``colors [N, 3]`` in [0, 1] (None when the scene has no
-    depth/xyz: the fitter then starts from random points in the training frusta)."""
+    depth/xyz: the fitter then starts from random points in the training frusta). ``source_view``:
+    the row that is the input video of a generated grid (scene.json ``source_view``; None if not
+    stated)."""
 
     K: Tensor
     w2c: Tensor
@@ -37,6 +41,8 @@ class SceneInfo:
     colors: Tensor | None
     fps: float
     cameras_known: bool = True  # False for grids whose cameras are placeholders (4Real-Video-V2)
+    source_view: int | None = None
+    caption: str = ""
 
 
 @runtime_checkable
@@ -51,6 +57,14 @@ class SceneSource(GridBatchSource, Protocol):
     """One scene for per-scene fitting: frames as ``GridBatch`` plus :class:`SceneInfo` up front."""
 
     def scene_info(self) -> SceneInfo: ...
+
+
+@runtime_checkable
+class SourceClipSource(SceneSource, Protocol):
+    """A scene source that also serves whole views (novel-view regularisers that condition on the
+    input video, e.g. flow-matching distillation)."""
+
+    def view_clip(self, view: int) -> dict: ...
 
 
 def check_datamodule(datamodule: object, protocol: type, stage: str) -> None:

@@ -13,8 +13,13 @@ A scene is a grid of V views x T timesteps, the layout every stage reads. ``scen
          "depth": "depth/cam00.npy",                    # optional, float32 [T, H, W] z-depth, 0 = none
          "xyz": "xyz/cam00.npy",                        # optional, float32 [T, H, W, 3] world points
          "mask": "mask/cam00.npy"}                      # optional, uint8 [T, H, W] object ids, 0 = bg
-      ]
+      ],
+      "source_view": 0                                  # optional, see below
     }
+
+``source_view`` (optional, an int in ``[0, V)``): the row that is the input video of a generated grid;
+its depth is the one the projection conditioning used (Full-4D grids: that view alone has a depth
+file). Any other top-level key is kept as :attr:`Scene.extra`.
 
 Paths are relative to the scene folder. :func:`read_scene` validates everything it can without
 decoding frames (files exist, image headers and array shapes match, cameras are finite and rigid)
@@ -71,7 +76,8 @@ class ViewFiles:
 class Scene:
     """A validated scene. Frames are loaded on demand.
 
-    Attributes: ``K [V, 3, 3]``, ``w2c [V, T, 4, 4]`` (float32, OpenCV), ``views`` (files per view).
+    Attributes: ``K [V, 3, 3]``, ``w2c [V, T, 4, 4]`` (float32, OpenCV), ``views`` (files per view),
+    ``source_view`` (the input video's row of a generated grid, or None), ``extra`` (other keys).
     """
 
     root: Path
@@ -84,6 +90,7 @@ class Scene:
     w2c: Tensor
     views: list[ViewFiles]
     extra: dict[str, Any] = field(default_factory=dict)
+    source_view: int | None = None
 
     @property
     def num_views(self) -> int:
@@ -304,6 +311,14 @@ def _check_arrays(vm: dict, root: Path, file: Path, pre: str, h: _Header, check_
     return extras
 
 
+def _check_source_view(meta: dict, file: Path, V: int) -> int | None:
+    """The optional ``source_view``: an int view index in ``[0, V)``."""
+    s = meta.get("source_view")
+    if s is not None and (isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < V):
+        raise SceneFormatError(file, "source_view", f"an integer view index in [0, {V}) or null", repr(s))
+    return s
+
+
 def read_scene(path: str | Path, check_files: bool = True) -> Scene:
     """Read and validate a scene folder (or its ``scene.json``). Raises :class:`SceneFormatError`."""
     path = Path(path)
@@ -311,6 +326,7 @@ def read_scene(path: str | Path, check_files: bool = True) -> Scene:
     file = root / SCENE_FILE
     meta = _load_json(file)
     h = _check_header(meta, file)
+    source_view = _check_source_view(meta, file, len(h.views))
     Ks, w2cs, views = [], [], []
     for i, vm in enumerate(h.views):
         pre = f"views[{i}]."
@@ -324,7 +340,7 @@ def read_scene(path: str | Path, check_files: bool = True) -> Scene:
         w2cs.append(w2c)
         views.append(ViewFiles(name=name, rgb=rgb, **extras))
 
-    known = {"format", "version", "width", "height", "num_frames", "fps", "caption", "views"}
+    known = {"format", "version", "width", "height", "num_frames", "fps", "caption", "views", "source_view"}
     return Scene(
         root=root,
         width=h.width,
@@ -336,6 +352,7 @@ def read_scene(path: str | Path, check_files: bool = True) -> Scene:
         w2c=torch.stack(w2cs).float(),
         views=views,
         extra={k: v for k, v in meta.items() if k not in known},
+        source_view=source_view,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -69,6 +70,13 @@ class SceneFramesDataModule(BaseDataModule):
         init_frames: timesteps the initial point cloud comes from ("first", as 4DGaussians does for
             multi-view video, or "all": moving objects then start with a copy at every position).
         repeat: passes over the training frames per epoch.
+        depth_model: a local depth-estimation checkpoint (Depth Anything V2 through transformers,
+            :class:`~fourdgen.backbones.depth.DepthEstimator`) that estimates the depth of training
+            views without depth or xyz files (a generated grid has depth for its source view only);
+            each is aligned to the source view's depth projected into it
+            (:func:`~fourdgen.geometry.depth_fusion.align_views_to_source`) before the fused cloud
+            initialises the Gaussians. Without it such views add no initial points.
+        depth_device: where ``depth_model`` runs ("auto": CUDA if there is one).
     """
 
     def __init__(
@@ -81,6 +89,8 @@ class SceneFramesDataModule(BaseDataModule):
         init_points: int = 20_000,
         init_frames: str = "first",
         repeat: int = 1,
+        depth_model: str | None = None,
+        depth_device: str = "auto",
         batch_size: int = 1,
         num_workers: int = 0,
         seed: int = 0,
@@ -139,6 +149,7 @@ class SceneFramesDataModule(BaseDataModule):
             "holdout": holdout or list(range(V)),
             "scene": scene,
             "out_hw": out_hw,
+            "plan": (size, top_left),
         }
 
     def scene_info(self) -> SceneInfo:
@@ -150,18 +161,20 @@ class SceneFramesDataModule(BaseDataModule):
             raise ValueError(f"data.init_frames: expected 'first' or 'all', got {self.hparams.init_frames!r}")
         times = [0] if self.hparams.init_frames == "first" else None
         pts, cols = [], []
+        estimated = self._estimated_depth(scene, d["train"], times)
         for v in d["train"]:
             xyz = scene.load_xyz(v, times)
-            if xyz is None and scene.has_depth:
+            depth = scene.load_depth(v, times) if scene.views[v].depth is not None else estimated.get(v)
+            if xyz is None and depth is not None:
                 from fourdgen.geometry.projection import depth_to_points
 
                 w2c = scene.w2c[v] if times is None else scene.w2c[v, times]
-                xyz = depth_to_points(scene.load_depth(v, times), scene.K[v], w2c)
+                xyz = depth_to_points(depth, scene.K[v], w2c)
             if xyz is None:
                 continue
             valid = torch.isfinite(xyz).all(-1)
-            if scene.has_depth:
-                valid &= scene.load_depth(v, times) > 0
+            if depth is not None:
+                valid &= depth > 0
             pts.append(xyz[valid])
             cols.append(scene.load_rgb(v, times).permute(0, 2, 3, 1)[valid])
         points = colors = None
@@ -183,7 +196,52 @@ class SceneFramesDataModule(BaseDataModule):
             colors=colors,
             fps=scene.fps,
             cameras_known=scene.extra.get("cameras") != "unknown",
+            source_view=scene.source_view,
+            caption=scene.caption,
         )
+
+    def _estimated_depth(self, scene: Scene, views: list[int], times: list[int] | None) -> dict[int, Tensor]:
+        """Depth of the ``views`` that have no depth/xyz files, estimated and aligned to the source
+        view's (needs ``depth_model`` and a ``source_view`` with depth); ``{view: [T', H, W]}``."""
+        missing = [v for v in views if scene.views[v].depth is None and scene.views[v].xyz is None]
+        path, s = self.hparams.depth_model, scene.source_view
+        if not missing or path is None:
+            return {}
+        if s is None or scene.views[s].depth is None:
+            raise ValueError(
+                f"data.depth_model: {scene.root} states no source view with depth (scene.json "
+                "'source_view' and its depth file) to align the estimated views to"
+            )
+        from fourdgen.backbones.depth import DepthEstimator
+        from fourdgen.geometry.depth_fusion import align_views_to_source
+
+        est = DepthEstimator(path, device=self.hparams.depth_device)
+        views = [s, *missing]
+        t = slice(None) if times is None else times
+        pred = torch.stack([est(scene.load_rgb(v, times)).cpu() for v in views])
+        depth, report = align_views_to_source(
+            pred, est.space, scene.K[views], scene.w2c[views][:, t], 0, scene.load_depth(s, times)
+        )
+        for r in report[1:]:
+            rank_zero_info(
+                f"fourdgen: view {views[r['view']]} depth aligned to the source view's on {r['pixels']} "
+                f"pixels (relative error {r['rel_residual']:.3f})"
+            )
+        return {v: depth[i] for i, v in enumerate(views) if i > 0}
+
+    def view_clip(self, view: int) -> dict:
+        """One whole view at the served resolution: ``rgb [T, 3, H, W]`` in [0, 1] and ``depth
+        [T, H, W]`` (0 = unknown; None when the view has no depth file)."""
+        self.setup()
+        d = self._loaded
+        scene: Scene = d["scene"]
+        if not 0 <= view < scene.num_views:
+            raise ValueError(f"{scene.root}: view {view} does not exist (the scene has {scene.num_views})")
+        depth = scene.load_depth(view) if scene.views[view].depth is not None else None
+        if depth is not None:
+            size, top_left = d["plan"]
+            depth = _resize(depth[:, None], size, top_left, d["out_hw"], "nearest-exact")[:, 0]
+        return {"rgb": d["rgb"][view].float() / 255, "depth": depth}
 
     def _frames(self, views: list[int], repeat: int = 1) -> _Frames:
         d = self._loaded

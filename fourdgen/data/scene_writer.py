@@ -17,6 +17,9 @@ from torch import Tensor
 from fourdgen.data.scene import FORMAT_NAME, FORMAT_VERSION, SCENE_FILE
 from fourdgen.io import atomic_path, write_json
 
+# A per-view array for all views ([V, ...]), or per view for some views only (None: no file).
+PerView = Tensor | np.ndarray | list | tuple | dict | None
+
 
 def write_scene(
     root: str | Path,
@@ -24,9 +27,9 @@ def write_scene(
     K: Tensor,
     w2c: Tensor,
     *,
-    depth: Tensor | np.ndarray | None = None,
-    xyz: Tensor | np.ndarray | None = None,
-    mask: Tensor | np.ndarray | None = None,
+    depth: PerView = None,
+    xyz: PerView = None,
+    mask: PerView = None,
     fps: float = 8.0,
     caption: str = "",
     frame_format: str = "png",
@@ -39,7 +42,12 @@ def write_scene(
         rgb: ``[V, T, H, W, 3]`` uint8, or float in [0, 1].
         K: ``[V, 3, 3]``; w2c: ``[V, T, 4, 4]`` (or ``[V, 4, 4]`` for static cameras).
         depth: ``[V, T, H, W]``; xyz: ``[V, T, H, W, 3]`` world points; mask: ``[V, T, H, W]`` ids.
+            Each may also be given per view, for some views only: a list of V entries (``[T, H, W]``
+            / ``[T, H, W, 3]`` arrays, or None for a view without that file), or a dict
+            ``{view: array}``.
         frame_format: ``png``, ``jpg`` or ``mp4`` (one video per view; lossy).
+
+    Raises ValueError (before anything is written) for a wrongly shaped camera or array.
     """
     root = Path(root)
     rgb = _as_uint8(rgb)
@@ -51,6 +59,14 @@ def write_scene(
             f"write_scene: expected K [{V}, 3, 3] and w2c [{V}, {T}, 4, 4], "
             f"got {list(K.shape)} and {list(w2c.shape)}"
         )
+    arrays = {
+        key: _per_view(arr, key, V, shape)
+        for key, arr, shape in (
+            ("depth", depth, (T, H, W)),
+            ("xyz", xyz, (T, H, W, 3)),
+            ("mask", mask, (T, H, W)),
+        )
+    }
     names = view_names or [f"cam{v:02d}" for v in range(V)]
     views = []
     for v, name in enumerate(names):
@@ -72,15 +88,12 @@ def write_scene(
             "w2c": w2c[v].tolist(),
             "rgb": rel,
         }
-        for key, arr, dtype in (
-            ("depth", depth, np.float32),
-            ("xyz", xyz, np.float32),
-            ("mask", mask, np.uint8),
-        ):
+        for key, dtype in (("depth", np.float32), ("xyz", np.float32), ("mask", np.uint8)):
+            arr = arrays[key][v]
             if arr is not None:
                 vm[key] = f"{key}/{name}.npy"
                 with atomic_path(root / vm[key]) as tmp, open(tmp, "wb") as f:
-                    np.save(f, _np(arr[v]).astype(dtype))
+                    np.save(f, arr.astype(dtype))
         views.append(vm)
     meta = {
         "format": FORMAT_NAME,
@@ -95,6 +108,30 @@ def write_scene(
     }
     write_json(root / SCENE_FILE, meta)
     return root
+
+
+def _per_view(arr: PerView, key: str, V: int, shape: tuple[int, ...]) -> list[np.ndarray | None]:
+    """``arr`` as V per-view arrays of ``shape`` (None: the view has no such file), checked."""
+    if arr is None:
+        return [None] * V
+    if isinstance(arr, dict):
+        bad = [k for k in arr if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < V]
+        if bad:
+            raise ValueError(f"write_scene: {key}: view keys must be ints in [0, {V}), got {bad}")
+        arr = [arr.get(v) for v in range(V)]
+    elif isinstance(arr, (list, tuple)):
+        if len(arr) != V:
+            raise ValueError(f"write_scene: {key}: expected {V} per-view entries, got {len(arr)}")
+    else:
+        a = _np(arr)
+        if a.shape != (V, *shape):
+            raise ValueError(f"write_scene: {key}: expected {[V, *shape]}, got {list(a.shape)}")
+        return list(a)
+    out = [None if x is None else _np(x) for x in arr]
+    for v, a in enumerate(out):
+        if a is not None and a.shape != shape:
+            raise ValueError(f"write_scene: {key}[{v}]: expected {list(shape)}, got {list(a.shape)}")
+    return out
 
 
 def write_video(path: str | Path, frames: np.ndarray | Tensor, fps: float) -> None:

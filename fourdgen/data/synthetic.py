@@ -279,32 +279,62 @@ def describe(objects: list[ObjectSpec]) -> str:
     return ", ".join(names[o.kind] for o in objects) + " moving over a checkered floor"
 
 
+def render_view(
+    objects: list[ObjectSpec],
+    K: Tensor,
+    w2c: Tensor,
+    times: Tensor,
+    height: int,
+    width: int,
+    supersample: int = 1,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Ray-cast one camera at every time: ``K [3, 3]``, ``w2c [T, 4, 4]``, ``times [T]`` ->
+    ``rgb [T, H, W, 3]`` in [0, 1], ``depth [T, H, W]``, ``xyz [T, H, W, 3]``, ``mask [T, H, W]``."""
+    H, W, s = height, width, supersample
+    T = len(times)
+    c2w = invert_rigid(w2c)
+    rgb, depth, xyz = torch.zeros(T, H, W, 3), torch.zeros(T, H, W), torch.zeros(T, H, W, 3)
+    mask = torch.zeros(T, H, W, dtype=torch.uint8)
+    for ti in range(T):
+        t = float(times[ti])
+        o, d = pixel_rays(K, c2w[ti], H, W)
+        col, dep, ids = render_rays(objects, t, o.reshape(-1, 3), d.reshape(-1, 3))
+        depth[ti], mask[ti] = dep.reshape(H, W), ids.reshape(H, W)
+        xyz[ti] = (o.reshape(-1, 3) + dep[:, None] * d.reshape(-1, 3)).reshape(H, W, 3)
+        if s > 1:  # s x s sub-pixel rays = pixel centres of an s-times larger image
+            o2, d2 = pixel_rays(scale_intrinsics(K, s, s), c2w[ti], H * s, W * s)
+            col = render_rays(objects, t, o2.reshape(-1, 3), d2.reshape(-1, 3))[0]
+            col = F.avg_pool2d(col.reshape(H * s, W * s, 3).permute(2, 0, 1)[None], s)[0].permute(1, 2, 0)
+        rgb[ti] = col.reshape(H, W, 3)
+    return rgb, depth, xyz, mask
+
+
+def render_camera(scene: SyntheticScene, K: Tensor, w2c: Tensor) -> Tensor:
+    """The ground truth of ``scene`` seen from any camera (``K [3, 3]``, ``w2c [4, 4]`` or
+    ``[T, 4, 4]``) at the scene's times: ``rgb [T, H, W, 3]`` in [0, 1] (novel-view references)."""
+    T = len(scene.times)
+    w2c = w2c.expand(T, 4, 4) if w2c.ndim == 2 else w2c
+    cfg = scene.config
+    return render_view(
+        scene.objects, K.float(), w2c.float(), scene.times, cfg.height, cfg.width, cfg.supersample
+    )[0]
+
+
 def make_scene(cfg: SyntheticConfig | None = None) -> SyntheticScene:
     """Render a scene for ``cfg``: every view at every timestep."""
     cfg = cfg or SyntheticConfig()
     objects = make_objects(cfg)
     K, w2c = make_cameras(cfg)
-    V, T, H, W, s = cfg.num_views, cfg.num_frames, cfg.height, cfg.width, cfg.supersample
-    times = torch.linspace(0, 1, T) if T > 1 else torch.zeros(1)
-    c2w = invert_rigid(w2c)
-    rgb, depth, xyz = torch.zeros(V, T, H, W, 3), torch.zeros(V, T, H, W), torch.zeros(V, T, H, W, 3)
-    mask = torch.zeros(V, T, H, W, dtype=torch.uint8)
-    for v in range(V):
-        for ti in range(T):
-            t = float(times[ti])
-            o, d = pixel_rays(K[v], c2w[v, ti], H, W)
-            col, dep, ids = render_rays(objects, t, o.reshape(-1, 3), d.reshape(-1, 3))
-            depth[v, ti], mask[v, ti] = dep.reshape(H, W), ids.reshape(H, W)
-            xyz[v, ti] = (o.reshape(-1, 3) + dep[:, None] * d.reshape(-1, 3)).reshape(H, W, 3)
-            if s > 1:  # s x s sub-pixel rays = pixel centres of an s-times larger image
-                o2, d2 = pixel_rays(scale_intrinsics(K[v], s, s), c2w[v, ti], H * s, W * s)
-                col = render_rays(objects, t, o2.reshape(-1, 3), d2.reshape(-1, 3))[0]
-                col = F.avg_pool2d(col.reshape(H * s, W * s, 3).permute(2, 0, 1)[None], s)[0].permute(1, 2, 0)
-            rgb[v, ti] = col.reshape(H, W, 3)
+    times = torch.linspace(0, 1, cfg.num_frames) if cfg.num_frames > 1 else torch.zeros(1)
+    views = [
+        render_view(objects, K[v], w2c[v], times, cfg.height, cfg.width, cfg.supersample)
+        for v in range(cfg.num_views)
+    ]
+    rgb, depth, xyz, mask = (torch.stack(x) for x in zip(*views, strict=True))
     centers = (
         torch.stack([torch.stack([object_state(ob, float(t))[0] for t in times]) for ob in objects])
         if objects
-        else torch.zeros(0, T, 3)
+        else torch.zeros(0, cfg.num_frames, 3)
     )
     return SyntheticScene(
         rgb=rgb,

@@ -44,16 +44,18 @@ def _stats(vae: AutoencoderKLWan, z: Tensor) -> tuple[Tensor, Tensor]:
     return mean, std
 
 
-@torch.no_grad()
-def encode_video(vae: AutoencoderKLWan, video: Tensor) -> Tensor:
+def encode_video(vae: AutoencoderKLWan, video: Tensor, grad: bool = False) -> Tensor:
     """``video [B, 3, T, H, W]`` in [-1, 1] -> normalised latents ``[B, C, F, h, w]``.
 
     Uses the posterior mode (deterministic, so a cache equals a fresh encoding). Runs on the VAE's
-    device; the latents stay there."""
+    device; the latents stay there. ``grad=True`` keeps the graph back to ``video`` (the frozen
+    encoder stays differentiable: flow-matching distillation backpropagates through it into the
+    renderer); otherwise no graph is built."""
     p = next(vae.parameters())
-    z = vae.encode(video.to(p.device, p.dtype)).latent_dist.mode()
-    mean, std = _stats(vae, z)
-    return ((z - mean) / std).float()
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        z = vae.encode(video.to(p.device, p.dtype)).latent_dist.mode()
+        mean, std = _stats(vae, z)
+        return ((z - mean) / std).float()
 
 
 @torch.no_grad()

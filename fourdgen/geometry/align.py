@@ -104,3 +104,76 @@ def align_cameras(w2c_pred: Tensor, w2c_gt: Tensor, with_scale: bool = True) -> 
     c_gt = camera_centers(w2c_gt.double().to(w2c_pred.device))
     s, R, t = umeyama(c_pred, c_gt, with_scale=with_scale)
     return similarity_w2c(w2c_pred, s, R, t)
+
+
+def depth_from_fit(pred: Tensor, a: Tensor | float, b: Tensor | float, space: str = "disparity") -> Tensor:
+    """Depth ``[..., H, W]`` (pred's dtype) of the fitted ``a * pred + b``: its inverse for
+    ``space="disparity"``, itself for ``"depth"``; 0 (unknown) where that is <= 0 or not finite."""
+    fit = a * pred.double() + b
+    if space == "disparity":
+        depth = torch.where(fit > 0, 1.0 / fit.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    else:
+        depth = fit.clamp_min(0.0)
+    # Cast first: a tiny positive disparity overflows float32 to inf, which is unknown too.
+    return depth.to(_out_dtype(pred)).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+
+
+def align_depth(
+    pred: Tensor,
+    ref: Tensor,
+    valid: Tensor | None = None,
+    space: str = "disparity",
+    mode: str = "scale_shift",
+    return_params: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """Fit a monocular prediction to a reference depth and return it as depth.
+
+    Least squares of ``a * pred + b`` (``mode="scale_shift"``) or ``a * pred`` (``"scale"``) against
+    the reference in the prediction's space: ``1 / ref`` for ``space="disparity"`` (relative models:
+    affine-invariant inverse depth), ``ref`` itself for ``"depth"``. One fit over every given pixel
+    (all leading dims together, e.g. all frames of a view: one scale for the whole clip, no flicker),
+    on the pixels that are ``valid`` with ``ref > 0`` and finite. Computed in float64.
+
+    Args:
+        pred: ``[..., H, W]`` prediction (disparity or depth, per ``space``).
+        ref: ``[..., H, W]`` reference z-depth, 0 = unknown.
+        valid: ``[..., H, W]`` bool, pixels allowed in the fit (None: all).
+
+    Returns:
+        Aligned z-depth ``[..., H, W]`` in ``pred``'s dtype, on every pixel: for disparity
+        ``1 / (a * pred + b)``, with depth 0 (unknown) where the aligned disparity is <= 0; for depth
+        ``a * pred + b`` with negative values set to 0. With ``return_params``: ``(depth, a, b)``,
+        ``a``/``b`` float64 scalars (``b = 0`` for ``"scale"``).
+    """
+    if space not in ("disparity", "depth"):
+        raise ValueError(f"align_depth: space must be 'disparity' or 'depth', got {space!r}")
+    if mode not in ("scale_shift", "scale"):
+        raise ValueError(f"align_depth: mode must be 'scale_shift' or 'scale', got {mode!r}")
+    if pred.shape != ref.shape or (valid is not None and valid.shape != pred.shape):
+        shapes = [tuple(pred.shape), tuple(ref.shape)] + ([tuple(valid.shape)] if valid is not None else [])
+        raise ValueError(f"align_depth: pred, ref and valid must share one shape [..., H, W], got {shapes}")
+    p, r = pred.double(), ref.double().to(pred.device)
+    use = (r > 0) & torch.isfinite(r) & torch.isfinite(p)
+    if valid is not None:
+        use = use & valid.to(device=pred.device, dtype=torch.bool)
+    x, y = p[use], r[use]
+    if space == "disparity":
+        y = 1.0 / y
+    need = 2 if mode == "scale_shift" else 1
+    if x.numel() < need:
+        raise ValueError(f"align_depth ({mode}): needs >= {need} valid reference pixels, got {x.numel()}")
+    if mode == "scale_shift":
+        # Centred normal equations: the closed form of lstsq([x, 1], y), without an [N, 2] matrix.
+        mx, my = x.mean(), y.mean()
+        var = ((x - mx) ** 2).mean()
+        if var <= 1e-12 * (x * x).mean():  # relative: float32 inputs resolve ~1e-7
+            raise ValueError("align_depth (scale_shift): the prediction is constant over the valid pixels")
+        a = ((x - mx) * (y - my)).mean() / var
+        b = my - a * mx
+    else:
+        xx = (x * x).sum()
+        if xx <= 0:
+            raise ValueError("align_depth (scale): the prediction is zero over the valid pixels")
+        a, b = (x * y).sum() / xx, torch.zeros((), dtype=torch.float64, device=pred.device)
+    depth = depth_from_fit(pred, a, b, space)
+    return (depth, a, b) if return_params else depth

@@ -8,10 +8,13 @@
   kept and a zero-initialised fused branch plus a per-block camera encoder are added.
 
 Both denoise the grid's latents in sequence order ``[B, C, V F, h, w]`` (:mod:`~fourdgen.nn.grid_layout`).
+A coupling may also reorder a training batch's views (:meth:`GridCoupling.training_batch`; Full-4D draws
+a random source view and target order per clip).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,6 +63,7 @@ class GridInputs:
     reference: ``[B, C, V F, h, w]`` reference latents, zeros elsewhere (4Real-Video-V2).
     cond: ``[B, C, V F, h, w]`` per-view condition latents (Full-4D projections).
     camera: ``[B, V, 12]`` relative cameras (Full-4D).
+    source_depth: ``[B, T, H, W]`` float, the source view's depth the projection used (Full-4D).
     """
 
     x0: Tensor
@@ -69,6 +73,45 @@ class GridInputs:
     reference: Tensor | None = None
     cond: Tensor | None = None
     camera: Tensor | None = None
+    source_depth: Tensor | None = None
+
+
+# GridBatch fields indexed by view at dim 1 (ids and latent caches included): what a view permutation
+# moves. Listed, not inferred from shapes: times [B, T] looks per-view whenever T == V.
+PER_VIEW_FIELDS = (
+    "rgb",
+    "K",
+    "w2c",
+    "observed",
+    "view_ids",
+    "xyz",
+    "depth",
+    "mask",
+    "rgb_latents",
+    "xyz_latents",
+    "cond_latents",
+    "xyz_center",
+    "xyz_scale",
+)
+
+
+def permute_views(b: GridBatch, perm: Tensor) -> GridBatch:
+    """The batch with clip ``i``'s row ``v`` taken from its view ``perm[i, v]`` (``perm [B, V]`` long):
+    every per-view field (:data:`PER_VIEW_FIELDS`) moves, so each view keeps its own cameras and
+    depth; scene-wide fields (times, text, captions) stay."""
+    B, V = b.shape[:2]
+    if tuple(perm.shape) != (B, V):
+        raise ValueError(f"permute_views: perm must be [{B}, {V}], got {list(perm.shape)}")
+    perm = perm.to(b.rgb.device)
+    rows = torch.arange(B, device=perm.device)[:, None]
+    moved = {f: getattr(b, f)[rows, perm] for f in PER_VIEW_FIELDS if getattr(b, f) is not None}
+    return dataclasses.replace(b, **moved)
+
+
+def random_view_order(B: int, V: int) -> Tensor:
+    """``[B, V]`` long: an independent uniform permutation per clip, drawn from torch's global CPU RNG
+    (seeded by Lightning's ``seed_everything``: runs repeat)."""
+    return torch.stack([torch.randperm(V) for _ in range(B)]) if B else torch.zeros(0, V, dtype=torch.long)
 
 
 def latent_frames_observed(observed: Tensor, t_factor: int) -> Tensor:
@@ -115,12 +158,28 @@ class GridCoupling(DiTCoupling):
         """The denoising problem of batch ``b`` with per-view latents ``[B, V, C, F, h, w]``."""
         raise NotImplementedError
 
+    @property
+    def source(self) -> int | None:
+        """The row holding the input video (kept as given in outputs), or None (no such row)."""
+        return None
+
+    def training_batch(self, b: GridBatch) -> GridBatch:
+        """The batch as a training step sees it (validation and prediction use ``b`` as is)."""
+        return b
+
     def layout(
-        self, hidden: Tensor, views: int, patch: tuple[int, int, int], target_frames: int | None = None
+        self,
+        hidden: Tensor,
+        views: int,
+        patch: tuple[int, int, int],
+        target_frames: int | None = None,
+        source_view: int = 0,
     ) -> GridLayout:
         """Layout of the DiT input ``hidden [B, C, V F, h p, w p]``."""
         _, _, n, h, w = hidden.shape
-        return GridLayout(views, n // views, h // patch[1], w // patch[2], self.t_max, target_frames)
+        return GridLayout(
+            views, n // views, h // patch[1], w // patch[2], self.t_max, target_frames, source_view
+        )
 
     def _call(
         self, transformer, hidden, timestep, text, image, layout, camera=None, reference=None
@@ -176,7 +235,12 @@ class ProjectionGrid(GridCoupling):
 
     Args:
         depth: :class:`~fourdgen.data.depth_providers.DepthProvider` of the source view.
-        source_view: the input video's row (its own projection is the input video itself).
+        source_view: the input video's row (its own projection is the input video itself); the
+            fused mask's ``cross_half`` term reads this row's condition frames.
+        random_order: training only (paper 4.2): each clip's views are permuted at random, so row
+            ``source_view`` holds a random one of them and the others follow in random order. Needs a
+            depth provider that reads the permuted batch's row (``BatchDepth``, ``MonocularDepth``);
+            ``PredictedDepth`` reads the clip's stage-1a depth whatever the row.
         radius_px: point splat size of the projection.
         clean_condition_timestep: condition tokens get timestep 0 (they are clean), via diffusers'
             per-token timesteps (Wan2.2-TI2V treats its clean first frame the same way); False gives
@@ -194,28 +258,54 @@ class ProjectionGrid(GridCoupling):
         backend: str = "auto",
         depth: DepthProvider | None = None,
         source_view: int = 0,
+        random_order: bool = True,
         radius_px: int = 1,
         clean_condition_timestep: bool = True,
     ):
         super().__init__(mask or ["same_view", "same_time", "cross_half"], t_max, backend)
+        if isinstance(source_view, bool) or not isinstance(source_view, int) or source_view < 0:
+            raise ValueError(f"ProjectionGrid: source_view must be an int >= 0, got {source_view!r}")
         self.depth = depth or BatchDepth()
         self.source_view, self.radius_px = source_view, radius_px
+        self.random_order = random_order
         self.clean_condition_timestep = clean_condition_timestep
+
+    @property
+    def source(self) -> int:
+        return self.source_view
+
+    def _check_views(self, V: int) -> None:
+        if self.source_view >= V:
+            raise ValueError(f"ProjectionGrid: source_view={self.source_view}, but the grid has {V} views")
+
+    def training_batch(self, b: GridBatch) -> GridBatch:
+        """A random view order per clip (``random_order``), else ``b``."""
+        if not self.random_order:
+            return b
+        B, V = b.shape[:2]
+        return permute_views(b, random_view_order(B, V))
 
     def install(self, transformer: nn.Module) -> nn.Module:
         return install_grid(transformer, self.state, branch=True)
 
     def given_cells(self, observed: Tensor, t_factor: int) -> Tensor:
         """The source view's row (the input video)."""
+        self._check_views(observed.shape[1])
         given = torch.zeros_like(observed)
         given[:, self.source_view] = True
         return given
 
-    def project(self, b: GridBatch) -> Tensor:
-        """The source view rendered into every view: ``[B, V, T, 3, H, W]`` in [-1, 1] (holes -1)."""
+    def source_depth(self, b: GridBatch) -> Tensor:
+        """The source view's depth ``[B, T, H, W]`` float from the depth provider."""
+        self._check_views(b.shape[1])
+        return self.depth(b, self.source_view).float()
+
+    def project(self, b: GridBatch, depth: Tensor | None = None) -> Tensor:
+        """The source view rendered into every view: ``[B, V, T, 3, H, W]`` in [-1, 1] (holes -1).
+        ``depth [B, T, H, W]``: the source view's (None: from the depth provider)."""
         B, V, T, H, W = b.shape
         s = self.source_view
-        depth = self.depth(b, s)  # [B, T, H, W]
+        depth = self.source_depth(b) if depth is None else depth
         pts = depth_to_points(depth, b.K[:, s, None].expand(B, T, 3, 3).float(), b.w2c[:, s].float())
         img, _, _ = render_pointmap_to_view(
             pts[:, None],
@@ -231,12 +321,14 @@ class ProjectionGrid(GridCoupling):
         return img
 
     def prepare(self, b: GridBatch, latents: Tensor, encode: Encoder, t_factor: int) -> GridInputs:
-        cond = encode(self.project(b))
+        depth = self.source_depth(b)  # once: a predicted depth is costly, and outputs report it
+        cond = encode(self.project(b, depth=depth))
         return GridInputs(
             x0=grid_to_sequence(latents),
             views=latents.shape[1],
             cond=grid_to_sequence(cond),
             camera=relative_cameras(b.w2c[:, :, 0].float(), self.source_view).to(latents),
+            source_depth=depth,
         )
 
     def predict(
@@ -246,7 +338,9 @@ class ProjectionGrid(GridCoupling):
         tgt, cnd = sequence_to_grid(x, V), sequence_to_grid(inp.cond.to(x), V)
         F = tgt.shape[3]
         hidden = grid_to_sequence(torch.cat([tgt, cnd], dim=3))  # per view: [target F | condition F]
-        layout = self.layout(hidden, V, transformer.config.patch_size, target_frames=F)
+        layout = self.layout(
+            hidden, V, transformer.config.patch_size, target_frames=F, source_view=self.source_view
+        )
         if self.clean_condition_timestep:
             per_frame = torch.cat([torch.ones(F), torch.zeros(F)]).repeat(V).to(timestep)  # [V 2F]
             timestep = (timestep[:, None] * per_frame).repeat_interleave(layout.frame_tokens, dim=1)

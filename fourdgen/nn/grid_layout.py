@@ -8,10 +8,12 @@ never mixes frames: temporal patch 1) yields tokens in the order
 
 Frames ``f < target_frames`` of each view are generated; frames ``f >= target_frames`` are
 condition frames (Full-4D concatenates each view's projected-condition latents after its target
-latents; 4Real-Video-V2 has none). Wan's 3-D RoPE gets frame position ``v * t_max + f`` (both
-papers): view and time collapse into one long "video", so the pretrained positional code is reused
-unchanged. ``t_max`` is the longest latent clip the base model was trained on (21 for Wan's 81
-frames); views then never share positions as long as ``F <= t_max``.
+latents; 4Real-Video-V2 has none); view ``source_view`` is the input video's row, whose condition
+frames every generated token may attend to (Full-4D's ``cross_half`` mask term). Wan's 3-D RoPE
+gets frame position ``v * t_max + f`` (both papers): view and time collapse into one long "video",
+so the pretrained positional code is reused unchanged. ``t_max`` is the longest latent clip the base
+model was trained on (21 for Wan's 81 frames); views then never share positions as long as
+``F <= t_max``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class GridLayout:
         views / frames / height / width: V, F (per view, condition frames included), h, w.
         t_max: RoPE frame stride between views (None: ``frames``, i.e. views laid end to end).
         target_frames: generated frames per view (None: all ``frames``).
+        source_view: the input video's row (Full-4D); part of the layout so that the masks built
+            from it, and their cache keys, follow it.
     """
 
     views: int
@@ -39,6 +43,7 @@ class GridLayout:
     width: int
     t_max: int | None = None
     target_frames: int | None = None
+    source_view: int = 0
 
     def __post_init__(self):
         if min(self.views, self.frames, self.height, self.width) < 1:
@@ -51,6 +56,8 @@ class GridLayout:
             raise ValueError(
                 f"GridLayout: target_frames must be in [1, {self.frames}], got {self.target_frames}"
             )
+        if not 0 <= self.source_view < self.views:
+            raise ValueError(f"GridLayout: source_view must be in [0, {self.views}), got {self.source_view}")
 
     @property
     def frame_tokens(self) -> int:

@@ -7,7 +7,7 @@ A mask is the OR of named predicates on the (view, frame) of a query token and a
 - ``same_time``: ``f_q == f_k`` (intra-time: all views at one instant). With a condition half
   (Full-4D), condition frame ``f`` is its own instant, so target and condition frames meet only
   through ``same_view`` and ``cross_half``;
-- ``cross_half``: ``f_q < F_target and f_k >= F_target and v_k == source_view`` (Full-4D eq. 10:
+- ``cross_half``: ``f_q < F_target and f_k >= F_target and v_k == layout.source_view`` (Full-4D eq. 10:
   every generated token sees the source view's condition frames, i.e. the input video). The paper's
   formula did not survive extraction; this is our reading of its three conditions, "first half
   target, second half condition, key from the input video".
@@ -44,11 +44,10 @@ def same_frame(layout: GridLayout, vq: Tensor, fq: Tensor, vk: Tensor, fk: Tenso
     return (vq == vk) & (fq == fk)
 
 
-def cross_half(
-    layout: GridLayout, vq: Tensor, fq: Tensor, vk: Tensor, fk: Tensor, source_view: int = 0
-) -> Tensor:
+def cross_half(layout: GridLayout, vq: Tensor, fq: Tensor, vk: Tensor, fk: Tensor) -> Tensor:
+    # The source view comes from the layout only: a separate argument is easy to leave at 0.
     T = layout.targets
-    return (fq < T) & (fk >= T) & (vk == source_view)
+    return (fq < T) & (fk >= T) & (vk == layout.source_view)
 
 
 PREDICATES: dict[str, Predicate] = {
@@ -63,7 +62,8 @@ class ViewTimeMask:
     """The OR of named predicates (:data:`PREDICATES`); recipes list them, e.g.
     ``[same_view, same_time]`` (4Real-Video-V2) or ``[same_view, same_time, cross_half]`` (Full-4D).
 
-    Block masks are cached per (layout, block size, device): every layer and step reuses one.
+    Block masks are cached per (layout, block size, device): every layer and step reuses one. The
+    layout includes ``source_view``, so grids with different source rows never share a mask.
     """
 
     def __init__(self, terms: list[str] | tuple[str, ...] = ("same_view", "same_time")):

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from fourdgen.batch import GridBatch
 from fourdgen.callbacks.media import log_images, log_video
-from fourdgen.data.protocols import SceneInfo, SceneSource, check_datamodule
+from fourdgen.data.protocols import SceneInfo, SceneSource, SourceClipSource, check_datamodule
+from fourdgen.errors import ConfigError
 from fourdgen.gaussians.bounds import camera_extent, foreground_bounds
 from fourdgen.gaussians.container import Gaussians
 from fourdgen.gaussians.deformation import DeformationField
@@ -29,7 +30,7 @@ from fourdgen.gaussians.densify import BudgetStrategy
 from fourdgen.gaussians.losses import add_hexplane_regularization, photometric_loss
 from fourdgen.gaussians.optim import LearningRates, group_views
 from fourdgen.gaussians.rasterize import RenderOutput, rasterize
-from fourdgen.gaussians.regularizers import NovelViewRegularizer, NovelViewRender
+from fourdgen.gaussians.regularizers import NovelViewRegularizer, NovelViewRender, SourceClip
 from fourdgen.geometry.interpolation import interpolate_loop
 from fourdgen.geometry.projection import unproject
 from fourdgen.metrics.image import ImageMetrics, pooled_psnr
@@ -71,8 +72,10 @@ class Gaussian4DFitter(L.LightningModule):
             cameras' focus point (:func:`~fourdgen.gaussians.bounds.foreground_bounds`).
         ssim_weight: lambda of (1 - lambda) L1 + lambda (1 - SSIM).
         tv_weight / time_smooth_weight / time_l1_weight: HexPlane regularisers (fine stage).
-        regularizers: novel-view losses; ``regularize_every`` steps a camera of the interpolated path
-            (``path_samples`` cameras, Full-4D: 120) renders the whole clip for them.
+        regularizers: novel-view losses (e.g. :class:`~fourdgen.gaussians.fmd.FlowMatchingDistillation`);
+            at the steps one is due (its ``start_step``/``every``, on multiples of ``regularize_every``)
+            a camera of the interpolated path (``path_samples`` cameras, Full-4D: 120), drawn from
+            the step, renders the whole clip for them.
         background: RGB in [0, 1] composited under the splats.
         lpips_net / lpips_weights / lpips_allow_random_backbone: LPIPS for val/test metrics
             (``lpips_net=None`` skips LPIPS).
@@ -154,6 +157,36 @@ class Gaussian4DFitter(L.LightningModule):
             )
         if len(self.splats) == 0:
             self._init_splats(self.info)
+        for r in self._regularizers:
+            r.setup(self._source_clip(dm, r) if r.needs_source else None)
+
+    def _source_clip(self, dm, reg: NovelViewRegularizer) -> SourceClip:
+        """The scene's input video for ``reg`` (its ``source_view``, else the scene's)."""
+        info = self.info
+        view = getattr(reg, "source_view", None)
+        view = info.source_view if view is None else view
+        where = f"model.regularizers ({type(reg).__name__})"
+        if view is None:
+            raise ConfigError(
+                f"{where}: which view is the input video? The scene states none (scene.json "
+                "'source_view', written by GridVideoWriter); set source_view in its init_args"
+            )
+        if not 0 <= view < len(info.K):
+            raise ConfigError(
+                f"{where}: source_view {view} is not a view of the scene (0..{len(info.K) - 1})"
+            )
+        check_datamodule(dm, SourceClipSource, f"{where} (e.g. with SceneFramesDataModule)")
+        clip = dm.view_clip(view)
+        return SourceClip(
+            rgb=clip["rgb"],
+            depth=clip.get("depth"),
+            K=info.K[view],
+            w2c=info.w2c[view],
+            times=info.times,
+            view=view,
+            caption=info.caption,
+            rig=info.w2c[:, 0],
+        )
 
     def _init_splats(self, info: SceneInfo) -> None:
         h = self.hparams
@@ -296,8 +329,9 @@ class Gaussian4DFitter(L.LightningModule):
             reg = self._deform_fn("regularization")()
             loss = add_hexplane_regularization(loss, reg, h.tv_weight, h.time_smooth_weight, h.time_l1_weight)
             losses.update({f"reg_{k}": v for k, v in reg.items()})
-        active = [r for r in self._regularizers if self.global_step >= r.start_step]
-        if active and self.global_step % h.regularize_every == 0:
+        step = self.global_step
+        active = [r for r in self._regularizers if r.due(step)] if step % h.regularize_every == 0 else []
+        if active:
             novel = self._render_novel_view(batch)
             for r in active:
                 value = r(novel)
@@ -315,7 +349,9 @@ class Gaussian4DFitter(L.LightningModule):
 
     def _render_novel_view(self, batch: GridBatch) -> NovelViewRender:
         K, path = self.camera_path()
-        idx = int(torch.randint(len(path), (1,)))
+        # Drawn from (seed, step), not the global RNG: a resumed fit samples the same cameras.
+        g = torch.Generator().manual_seed((torch.initial_seed() * 1_000_003 + self.global_step) % 2**63)
+        idx = int(torch.randint(len(path), (1,), generator=g))
         times = self.info.times.to(self.device)
         outs = [self.render(t, K[None], path[idx : idx + 1]) for t in times]
         cat = lambda key: torch.cat([getattr(o, key) for o in outs]).permute(0, 3, 1, 2)  # noqa: E731

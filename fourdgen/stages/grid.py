@@ -7,9 +7,11 @@ reference row/column as patch embeddings; :class:`~fourdgen.nn.grid_coupling.Pro
 point-cloud projections along frames + camera encoders). Model set-up, adapters, FSDP2,
 checkpoints and the optimizer are :class:`~fourdgen.stages.dit.DiTFinetune`'s.
 
-Validation samples each grid and scores PSNR / SSIM / LPIPS on the generated (not given) cells
-against the held-out ground truth; prediction returns grids for
-:class:`~fourdgen.callbacks.grid.GridVideoWriter`.
+Training lets the coupling reorder each clip's views (:meth:`GridCoupling.training_batch`: Full-4D's
+random source view and target order); validation and prediction keep the batch's order. Validation
+samples each grid and scores PSNR / SSIM / LPIPS on the generated (not given) cells against the
+held-out ground truth; prediction returns grids for :class:`~fourdgen.callbacks.grid.GridVideoWriter`.
+In both, the source row (Full-4D's input video) is the input itself, not its regenerated copy.
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ class GridDiffusion(DiTFinetune):
     # ------------------------------------------------------------------------------- training
     def training_step(self, batch: GridBatch, batch_idx: int) -> Tensor:
         b = self.crop(GridBatch.coerce(batch), self.clip_frames(self.global_step))
+        b = self.coupling.training_batch(b)
         h = self.hparams
         inp = self.prepare(b)
         x0 = inp.x0
@@ -154,6 +157,16 @@ class GridDiffusion(DiTFinetune):
             uncond_velocity=uncond,
         )
 
+    def keep_source(self, rgb: Tensor, b: GridBatch) -> Tensor:
+        """``rgb [B, V, T, 3, H, W]`` with the coupling's source row replaced by the input video
+        (``b.rgb``): the decoded sample of a given row is only a VAE round trip of it."""
+        s = self.coupling.source
+        if s is None:
+            return rgb
+        rgb = rgb.clone()
+        rgb[:, s] = b.rgb[:, s].to(rgb)
+        return rgb
+
     # ---------------------------------------------------------------------------- validation
     def score(self, pred: Tensor, b: GridBatch) -> dict[str, Tensor]:
         """PSNR / SSIM / LPIPS over the generated cells, ``pred [B, V, T, 3, H, W]`` in [-1, 1]."""
@@ -171,7 +184,7 @@ class GridDiffusion(DiTFinetune):
         x = self.sample(b, num_steps=self.hparams.val_sample_steps, generator=g, inp=inp)
         B = x.shape[0]
         self.log("val/latent_mse", ((x - inp.x0) ** 2).mean(), batch_size=B)
-        rgb = self.decode_grid(x, inp.views)
+        rgb = self.keep_source(self.decode_grid(x, inp.views), b)
         for k, v in self.score(rgb, b).items():
             self.log(f"val/{k}", v, batch_size=B)
         if batch_idx == 0:
@@ -180,11 +193,18 @@ class GridDiffusion(DiTFinetune):
             log_video(self.loggers, "val/grid", mosaic, self.global_step)
 
     def predict_step(self, batch: GridBatch, batch_idx: int) -> list[dict]:
+        """One clip dict per grid for :func:`~fourdgen.callbacks.grid.write_grid`: ``rgb [V, T, 3, H, W]``
+        (the source row as given), cameras (None when unknown), ``observed [V, T]`` (the cells given),
+        ``source_view`` (int, or None) and ``depth [T, H, W]``, the source view's depth the projection
+        used (None without a projection)."""
         b = GridBatch.coerce(batch)
         g = torch.Generator().manual_seed(batch_idx)
         inp = self.prepare(b)
-        rgb = self.decode_grid(self.sample(b, generator=g, inp=inp), inp.views)
+        rgb = self.keep_source(self.decode_grid(self.sample(b, generator=g, inp=inp), inp.views), b)
         known_cams = self.coupling.uses_cameras  # 4Real-Video-V2 infers views: no cameras
+        # What was given, as the coupling used it (Full-4D: the source row, whatever b.observed says).
+        given = self.coupling.given_cells(b.observed, scale_factors(self.vae)[0])
+        s, depth = self.coupling.source, inp.source_depth
         out = []
         for i in range(rgb.shape[0]):
             out.append(
@@ -194,7 +214,9 @@ class GridDiffusion(DiTFinetune):
                     "K": b.K[i].float().cpu() if known_cams else None,
                     "w2c": b.w2c[i].float().cpu() if known_cams else None,
                     "caption": b.caption[i] if b.caption else "",
-                    "observed": b.observed[i].cpu(),
+                    "observed": given[i].cpu(),
+                    "source_view": s,
+                    "depth": None if depth is None else depth[i].float().cpu(),  # [T, H, W], row s
                 }
             )
         return out
