@@ -8,7 +8,16 @@ import pytest
 import torch
 
 # Two-core CI machine: keep torch from oversubscribing.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+THREADS = min(2, os.cpu_count() or 1)
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Recipes set torch's thread count (``num_threads``) for the whole process: a CLI test must
+    not change what later tests run with (e.g. the reconstructor's learning test diverges on 1)."""
+    yield
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session")

@@ -76,6 +76,29 @@ def test_prior_loads_frozen_from_a_checkpoint_and_refuses_what_it_cannot_use(tmp
         GridPrior(checkpoint=str(tmp_path / "other.ckpt"), dtype="float32").load()
 
 
+def test_prior_loads_a_lora_export_over_the_base_model(tmp_path):
+    """A LoRA-tuned grid model: its export (LoRA + the coupling's new layers) plus the coupling spec."""
+    model = GridDiffusion(transformer=WIDE, coupling=ProjectionGrid(t_max=8), lora_rank=4, lpips_net=None)
+    model.configure_model()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+    assert model.export_adapter(tmp_path / "lora")
+    prior = GridPrior(
+        export=str(tmp_path / "lora"), coupling=ProjectionGrid(t_max=8), transformer=WIDE, dtype="float32"
+    )
+    loaded = dict(prior.load().named_parameters())
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora" in n for n in trained) and any("camera_encoder" in n for n in trained)
+    for name, p in trained.items():  # exports bake alpha / rank (32 / 4) into B
+        want = p.detach() * (32 / 4 if "lora_B" in name else 1)
+        torch.testing.assert_close(loaded[name], want, msg=name)
+    with pytest.raises(ConfigError, match="coupling"):
+        GridPrior(export=str(tmp_path / "lora")).load()
+
+
 def test_one_fmd_step_moves_the_novel_latent_toward_the_prior_estimate(tmp_path):
     _save_grid_checkpoint(tmp_path / "grid.ckpt")
     prior = GridPrior(

@@ -95,6 +95,20 @@ class GridPrior(VideoPrior):
         self.dtype = _DTYPES[dtype]
         self.model: GridDiffusion | None = None
 
+    @classmethod
+    def from_module(cls, model: GridDiffusion, **kw) -> GridPrior:
+        """A prior over an already built grid model (in-process use, benchmarks); ``kw``: the
+        embedding and ``dtype`` arguments of the constructor."""
+        prior = cls(checkpoint="<module>", **kw)
+        prior.model = prior._freeze(model)
+        return prior
+
+    def _freeze(self, model: GridDiffusion) -> GridDiffusion:
+        model.eval().requires_grad_(False)
+        model.transformer.to(self.dtype)
+        model.vae.to(self.dtype)
+        return model
+
     # ------------------------------------------------------------------------------ loading
     def load(self, device: torch.device | str = "cpu") -> GridDiffusion:
         """Build the grid model on ``device``, frozen, with the trained tensors loaded."""
@@ -130,10 +144,7 @@ class GridPrior(VideoPrior):
                     f"{where}: {len(result.unexpected_keys)} tensors fit no parameter of the rebuilt model "
                     f"(e.g. {result.unexpected_keys[0]}): was it trained with another model or coupling?"
                 )
-        model.eval().requires_grad_(False)
-        model.transformer.to(self.dtype)
-        model.vae.to(self.dtype)
-        return model
+        return self._freeze(model)
 
     def setup(self, source: SourceClip, device: torch.device) -> None:
         if self.model is None:
