@@ -1,7 +1,10 @@
 """Held-out quality of a 4D Gaussian fit, deformation on vs off, through the fourdgen CLI.
 
 Fits a recipe twice (``deform: true`` and ``false``) on the same synthetic scene and prints the
-held-out view's PSNR/SSIM/LPIPS, PSNR on the moving objects only, time per step and Gaussians.
+held-out view's PSNR/SSIM/LPIPS, PSNR on the moving objects only, time per step and Gaussians;
+and where the error is: PSNR on the training views (all, static, moving) and on the held-out
+view's pixels that some training camera sees (``covered``: its exact xyz projected into the
+training cameras, occlusion-tested; :func:`fourdgen.geometry.visibility.covered_pixels`) or none.
 
     python benchmarks/fit_quality.py --config lightning_configs/quickstart.yaml
     python benchmarks/fit_quality.py --config lightning_configs/fit/full4d.yaml --steps 5000 --coarse 1000 \
@@ -23,6 +26,9 @@ from torchvision.utils import save_image
 
 from fourdgen.batch import GridBatch
 from fourdgen.cli import FourDGenCLI
+from fourdgen.data.scene import read_scene
+from fourdgen.geometry.visibility import covered_pixels
+from fourdgen.metrics.image import pooled_psnr
 
 
 def run(args: argparse.Namespace, deform: bool, workdir: str) -> dict:
@@ -70,12 +76,54 @@ def run(args: argparse.Namespace, deform: bool, workdir: str) -> dict:
         cli.model, cli.datamodule, args.save_renders, "dynamic" if deform else "static"
     )
     return {
+        **region_psnr(cli.model, cli.datamodule.root, cli.datamodule.hparams.holdout_views),
         "alpha": coverage,
         **{k.removeprefix("test/"): v for k, v in metrics.items()},
         "fit_s": fit_s,
         "ms_per_step": 1000 * fit_s / max(cli.trainer.global_step, 1),
         "gaussians": len(cli.model.splats["means"]),
     }
+
+
+@torch.no_grad()
+def region_psnr(model, scene_dir, holdout: list[int]) -> dict[str, float]:
+    """PSNR by region (a fit at the scene's own size): training views (all / static / moving pixels)
+    and held-out views (pixels covered by a training camera / not covered; moving pixels)."""
+    s = read_scene(scene_dir)
+    V, T, dev = s.num_views, s.num_frames, model.device
+    times = torch.linspace(0, 1, T) if T > 1 else torch.zeros(1)
+    train = [v for v in range(V) if v not in holdout]
+
+    def render(v):
+        outs = [model.render(times[t], s.K[v : v + 1].to(dev), s.w2c[v, t : t + 1].to(dev)) for t in range(T)]
+        return torch.stack([o.rgb[0] for o in outs]).clamp(0, 1).cpu()
+
+    def psnr(pred, gt, mask=None):
+        if mask is not None and not mask.any():
+            return float("nan")
+        return float(pooled_psnr(pred, gt, mask=None if mask is None else mask[..., None].expand_as(gt)))
+
+    def gt(v):
+        return s.load_rgb(v).permute(0, 2, 3, 1)
+
+    def moving(v):
+        m = s.load_mask(v)
+        return None if m is None else m > 0
+
+    out = {}
+    pred, ref = torch.cat([render(v) for v in train]), torch.cat([gt(v) for v in train])
+    out["train_psnr"] = psnr(pred, ref)
+    if all(moving(v) is not None for v in train):
+        mv = torch.cat([moving(v) for v in train])
+        out["train_static"], out["train_moving"] = psnr(pred, ref, ~mv), psnr(pred, ref, mv)
+    if s.has_depth and all(s.views[v].xyz is not None for v in holdout):
+        depth = torch.stack([s.load_depth(v) for v in train])
+        pred = torch.cat([render(v) for v in holdout])
+        ref = torch.cat([gt(v) for v in holdout])
+        cov = torch.cat([covered_pixels(s.load_xyz(v), s.K[train], s.w2c[train], depth) for v in holdout])
+        out["heldout_covered"], out["heldout_uncovered"] = psnr(pred, ref, cov), psnr(pred, ref, ~cov)
+        out["covered_share"] = float(cov.float().mean())
+    return out
 
 
 @torch.no_grad()
@@ -124,6 +172,14 @@ def main() -> None:
             if args.only in (None, name):
                 rows[name] = run(args, deform, f"{tmp}/{name}")
     keys = ["psnr", "psnr_dynamic", "ssim", "lpips", "alpha", "gaussians", "ms_per_step", "fit_s"]
+    keys += [
+        "train_psnr",
+        "train_static",
+        "train_moving",
+        "heldout_covered",
+        "heldout_uncovered",
+        "covered_share",
+    ]
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\nheld-out view, {args.config}, device {dev}")
     print("| fit | " + " | ".join(keys) + " |")

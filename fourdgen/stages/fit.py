@@ -77,6 +77,9 @@ class Gaussian4DFitter(L.LightningModule):
             a camera of the interpolated path (``path_samples`` cameras, Full-4D: 120), drawn from
             the step, renders the whole clip for them.
         background: RGB in [0, 1] composited under the splats.
+        random_background: training renders composite over a random colour per step instead (the
+            ground truth is opaque, so any see-through pixel costs: the scene cannot hide holes in
+            a colour that happens to match; validation and exports keep ``background``).
         lpips_net / lpips_weights / lpips_allow_random_backbone: LPIPS for val/test metrics
             (``lpips_net=None`` skips LPIPS).
         backend: rasterizer backend ("auto": gsplat on CUDA, torch on CPU).
@@ -105,6 +108,7 @@ class Gaussian4DFitter(L.LightningModule):
         regularize_every: int = 1,
         path_samples: int = 120,
         background: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        random_background: bool = False,
         lpips_net: str | None = "alex",
         lpips_weights: str | None = None,
         lpips_allow_random_backbone: bool = False,
@@ -276,7 +280,14 @@ class Gaussian4DFitter(L.LightningModule):
             self._compiled[name] = compile_dynamic(fn)
         return self._compiled[name]
 
-    def render(self, t: float | Tensor, K: Tensor, w2c: Tensor, deform: bool | None = None) -> RenderOutput:
+    def render(
+        self,
+        t: float | Tensor,
+        K: Tensor,
+        w2c: Tensor,
+        deform: bool | None = None,
+        background: Tensor | None = None,
+    ) -> RenderOutput:
         """Render at time ``t`` into cameras ``K [C, 3, 3]``, ``w2c [C, 4, 4]`` at the scene size."""
         info = self.info
         return rasterize(
@@ -286,7 +297,7 @@ class Gaussian4DFitter(L.LightningModule):
             info.width,
             info.height,
             backend=self.hparams.backend,
-            background=self.bg,
+            background=self.bg if background is None else background,
         )
 
     def export_gaussians(self, t: float) -> Gaussians:
@@ -317,8 +328,11 @@ class Gaussian4DFitter(L.LightningModule):
         self._render_infos = []
         B = batch.rgb.shape[0]
         preds, gts = [], []
+        # Drawn from the step (not the global RNG): the data order and a resumed fit are unaffected.
+        g = torch.Generator().manual_seed((torch.initial_seed() * 1_000_033 + self.global_step) % 2**63)
+        bg = torch.rand(3, generator=g).to(self.bg) if h.random_background else None
         for i in range(B):  # frames of one batch can have different times: one render each
-            out = self.render(batch.times[i, 0], batch.K[i, :1], batch.w2c[i, 0, :1])
+            out = self.render(batch.times[i, 0], batch.K[i, :1], batch.w2c[i, 0, :1], background=bg)
             self._render_infos.append(out.info)
             preds.append(out.rgb[0].permute(2, 0, 1)[None])
             gts.append((batch.rgb[i, 0, 0][None] + 1) / 2)
