@@ -10,6 +10,7 @@ Rows: the held-out view rendered at evenly spaced times, its ground truth, then 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=6)
     ap.add_argument("--scale", type=int, default=3, help="nearest-neighbour upscaling of small renders")
     a = ap.parse_args()
+    sys.argv = sys.argv[:1]  # the CLI below gets its arguments explicitly, not this tool's
     run = Path(a.run)
     cli = FourDGenCLI(args=[f"--config={a.config}", "--trainer.logger=false"], run=False)
     model, dm = cli.model, cli.datamodule
