@@ -99,7 +99,7 @@ class GridPrior(VideoPrior):
     def from_module(cls, model: GridDiffusion, **kw) -> GridPrior:
         """A prior over an already built grid model (in-process use, benchmarks); ``kw``: the
         embedding and ``dtype`` arguments of the constructor."""
-        prior = cls(checkpoint="<module>", **kw)
+        prior = cls(checkpoint="<in-process module>", **kw)  # a label: load() is never called
         prior.model = prior._freeze(model)
         return prior
 
