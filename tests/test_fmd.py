@@ -11,12 +11,10 @@ import torch.nn.functional as F
 from fourdgen.data.scene_frames import SceneFramesDataModule
 from fourdgen.data.synthetic import SyntheticConfig, make_scene, render_camera
 from fourdgen.gaussians.deformation import DeformationField
-from fourdgen.gaussians.densify import BudgetStrategy
 from fourdgen.gaussians.fmd import FlowMatchingDistillation, VideoPrior
-from fourdgen.gaussians.optim import LearningRates
 from fourdgen.geometry.visibility import covered_pixels
 from fourdgen.metrics.image import pooled_psnr
-from fourdgen.stages.fit import Gaussian4DFitter
+from tests.test_fit import _fitter as fit_fitter
 
 # An orbit of 5 views with view 2 held out: about half of its pixels are seen by no training camera.
 SCENE = SyntheticConfig(num_views=5, num_frames=5, height=24, width=32, layout="orbit", supersample=1, seed=5)
@@ -61,26 +59,12 @@ def _dm(tmp_path, **kw):
 
 
 def _fitter(steps, regularizers=(), **kw):
+    """test_fit's fitter with a coarser field and a denser camera path."""
     torch.manual_seed(0)  # the deformation field's initial weights
-    defaults = dict(
-        coarse_steps=steps // 4,
-        init_opacity=0.3,
-        lpips_net=None,
-        path_samples=24,
-        deformation=DeformationField(features=8, resolution=(16, 16, 16, 4), multires=(1,), width=32),
-        densify=BudgetStrategy(
-            refine_start_iter=40,
-            refine_every=40,
-            refine_stop_iter=10**6,
-            reset_every=10**6,
-            max_gaussians=4000,
-            prune_to=0,
-        ),
-        lr=LearningRates(
-            max_steps=steps, deformation=1.6e-3, deformation_final=1.6e-4, grid=1.6e-2, grid_final=1.6e-3
-        ),
+    kw.setdefault(
+        "deformation", DeformationField(features=8, resolution=(16, 16, 16, 4), multires=(1,), width=32)
     )
-    return Gaussian4DFitter(**{**defaults, **kw}, regularizers=list(regularizers))
+    return fit_fitter(steps, path_samples=24, regularizers=list(regularizers), **kw)
 
 
 class _Losses(L.Callback):

@@ -120,6 +120,13 @@ def test_one_fmd_step_moves_the_novel_latent_toward_the_prior_estimate(tmp_path)
     assert after < before
     # the source clip, its depth (the projection conditioning) and the rig reached the prior
     assert prior.source.depth is not None and prior.rig.shape == (3, 4, 4)
+    # what the prior computed once is what the coupling computes for any novel camera
+    b = prior.batch(render.K, model.camera_path()[1][3].expand(5, 4, 4))
+    m = prior.model
+    with torch.no_grad():
+        torch.testing.assert_close(prior.source_depth, m.coupling.source_depth(b))
+        fresh = m.encode_grid(m.coupling.project(b))[:, :1]
+    torch.testing.assert_close(prior.source_cond, fresh, rtol=1e-4, atol=1e-5)
 
 
 def test_tiny_fmd_recipe_fits_a_generated_grid_through_the_cli(tmp_path, monkeypatch):

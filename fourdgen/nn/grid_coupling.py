@@ -320,8 +320,12 @@ class ProjectionGrid(GridCoupling):
         )
         return img
 
-    def prepare(self, b: GridBatch, latents: Tensor, encode: Encoder, t_factor: int) -> GridInputs:
-        depth = self.source_depth(b)  # once: a predicted depth is costly, and outputs report it
+    def prepare(
+        self, b: GridBatch, latents: Tensor, encode: Encoder, t_factor: int, depth: Tensor | None = None
+    ) -> GridInputs:
+        """``depth [B, T, H, W]``: the source view's, when the caller has it (None: the provider's)."""
+        if depth is None:
+            depth = self.source_depth(b)  # once: a predicted depth is costly, and outputs report it
         cond = encode(self.project(b, depth=depth))
         return GridInputs(
             x0=grid_to_sequence(latents),

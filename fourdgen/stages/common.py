@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def check_finite(value: Tensor | float, name: str, step: int) -> None:
@@ -59,3 +59,25 @@ def fsdp_mesh(mesh, who: str):
             f"(got {mesh['tensor_parallel'].size()})"
         )
     return mesh["data_parallel"] if "data_parallel" in names else mesh
+
+
+def step_generator(step: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator seeded from (the run's seed, ``step``, ``stream``): draws made with it do not
+    touch the global RNG (the data order stays put) and repeat when a fit resumes at ``step``."""
+    seed = (torch.initial_seed() * 1_000_003 + step) * 31 + stream
+    return torch.Generator().manual_seed(seed % 2**63)
+
+
+def compile_dynamic(fn, backend="inductor"):
+    """``torch.compile(fn, dynamic=True)`` for inputs whose length changes (densification).
+
+    Dynamo treats ``nn.Parameter`` inputs as static-shaped (``force_parameter_static_shapes``) and
+    recompiles on every new number of Gaussians until its recompile limit, then runs eagerly. A
+    view of a parameter is a plain tensor with the same autograd path, so it gets dynamic sizes.
+    """
+    compiled = torch.compile(fn, dynamic=True, backend=backend)
+
+    def call(*args):
+        return compiled(*(a.view_as(a) if isinstance(a, nn.Parameter) else a for a in args))
+
+    return call

@@ -34,24 +34,9 @@ from fourdgen.gaussians.regularizers import NovelViewRegularizer, NovelViewRende
 from fourdgen.geometry.interpolation import interpolate_loop
 from fourdgen.geometry.projection import unproject
 from fourdgen.metrics.image import ImageMetrics, pooled_psnr
-from fourdgen.stages.common import check_finite
+from fourdgen.stages.common import check_finite, compile_dynamic, step_generator
 
 SPLAT_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")
-
-
-def compile_dynamic(fn, backend="inductor"):
-    """``torch.compile(fn, dynamic=True)`` for inputs whose length changes (densification).
-
-    Dynamo treats ``nn.Parameter`` inputs as static-shaped (``force_parameter_static_shapes``) and
-    recompiles on every new number of Gaussians until its recompile limit, then runs eagerly. A
-    view of a parameter is a plain tensor with the same autograd path, so it gets dynamic sizes.
-    """
-    compiled = torch.compile(fn, dynamic=True, backend=backend)
-
-    def call(*args):
-        return compiled(*(a.view_as(a) if isinstance(a, nn.Parameter) else a for a in args))
-
-    return call
 
 
 class Gaussian4DFitter(L.LightningModule):
@@ -329,8 +314,11 @@ class Gaussian4DFitter(L.LightningModule):
         B = batch.rgb.shape[0]
         preds, gts = [], []
         # Drawn from the step (not the global RNG): the data order and a resumed fit are unaffected.
-        g = torch.Generator().manual_seed((torch.initial_seed() * 1_000_033 + self.global_step) % 2**63)
-        bg = torch.rand(3, generator=g).to(self.bg) if h.random_background else None
+        bg = (
+            torch.rand(3, generator=step_generator(self.global_step, 1)).to(self.bg)
+            if h.random_background
+            else None
+        )
         for i in range(B):  # frames of one batch can have different times: one render each
             out = self.render(batch.times[i, 0], batch.K[i, :1], batch.w2c[i, 0, :1], background=bg)
             self._render_infos.append(out.info)
@@ -364,8 +352,7 @@ class Gaussian4DFitter(L.LightningModule):
     def _render_novel_view(self, batch: GridBatch) -> NovelViewRender:
         K, path = self.camera_path()
         # Drawn from (seed, step), not the global RNG: a resumed fit samples the same cameras.
-        g = torch.Generator().manual_seed((torch.initial_seed() * 1_000_003 + self.global_step) % 2**63)
-        idx = int(torch.randint(len(path), (1,), generator=g))
+        idx = int(torch.randint(len(path), (1,), generator=step_generator(self.global_step)))
         times = self.info.times.to(self.device)
         outs = [self.render(t, K[None], path[idx : idx + 1]) for t in times]
         cat = lambda key: torch.cat([getattr(o, key) for o in outs]).permute(0, 3, 1, 2)  # noqa: E731

@@ -165,6 +165,14 @@ class GridPrior(VideoPrior):
         self.image = None if self.image is None else self.image.to(device)
         self.source_latents = self.encode(source.rgb.to(device)).detach()  # [1, C, F, h, w]
         self.rig = source.rig.to(device) if source.rig is not None else source.w2c[:1].to(device)
+        # What does not depend on the novel camera, once: the source depth (a depth model's
+        # prediction is costly) and the latents of the source's projection into itself.
+        with torch.no_grad():
+            b = self.batch(source.K, source.w2c)
+            coupling: ProjectionGrid = m.coupling
+            self.source_depth = coupling.source_depth(b)  # [1, T, H, W]
+            own = coupling.project(b, depth=self.source_depth)[:, :1]
+            self.source_cond = m.encode_grid(own)  # [1, 1, C, F, h, w]
 
     # ----------------------------------------------------------------------------- the prior
     def _autocast(self):
@@ -205,7 +213,11 @@ class GridPrior(VideoPrior):
         src = self.source_latents
         latents = torch.stack([src, x.to(src)], dim=1)  # [1, 2, C, F, h, w]
         coupling: ProjectionGrid = m.coupling
-        inp = coupling.prepare(b, latents, m.encode_grid, self.t_factor)
+
+        def encode(pix: Tensor) -> Tensor:  # only the novel view's projection is new
+            return torch.cat([self.source_cond, m.encode_grid(pix[:, 1:])], dim=1)
+
+        inp = coupling.prepare(b, latents, encode, self.t_factor, depth=self.source_depth)
         # Cameras relative to the source, normalised over the scene's rig plus the novel camera.
         rig = torch.cat([self.rig, w2c[:1].to(self.rig)])
         cams = torch.cat([b.w2c[0, :1, 0], rig]).float()[None]  # the source first
