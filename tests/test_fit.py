@@ -25,7 +25,7 @@ from fourdgen.geometry.visibility import covered_pixels
 from fourdgen.metrics.image import pooled_psnr
 from fourdgen.stages.fit import Gaussian4DFitter, compile_dynamic
 
-COVERED_BOUND = 21.0  # dynamic fit: 22.56 dB measured (static: 20.41)
+COVERED_BOUND = 25.0  # dynamic fit: 26.39 dB measured (static: 20.57; before temporal opacity 22.56)
 SCENE = SyntheticConfig(
     num_views=4, num_frames=6, height=24, width=32, layout="arc", arc_degrees=50, supersample=2, seed=5
 )
@@ -250,7 +250,9 @@ def test_dynamic_fit_beats_static_on_moving_objects(tmp_path):
     results = {}
     for name, deform in (("static", False), ("dynamic", True)):
         L.seed_everything(0)
-        dm, model = _dm(tmp_path), _fitter(steps, deform=deform)
+        # dynamic as the recipes fit: time-localised Gaussians, static background not deformed
+        dm = _dm(tmp_path, init_frames="all", split_static=deform)
+        model = _fitter(steps, deform=deform, temporal_opacity=deform)
         trainer = _trainer(tmp_path, steps)
         trainer.fit(model, dm)
         results[name] = trainer.test(model, dm, verbose=False)[0]
@@ -258,7 +260,8 @@ def test_dynamic_fit_beats_static_on_moving_objects(tmp_path):
     init = _trainer(tmp_path, 0).test(_fitter(steps), _dm(tmp_path), verbose=False)[0]
     print({k: {m: round(v, 2) for m, v in r.items()} for k, r in {**results, "init": init}.items()})
     assert results["dynamic"]["test/psnr"] > init["test/psnr"] + 3
-    assert results["dynamic"]["test/psnr_dynamic"] > results["static"]["test/psnr_dynamic"] + 1.5
+    # measured 28.00 vs 18.08 (the deformation field alone, before temporal opacity: +1.5 to +2)
+    assert results["dynamic"]["test/psnr_dynamic"] > results["static"]["test/psnr_dynamic"] + 6
     # what the training cameras saw of the held-out view must be reconstructed
     assert results["dynamic"]["covered"] > COVERED_BOUND, results
 

@@ -28,7 +28,9 @@ class SceneInfo:
     in [0, 1], ``points [N, 3]`` / ``colors [N, 3]`` in [0, 1] (None when the scene has no
     depth/xyz: the fitter then starts from random points in the training frusta). ``source_view``:
     the row that is the input video of a generated grid (scene.json ``source_view``; None if not
-    stated)."""
+    stated). ``point_times [N]``: the normalised time each initial point was observed at (None
+    when they all come from one frame); ``point_static [N]`` bool: the points classified as not
+    moving over the clip (None when not classified)."""
 
     K: Tensor
     w2c: Tensor
@@ -43,6 +45,8 @@ class SceneInfo:
     cameras_known: bool = True  # False for grids whose cameras are placeholders (4Real-Video-V2)
     source_view: int | None = None
     caption: str = ""
+    point_times: Tensor | None = None
+    point_static: Tensor | None = None
 
 
 @runtime_checkable

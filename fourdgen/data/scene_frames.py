@@ -20,6 +20,7 @@ from fourdgen.data.datamodules import BaseDataModule, _resize, adjust_intrinsics
 from fourdgen.data.protocols import SceneInfo
 from fourdgen.data.scene import Scene, read_scene
 from fourdgen.data.synthetic import SyntheticConfig, ensure_scene
+from fourdgen.geometry.projection import depth_to_points, pointmap_to_depth
 
 INIT_FRAMES = ("first", "all")
 
@@ -72,6 +73,11 @@ class SceneFramesDataModule(BaseDataModule):
         init_frames: timesteps the initial point cloud comes from: "first" (as 4DGaussians does for
             multi-view video) or "all" (moving objects then start with a copy at every position,
             but later frames add what frame 0 hides: on the quickstart "all" is 2 dB better).
+        split_static: classify the initial points as static or moving (free-space carving and
+            photo-consistency over the clip, :func:`~fourdgen.geometry.visibility.static_points`):
+            the background is drawn once instead of once per frame, the moving objects at every
+            frame, and the fitter learns which Gaussians it need not deform (``SceneInfo.point_static``).
+            Needs depth or xyz for the training views.
         repeat: passes over the training frames per epoch.
         depth_model: a local depth-estimation checkpoint (Depth Anything V2 through transformers,
             :class:`~fourdgen.backbones.depth.DepthEstimator`) that estimates the depth of training
@@ -91,6 +97,7 @@ class SceneFramesDataModule(BaseDataModule):
         width: int | None = None,
         init_points: int = 20_000,
         init_frames: str = "first",
+        split_static: bool = False,
         repeat: int = 1,
         depth_model: str | None = None,
         depth_device: str = "auto",
@@ -163,30 +170,43 @@ class SceneFramesDataModule(BaseDataModule):
         mode = self.hparams.init_frames
         if mode not in INIT_FRAMES:
             raise ValueError(f"data.init_frames: expected one of {INIT_FRAMES}, got {mode!r}")
+        if self.hparams.split_static and mode != "all":
+            raise ValueError("data.split_static: needs init_frames: all (motion shows only across frames)")
         times = [0] if mode == "first" else None
-        pts, cols = [], []
+        pts, cols, when, depths = [], [], [], []
         estimated = self._estimated_depth(scene, d["train"], times)
         for v in d["train"]:
             xyz = scene.load_xyz(v, times)
             depth = scene.load_depth(v, times) if scene.views[v].depth is not None else estimated.get(v)
+            w2c = scene.w2c[v] if times is None else scene.w2c[v, times]
             if xyz is None and depth is not None:
-                from fourdgen.geometry.projection import depth_to_points
-
-                w2c = scene.w2c[v] if times is None else scene.w2c[v, times]
                 xyz = depth_to_points(depth, scene.K[v], w2c)
             if xyz is None:
                 continue
             valid = torch.isfinite(xyz).all(-1)
             if depth is not None:
                 valid &= depth > 0
+            rgb = scene.load_rgb(v, times).permute(0, 2, 3, 1)
             pts.append(xyz[valid])
-            cols.append(scene.load_rgb(v, times).permute(0, 2, 3, 1)[valid])
-        points = colors = None
+            cols.append(rgb[valid])
+            when.append(torch.arange(xyz.shape[0])[:, None, None].expand(valid.shape)[valid])
+            if self.hparams.split_static:
+                z = pointmap_to_depth(xyz, w2c) if depth is None else depth
+                depths.append((v, torch.where(valid, z, torch.zeros_like(z)), rgb))
+        points = colors = point_times = point_static = None
         if pts:
-            points, colors = torch.cat(pts), torch.cat(cols)
+            points, colors, frame = torch.cat(pts), torch.cat(cols), torch.cat(when)
             g = torch.Generator().manual_seed(self.hparams.seed)
-            keep = torch.randperm(len(points), generator=g)[: self.hparams.init_points]
-            points, colors = points[keep], colors[keep]
+            n = self.hparams.init_points
+            if depths:
+                points, colors, frame, point_static = self._split_static(
+                    scene, depths, points, colors, frame, n, g
+                )
+            else:
+                keep = torch.randperm(len(points), generator=g)[:n]
+                points, colors, frame = points[keep], colors[keep], frame[keep]
+            if mode == "all":
+                point_times = d["times"][frame]
         H, W = d["out_hw"]
         return SceneInfo(
             K=d["K"],
@@ -198,11 +218,40 @@ class SceneFramesDataModule(BaseDataModule):
             holdout_views=d["holdout"],
             points=points,
             colors=colors,
+            point_times=point_times,
+            point_static=point_static,
             fps=scene.fps,
             cameras_known=scene.extra.get("cameras") != "unknown",
             source_view=scene.source_view,
             caption=scene.caption,
         )
+
+    @staticmethod
+    def _split_static(scene: Scene, depths, points, colors, frame, n: int, g: torch.Generator):
+        """Classify candidate points static or moving (:func:`~fourdgen.geometry.visibility.static_points`
+        on the training views' depth and colour) and draw ``n`` of them. A static surface appears
+        in every frame and a moving one in one, so static candidates count 1/T each: the cloud then
+        holds the background once and the moving objects at every time."""
+        from fourdgen.geometry.visibility import static_points
+
+        pool = torch.randperm(len(points), generator=g)[: 8 * n]  # bounds the classification's cost
+        points, colors, frame = points[pool], colors[pool], frame[pool]
+        views = [v for v, _, _ in depths]
+        static = static_points(
+            points,
+            scene.K[views],
+            scene.w2c[views],
+            torch.stack([z for _, z, _ in depths]),
+            torch.stack([c for _, _, c in depths]),
+        )
+        weight = torch.where(static, 1.0 / scene.num_frames, 1.0)
+        keep = torch.multinomial(weight, min(n, len(weight)), replacement=False, generator=g)
+        n_static = int(static[keep].sum())
+        rank_zero_info(
+            f"fourdgen: initial points: {n_static} static, {len(keep) - n_static} moving "
+            f"({int((~static).sum())} of {len(static)} candidates move)"
+        )
+        return points[keep], colors[keep], frame[keep], static[keep]
 
     def _estimated_depth(self, scene: Scene, views: list[int], times: list[int] | None) -> dict[int, Tensor]:
         """Depth of the ``views`` that have no depth/xyz files, estimated and aligned to the source

@@ -34,6 +34,8 @@ class LearningRates:
     deformation_final: float = 1.6e-5
     grid: float = 1.6e-3
     grid_final: float = 1.6e-4
+    t_mean: float = 1e-4  # temporal_opacity's time centres (time runs over [0, 1]) ...
+    t_scale: float = 1e-2  # ... and log widths (Spacetime Gaussians' rates)
     max_steps: int = 20_000
 
     def initial(self, name: str, scene_scale: float) -> float:

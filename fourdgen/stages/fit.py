@@ -29,14 +29,17 @@ from fourdgen.gaussians.deformation import DeformationField
 from fourdgen.gaussians.densify import BudgetStrategy
 from fourdgen.gaussians.losses import add_hexplane_regularization, photometric_loss
 from fourdgen.gaussians.optim import LearningRates, group_views
-from fourdgen.gaussians.rasterize import RenderOutput, rasterize
+from fourdgen.gaussians.rasterize import ALPHA_MIN, RenderOutput, rasterize
 from fourdgen.gaussians.regularizers import NovelViewRegularizer, NovelViewRender, SourceClip
+from fourdgen.gaussians.temporal import faded_logits, initial_log_scale
 from fourdgen.geometry.interpolation import interpolate_loop
 from fourdgen.geometry.projection import unproject
 from fourdgen.metrics.image import ImageMetrics, pooled_psnr
 from fourdgen.stages.common import check_finite, compile_dynamic, step_generator
 
 SPLAT_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")
+TEMPORAL_KEYS = ("t_mean", "t_scale")  # with temporal_opacity: time centre, log temporal std
+STATIC_KEY = "static"  # 1 for Gaussians of points the scene classified static (not trainable)
 
 
 class Gaussian4DFitter(L.LightningModule):
@@ -61,6 +64,13 @@ class Gaussian4DFitter(L.LightningModule):
             at the steps one is due (its ``start_step``/``every``, on multiples of ``regularize_every``)
             a camera of the interpolated path (``path_samples`` cameras, Full-4D: 120), drawn from
             the step, renders the whole clip for them.
+        temporal_opacity: each Gaussian fades in time around the time of the frame its initial
+            point came from (:mod:`~fourdgen.gaussians.temporal`; needs ``SceneInfo.point_times``,
+            e.g. ``data.init_frames: all``), with a learned centre and width starting at
+            ``temporal_width`` frame spacings. Not in Full-4D (4DGaussians' field alone): an
+            option because large motion is hard to learn through the field alone (issue 17).
+            Gaussians of points the scene classified static (``SceneInfo.point_static``, e.g.
+            ``data.split_static``) neither fade nor deform.
         background: RGB in [0, 1] composited under the splats.
         random_background: training renders composite over a random colour per step instead (the
             ground truth is opaque, so any see-through pixel costs: the scene cannot hide holes in
@@ -92,6 +102,8 @@ class Gaussian4DFitter(L.LightningModule):
         regularizers: list[NovelViewRegularizer] | None = None,
         regularize_every: int = 1,
         path_samples: int = 120,
+        temporal_opacity: bool = False,
+        temporal_width: float = 1.0,
         background: tuple[float, float, float] = (0.0, 0.0, 0.0),
         random_background: bool = False,
         lpips_net: str | None = "alex",
@@ -187,18 +199,30 @@ class Gaussian4DFitter(L.LightningModule):
         g = Gaussians.from_points(
             points.float(), colors.float(), sh_degree=h.sh_degree, init_opacity=h.init_opacity
         )
-        self.splats.update(
-            {
-                "means": g.means,
-                "scales": g.log_scales,
-                "quats": g.quats,
-                "opacities": g.opacity_logits,
-                "sh0": g.sh0,
-                "shN": g.shN,
-            }
-        )
-        for k in SPLAT_KEYS:
-            self.splats[k] = nn.Parameter(self.splats[k].detach().clone())
+        init = {
+            "means": g.means,
+            "scales": g.log_scales,
+            "quats": g.quats,
+            "opacities": g.opacity_logits,
+            "sh0": g.sh0,
+            "shN": g.shN,
+        }
+        if h.temporal_opacity:
+            if info.point_times is None or len(info.times) < 2:
+                warnings.warn(
+                    "model.temporal_opacity: the initial points carry no times (data.init_frames: all "
+                    "gives them): the Gaussians do not fade in time",
+                    stacklevel=2,
+                )
+            else:
+                init["t_mean"] = info.point_times.float()
+                init["t_scale"] = torch.full_like(
+                    init["t_mean"], initial_log_scale(len(info.times), h.temporal_width)
+                )
+        if info.point_static is not None and info.points is not None:
+            init[STATIC_KEY] = info.point_static.float()
+        for k, v in init.items():
+            self.splats[k] = nn.Parameter(v.detach().clone(), requires_grad=k != STATIC_KEY)
         self.scene_scale.fill_(float(camera_extent(rig)))
         if self.deformation is not None:  # the foreground the cameras look at, not a far background
             lo, hi = foreground_bounds(points, rig, radius=h.bounds_radius, quantile=h.bounds_quantile)
@@ -221,9 +245,12 @@ class Gaussian4DFitter(L.LightningModule):
         # before Lightning loads the state dict (the optimizer is built afterwards, so it matches).
         sd = checkpoint["state_dict"]
         sd.setdefault("trained_steps", torch.tensor(int(checkpoint.get("global_step", 0))))  # older files
-        for k in SPLAT_KEYS:
-            if f"splats.{k}" in sd:
-                self.splats[k] = nn.Parameter(torch.empty_like(sd[f"splats.{k}"], device=self.device))
+        for key, value in sd.items():
+            if key.startswith("splats."):
+                k = key.removeprefix("splats.")
+                self.splats[k] = nn.Parameter(
+                    torch.empty_like(value, device=self.device), requires_grad=k != STATIC_KEY
+                )
         self.strategy_state = dict(checkpoint.get("fourdgen_strategy_state", {}))
 
     # ------------------------------------------------------------------------------ rendering
@@ -246,15 +273,27 @@ class Gaussian4DFitter(L.LightningModule):
         """Gaussians (gsplat-trainer form: log-scales, logits) at normalised time ``t``."""
         p = self.splats
         deform = self.is_fine if deform is None else deform
-        if not deform or self.deformation is None:
-            return dict(p.items())
-        d = self._deform_fn("forward")(p["means"], t)
-        return {
-            **p,
-            "means": p["means"] + d.d_means,
-            "scales": p["scales"] + d.d_log_scales,
-            "quats": p["quats"] + d.d_quats,
-        }
+        out = {k: p[k] for k in SPLAT_KEYS}
+        static = p[STATIC_KEY] > 0.5 if STATIC_KEY in p else None
+        if deform and self.deformation is not None:
+            if static is None:
+                d = self._deform_fn("forward")(p["means"], t)
+                out.update(
+                    means=p["means"] + d.d_means,
+                    scales=p["scales"] + d.d_log_scales,
+                    quats=p["quats"] + d.d_quats,
+                )
+            else:  # only the moving Gaussians: the field's cost and capacity go to them
+                idx = (~static).nonzero()[:, 0]
+                d = self._deform_fn("forward")(p["means"][idx], t)
+                out.update(
+                    means=p["means"].index_add(0, idx, d.d_means),
+                    scales=p["scales"].index_add(0, idx, d.d_log_scales),
+                    quats=p["quats"].index_add(0, idx, d.d_quats),
+                )
+        if "t_mean" in p:
+            out["opacities"] = faded_logits(p["opacities"], t, p["t_mean"], p["t_scale"], always=static)
+        return out
 
     def _deform_fn(self, name: str):
         """The deformation field's ``forward``/``regularization``, compiled on CUDA if asked."""
@@ -289,6 +328,8 @@ class Gaussian4DFitter(L.LightningModule):
         """Detached Gaussians at time ``t`` (for PLY export)."""
         with torch.no_grad():
             g = self.gaussians_at(t, deform=self.deformation is not None)
+            if "t_mean" in self.splats:  # faded out at t: invisible (alpha < 1/255 everywhere), drop
+                g = {k: v[torch.sigmoid(g["opacities"]) >= ALPHA_MIN] for k, v in g.items()}
             return Gaussians(
                 means=g["means"],
                 log_scales=g["scales"],
@@ -374,7 +415,7 @@ class Gaussian4DFitter(L.LightningModule):
         if not self.strategy_state:
             self.strategy_state = self.densify.initialize_state(scene_scale=float(self.scene_scale))
         opt = self.optimizers(use_pl_optimizer=False)
-        views = group_views(opt, list(SPLAT_KEYS))
+        views = group_views(opt, list(self.splats.keys()))
         for info in self._render_infos[:-1]:  # extra renders of this step only add statistics
             self.densify.accumulate(self.splats, self.strategy_state, info)
         self.densify.step_post_backward(
@@ -384,7 +425,8 @@ class Gaussian4DFitter(L.LightningModule):
 
     def configure_optimizers(self):
         lr, scale = self.lr, float(self.scene_scale)
-        groups = [{"params": [self.splats[k]], "name": k, "lr": lr.initial(k, scale)} for k in SPLAT_KEYS]
+        trained = [(k, p) for k, p in self.splats.items() if p.requires_grad]  # not the static flags
+        groups = [{"params": [p], "name": k, "lr": lr.initial(k, scale)} for k, p in trained]
         if self.deformation is not None:
             grid = list(self.deformation.grid.parameters())
             grid_ids = {id(p) for p in grid}
