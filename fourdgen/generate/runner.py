@@ -201,6 +201,7 @@ class Run:
                 plan.weights = [p for _, p in stages.weight_paths(plan.config)]
             plans.append(plan)
         data = {p.step.name: stages.data_args(p.config) for p in plans if p.step.is_lightning}
+        self._check_grid_sizes(plans, data)
         for plan in plans:
             if plan.step.is_lightning:
                 continue
@@ -219,6 +220,24 @@ class Run:
             plan.config = options
         self.data = data
         return plans
+
+    def _check_grid_sizes(self, plans: list[Planned], data: dict[str, dict[str, Any]]) -> None:
+        """A Lightning step that reads an earlier Lightning step's grid asks for no more views and
+        frames than that step writes (its ``data.init_args.num_views`` / ``num_frames``)."""
+        for plan in plans:
+            if not plan.step.is_lightning:
+                continue
+            for ref in sorted(_refs_in(plan.step)):
+                src = ref.removeprefix("steps.")
+                if src == ref or src not in data:
+                    continue
+                for key, default in (("num_views", 1), ("num_frames", None)):
+                    want, have = data[plan.step.name].get(key), data[src].get(key, default)
+                    if isinstance(want, int) and isinstance(have, int) and want > have:
+                        raise ConfigError(
+                            f"{plan.where}: data.init_args.{key} = {want}, but step {src!r} writes {have}: "
+                            f"set it to {have} or null (all)"
+                        )
 
     def _context(self, plan: Planned, data: dict[str, dict[str, Any]]) -> ToolContext:
         names = [s.name for s in self.pipe.steps[: plan.index]]

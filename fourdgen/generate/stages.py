@@ -19,6 +19,7 @@ from typing import Any
 from jsonargparse import Namespace
 
 from fourdgen.cli import FourDGenCLI, _condense
+from fourdgen.entry import is_own_error
 from fourdgen.errors import ConfigError, FourDGenError
 
 # Config keys that name weights to load (local files or folders); output folders are not among them.
@@ -129,6 +130,7 @@ def run(argv: list[str], where: str) -> FourDGenCLI:
     try:
         with _argv(argv):
             return FourDGenCLI(args=None)  # reads sys.argv, the step's command
-    except FourDGenError as e:
-        e.args = (f"{where}: {e}", *e.args[1:])  # the same error, naming the step
+    except Exception as e:
+        if is_own_error(e) and e.args and isinstance(e.args[0], str):
+            e.args = (f"{where}: {e.args[0]}", *e.args[1:])  # the same error, naming the step
         raise
