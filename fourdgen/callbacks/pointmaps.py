@@ -107,8 +107,13 @@ class PointmapVideoWriter(GuardedPredictionWriter):
         if self.novel_view_frames > 0:
             xyz_pts = clip["xyz"].float().cpu()
             video = render_novel_view(
-                xyz_pts, rgb, clip["K"].float().cpu(), clip["w2c"].float().cpu(), depth,
-                self.novel_view_frames, self.novel_view_arc_deg,
+                xyz_pts,
+                rgb,
+                clip["K"].float().cpu(),
+                clip["w2c"].float().cpu(),
+                depth,
+                self.novel_view_frames,
+                self.novel_view_arc_deg,
             )
             save_video_mp4(out / "novel_view.mp4", video, fps=self.fps)
         if self.write_points:

@@ -13,13 +13,13 @@ from fourdgen.errors import ConfigError
 from fourdgen.generate.stages import weight_paths
 
 
-def check_weights(cfg: dict[str, Any], where: str) -> None:
+def check_weights(cfg: dict[str, Any], where: str, step: str) -> None:
     """Every weight path in the resolved config ``cfg`` exists (nothing is downloaded)."""
     for key, path in weight_paths(cfg):
         if not Path(path).exists():
             raise ConfigError(
-                f"{where}: {key}: {path} does not exist (weights are read from local paths; nothing is "
-                "downloaded: set it in the pipeline's weights or pass --weights NAME=PATH)"
+                f"{where}: {key}: {path} does not exist (weights are read from local paths, nothing is "
+                f"downloaded; point it at your copy with --set {step}.{key}=PATH)"
             )
 
 

@@ -7,6 +7,7 @@
     fourdgen generate --pipeline lightning_configs/pipelines/video_to_4d.yaml --input clip.mp4 --out runs/clip
     fourdgen generate ... --resume                      # continue: finished steps are kept
     fourdgen generate ... --weights video=/ckpt/last.ckpt   # replace one of the pipeline's weights
+    fourdgen generate ... --set video.model.init_args.sample_steps=25   # one step's option
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from fourdgen.errors import ConfigError
 
 def parser() -> ArgumentParser:
     p = ArgumentParser(prog="fourdgen generate", description=__doc__.split("::")[0].strip())
-    p.add_argument("--pipeline", required=True, help="a pipeline file (lightning_configs/pipelines/<name>.yaml)")
+    p.add_argument(
+        "--pipeline", required=True, help="a pipeline file (lightning_configs/pipelines/<name>.yaml)"
+    )
     p.add_argument(
         "--input",
         nargs="+",
@@ -34,6 +37,13 @@ def parser() -> ArgumentParser:
         action="append",
         default=[],
         help="NAME=PATH: replace one of the pipeline's named weights (repeatable)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="STEP.KEY=VALUE: add or replace one of a step's args (a CLI key of a predict/fit step, an "
+        "option of a tool step), e.g. video.model.init_args.sample_steps=25 (repeatable)",
     )
     p.add_argument("--num_threads", type=int | None, default=None, help="torch intra-op CPU threads")
     return p
@@ -58,5 +68,5 @@ def main(argv: list[str]) -> dict:
     args = parser().parse_args(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    run = Run(args.pipeline, args.input, args.out, args.resume, args.prompt, _weights(args.weights))
+    run = Run(args.pipeline, args.input, args.out, args.resume, args.prompt, _weights(args.weights), args.set)
     return run.run()

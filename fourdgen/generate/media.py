@@ -45,7 +45,8 @@ def _open_video(path: Path):
     try:
         return iio.get_reader(path, format="FFMPEG")
     except Exception as e:
-        raise ConfigError(f"--input {path}: cannot open as a video ({type(e).__name__}: {e})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"--input {path}: cannot open as a video ({type(e).__name__}: {first})") from None
 
 
 def probe(path: str | Path) -> Probe:
@@ -83,7 +84,9 @@ def probe(path: str | Path) -> Probe:
                 n = reader.count_frames()
                 reader.get_data(0)
             except Exception as e:
-                raise ConfigError(f"--input {path}: cannot decode its frames ({type(e).__name__}: {e})") from None
+                raise ConfigError(
+                    f"--input {path}: cannot decode its frames ({type(e).__name__}: {e})"
+                ) from None
         fps = meta.get("fps")
         if not n or not fps:
             raise ConfigError(f"--input {path}: a video without frames or frame rate (fps {fps}, frames {n})")
@@ -195,7 +198,9 @@ def check_scene(p: Probe, frames: int | None, views: int | None) -> dict[str, An
     """A scene passed through: it must hold enough views and frames; record what the stages do."""
     scene = read_scene(p.path)
     if views is not None and scene.num_views < views:
-        raise SceneFormatError(p.path / SCENE_FILE, "views", f"at least {views} views (the model's)", scene.num_views)
+        raise SceneFormatError(
+            p.path / SCENE_FILE, "views", f"at least {views} views (the model's)", scene.num_views
+        )
     if frames is not None and scene.num_frames < frames:
         raise SceneFormatError(
             p.path / SCENE_FILE, "num_frames", f"at least {frames} frames (the model's)", scene.num_frames

@@ -74,7 +74,10 @@ def _identity(path: str) -> list[Any]:
     p = Path(path)
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file())
-        return [str(p.resolve()), [[str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]]
+        return [
+            str(p.resolve()),
+            [[str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        ]
     st = p.stat()
     return [str(p.resolve()), st.st_size, st.st_mtime_ns]
 
@@ -114,15 +117,17 @@ class Run:
         resume: bool = False,
         prompt: str = "",
         weights: dict[str, str] | None = None,
+        sets: list[str] | None = None,
     ):
-        self.pipe: Pipeline = load_pipeline(pipeline, weights)
+        self.pipe: Pipeline = load_pipeline(pipeline, weights, sets)
         if not inputs:
             raise ConfigError("--input: give an image, a folder of frames, a video or a scene folder")
         self.inputs = [probe(p) for p in inputs]
         for p in self.inputs:
             if p.kind not in self.pipe.input:
                 raise ConfigError(
-                    f"--input {p.path}: a {p.kind}, but {self.pipe.path.name} takes {'/'.join(self.pipe.input)}"
+                    f"--input {p.path}: {self.pipe.path.name} takes {' or '.join(self.pipe.input)} inputs, "
+                    f"this is {'an' if p.kind[0] in 'aeiou' else 'a'} {p.kind}"
                 )
         self.out, self.resume, self.prompt = Path(out), resume, prompt
         stem = self.inputs[0].path.stem if self.inputs[0].path.is_file() else self.inputs[0].path.name
@@ -136,8 +141,8 @@ class Run:
         if path.is_file():
             if not self.resume:
                 raise OutputExistsError(
-                    f"--out {self.out}: holds a fourdgen generate run; pass --resume to continue it (finished "
-                    "steps whose inputs are unchanged are kept) or choose another --out"
+                    f"--out {self.out}: holds a fourdgen generate run; pass --resume to continue it "
+                    "(finished steps whose inputs are unchanged are kept) or choose another --out"
                 )
             try:
                 state = json.loads(path.read_text())
@@ -148,7 +153,8 @@ class Run:
             return state
         if self.out.exists() and any(self.out.iterdir()):
             raise OutputExistsError(
-                f"--out {self.out}: holds files fourdgen generate did not write; choose another (or an empty) folder"
+                f"--out {self.out}: holds files fourdgen generate did not write; choose another "
+                "(or an empty) folder"
             )
         return {"format": FORMAT, "version": 1, "created": _now(), "steps": {}}
 
@@ -184,19 +190,23 @@ class Run:
             later = {f"steps.{s.name}" for s in self.pipe.steps[i:]}
             used = {r for r in _refs_in(step) if r in later}
             if used:
-                raise ConfigError(f"{where}: refers to ${{{sorted(used)[0]}}}, a step that runs later (or itself)")
+                raise ConfigError(
+                    f"{where}: refers to ${{{sorted(used)[0]}}}, a step that runs later (or itself)"
+                )
             plan = Planned(step, i, substitute(step.args, refs, f"{where}.args"))
             if step.is_lightning:
                 ckpt = substitute(step.ckpt_path, refs, f"{where}.ckpt_path")
                 if ckpt and not Path(ckpt).is_file():
-                    raise ConfigError(f"{plan.where}: ckpt_path {ckpt} is not a file (a Lightning checkpoint)")
+                    raise ConfigError(
+                        f"{plan.where}: ckpt_path {ckpt} is not a file (a Lightning checkpoint)"
+                    )
                 if not Path(step.config).is_file():
                     raise ConfigError(f"{where}: config {step.config} is not a file (a recipe)")
                 plan.argv = stages.cli_args(step.run, step.config, ckpt, plan.args, self.logs(step.name))
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     plan.config = stages.as_dict(stages.resolve(plan.argv, plan.where))
-                checks.check_weights(plan.config, plan.where)
+                checks.check_weights(plan.config, plan.where, step.name)
                 checks.check_clip_size(plan.config, plan.where)
                 plan.weights = [p for _, p in stages.weight_paths(plan.config)]
             plans.append(plan)
@@ -272,7 +282,10 @@ class Run:
         self.state.update(
             pipeline=str(self.pipe.path.resolve()),
             pipeline_sha256=sha256(self.pipe.path),
-            inputs=[{"path": str(p.path.resolve()), "kind": p.kind, "sha256": input_checksums(p)} for p in self.inputs],
+            inputs=[
+                {"path": str(p.path.resolve()), "kind": p.kind, "sha256": input_checksums(p)}
+                for p in self.inputs
+            ],
             prompt=self.prompt,
             scene_id=self.scene_id,
             weights=self.pipe.weights,
@@ -287,12 +300,18 @@ class Run:
             final = self.step_dir(name)
             done = rec.get("status") == "done" and rec.get("fingerprint") == fp and final.is_dir()
             if done and folder_digest(final) == rec.get("output_digest"):
-                print(f"fourdgen generate: [{plan.index + 1}/{n}] {name}: done before, inputs unchanged (skipped)")
+                print(
+                    f"fourdgen generate: [{plan.index + 1}/{n}] {name}: "
+                    "done before, inputs unchanged (skipped)"
+                )
                 rec["skipped"] = rec.get("skipped", 0) + 1
                 upstream.append(rec["output_digest"])
                 self._save()
                 continue
-            print(f"fourdgen generate: [{plan.index + 1}/{n}] {name}: {plan.where.split(' (', 1)[1][:-1]} ...", flush=True)
+            what = (
+                f"{plan.step.run} {Path(plan.step.config).name}" if plan.step.is_lightning else plan.step.run
+            )
+            print(f"fourdgen generate: [{plan.index + 1}/{n}] {name}: {what} ...", flush=True)
             rec = self.state["steps"][name] = {
                 "run": plan.step.run,
                 "status": "running",
@@ -308,7 +327,9 @@ class Run:
             try:
                 rec.update(self._execute(plan, partial))
             except BaseException as e:
-                rec.update(status="failed", error=f"{type(e).__name__}: {e}", seconds=round(time.monotonic() - t0, 2))
+                rec.update(
+                    status="failed", error=f"{type(e).__name__}: {e}", seconds=round(time.monotonic() - t0, 2)
+                )
                 self._save()
                 raise
             self._commit(partial, final)
@@ -316,7 +337,9 @@ class Run:
             rec["output_digest"] = folder_digest(final)
             upstream.append(rec["output_digest"])
             self._save()
-            print(f"fourdgen generate: [{plan.index + 1}/{n}] {name}: done in {rec['seconds']:.1f}s -> {final}")
+            print(
+                f"fourdgen generate: [{plan.index + 1}/{n}] {name}: done in {rec['seconds']:.1f}s -> {final}"
+            )
         total = time.monotonic() - t_all
         self.state["seconds"] = round(total, 2)
         self._save()

@@ -90,12 +90,17 @@ def _parser(**arguments: Any) -> ArgumentParser:
     return parser
 
 
-def load_pipeline(path: str | Path, weights: dict[str, str] | None = None) -> Pipeline:
+def load_pipeline(
+    path: str | Path, weights: dict[str, str] | None = None, sets: list[str] | None = None
+) -> Pipeline:
     """Read and check a pipeline file; ``weights`` replace entries of its ``weights`` (unknown names
-    are refused). Raises one :class:`ConfigError` naming the file and the key."""
+    are refused); ``sets`` (``<step>.<key>=<value>``, the value read as YAML) add or replace one of
+    a step's ``args``. Raises one :class:`ConfigError` naming the file and the key."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--pipeline: {path} is not a file (e.g. lightning_configs/pipelines/image_to_4d.yaml)")
+        raise ConfigError(
+            f"--pipeline: {path} is not a file (e.g. lightning_configs/pipelines/image_to_4d.yaml)"
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -120,9 +125,9 @@ def load_pipeline(path: str | Path, weights: dict[str, str] | None = None) -> Pi
         args=(dict[str, Any], {}),
     )
     steps: list[Step] = []
-    for i, s in enumerate(cfg.steps):
+    for i in range(len(cfg.steps)):
         try:
-            step = Step(**vars(step_parser.parse_object(copy.deepcopy(raw['steps'][i]))))
+            step = Step(**vars(step_parser.parse_object(copy.deepcopy(raw["steps"][i]))))
             step.args = dict(raw["steps"][i].get("args") or {})  # as written, plain dicts
         except Exception as e:
             raise ConfigError(f"{path}: steps[{i}]: {_condense(e)}") from None
@@ -138,12 +143,30 @@ def load_pipeline(path: str | Path, weights: dict[str, str] | None = None) -> Pi
         elif step.config or step.ckpt_path:
             raise ConfigError(f"{where}: 'config'/'ckpt_path' only apply to predict/fit steps")
         steps.append(step)
+    for item in sets or []:
+        target, sep, value = item.partition("=")
+        name, dot, key = target.partition(".")
+        if not sep or not dot or not key:
+            raise ConfigError(
+                f"--set {item!r}: expected <step>.<key>=<value>, e.g. video.model.init_args.sample_steps=10"
+            )
+        step = next((s for s in steps if s.name == name), None)
+        if step is None:
+            raise ConfigError(
+                f"--set {item!r}: {path} has no step {name!r} (steps: {[s.name for s in steps]})"
+            )
+        try:
+            step.args[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
     merged = dict(cfg.weights)
     for name, value in (weights or {}).items():
         if name not in merged:
             raise ConfigError(f"--weights {name}=...: {path} names no such weights (it has {sorted(merged)})")
         merged[name] = value
-    return Pipeline(path=path, steps=steps, input=list(cfg.input), weights=merged, description=cfg.description)
+    return Pipeline(
+        path=path, steps=steps, input=list(cfg.input), weights=merged, description=cfg.description
+    )
 
 
 def substitute(value: Any, refs: dict[str, str], where: str) -> Any:

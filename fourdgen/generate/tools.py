@@ -103,18 +103,25 @@ class Import:
         elif len(kinds) != 1:
             raise ConfigError(f"--input: this pipeline takes one input, got {len(kinds)}")
         elif self.mode == "still" and kinds[0] != "image":
-            raise ConfigError(f"--input {ctx.inputs[0].path}: this pipeline takes one image, got a {kinds[0]}")
+            raise ConfigError(
+                f"--input {ctx.inputs[0].path}: this pipeline takes one image, got a {kinds[0]}"
+            )
         elif self.mode == "video" and kinds[0] == "image":
             raise ConfigError(f"--input {ctx.inputs[0].path}: this pipeline takes a video, got an image")
         for p in ctx.inputs:
             if p.kind == "scene":
                 media.check_scene(p, T, V)
             elif p.kind in ("video", "frames") and self.short == "error":
-                media.plan_times(p.num_frames, p.fps or self.input_fps or self.fps, T, self.fps, self.start, "error")
+                media.plan_times(
+                    p.num_frames, p.fps or self.input_fps or self.fps, T, self.fps, self.start, "error"
+                )
 
     def _clip(self, p: media.Probe, T: int, H: int, W: int) -> tuple[np.ndarray, dict[str, Any]]:
         if p.kind == "image":
-            frames, rec = media.read_frames(p, [0] * T), {"time_mode": f"still: the image repeated to {T} frames"}
+            frames, rec = (
+                media.read_frames(p, [0] * T),
+                {"time_mode": f"still: the image repeated to {T} frames"},
+            )
         else:
             idx, rec = media.plan_times(
                 p.num_frames, p.fps or self.input_fps or self.fps, T, self.fps, self.start, self.short
@@ -200,7 +207,9 @@ class Depth:
         if not self.model:
             raise ConfigError("depth.model: a local depth checkpoint folder is needed (--weights depth=PATH)")
         if not (Path(self.model) / "config.json").is_file():
-            raise ConfigError(f"depth.model: {self.model}: no config.json (a local transformers depth checkpoint)")
+            raise ConfigError(
+                f"depth.model: {self.model}: no config.json (a local transformers depth checkpoint)"
+            )
 
     def run(self, ctx: ToolContext) -> dict[str, Any]:
         from fourdgen.backbones.depth import DepthEstimator
@@ -255,16 +264,23 @@ class Cameras:
         scene_from: str = "depth",
     ):
         self.azimuths = list(SIX_VIEWS if azimuths is None else azimuths)
-        self.elevation, self.radius, self.views_from, self.scene_from = elevation, radius, views_from, scene_from
+        self.elevation, self.radius, self.views_from, self.scene_from = (
+            elevation,
+            radius,
+            views_from,
+            scene_from,
+        )
 
     def check(self, ctx: ToolContext) -> None:
         if not self.azimuths or self.azimuths[0] != 0:
-            raise ConfigError(f"cameras.azimuths: the first view is the source (azimuth 0), got {self.azimuths}")
+            raise ConfigError(
+                f"cameras.azimuths: the first view is the source (azimuth 0), got {self.azimuths}"
+            )
         if self.radius is not None and self.radius <= 0:
             raise ConfigError(f"cameras.radius: expected a positive distance or null, got {self.radius}")
         if self.views_from is not None:
             (V,) = ctx.sizes(self.views_from, "num_views")
-            if V != len(self.azimuths):
+            if len(self.azimuths) != V:
                 raise ConfigError(
                     f"cameras.azimuths: {len(self.azimuths)} views, but step {self.views_from!r} "
                     f"generates data.init_args.num_views = {V}"
@@ -287,7 +303,9 @@ class Cameras:
         design = {
             "azimuths_deg": self.azimuths,
             "elevation_deg": self.elevation,
-            "radius": float((center - torch.linalg.inv(src)[:3, 3]).norm()) if self.radius is None else self.radius,
+            "radius": float((center - torch.linalg.inv(src)[:3, 3]).norm())
+            if self.radius is None
+            else self.radius,
             "subject_center": center.tolist(),
         }
         write_scene(
