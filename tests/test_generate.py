@@ -285,3 +285,15 @@ def test_orbit_cameras_circle_the_subject():
         assert p[:2].abs().max() < 1e-5 and p[2] > 0
     up = camera_centers(orbit_cameras(torch.eye(4), center, [0], elevation_deg=30.0))[0]
     assert up[1] < 0  # raised: OpenCV's up is -y
+
+
+@pytest.mark.parametrize(
+    "pipeline", sorted((ROOT / "lightning_configs" / "pipelines").rglob("*.yaml")), ids=str
+)
+def test_every_pipeline_file_parses_and_its_recipes_exist(pipeline):
+    from fourdgen.generate.spec import load_pipeline
+
+    pipe = load_pipeline(pipeline)
+    assert pipe.steps and pipe.steps[0].run == "import"
+    for step in pipe.steps:
+        assert not step.is_lightning or Path(step.config).is_file(), step.config
