@@ -1,4 +1,5 @@
-"""``fourdgen`` command line: LightningCLI with ``fit``, ``validate``, ``test``, ``predict``.
+"""``fourdgen`` command line: LightningCLI with ``fit``, ``validate``, ``test``, ``predict``, and
+``generate`` (:mod:`fourdgen.generate`), which chains them from one image or video to a 4D scene.
 
 Models and DataModules are chosen by ``class_path`` (subclass mode), so a user's own
 ``LightningDataModule`` from their own package plugs in without touching fourdgen::
@@ -53,6 +54,38 @@ _PARSE_NOISE = (
 # What LightningCLI/Lightning write into a version dir at set-up, before the run produced anything.
 _SETUP_FILES = {"config.yaml", "hparams.yaml"}
 _SETUP_TAGS = ("hp_metric", "_hparams_/")
+
+
+def _dotted_args(argv: list[Any] | dict[str, Any], root: str) -> dict[str, Any]:
+    """The ``--<root>.a.b=value`` (or ``--<root>.a.b value``) arguments of ``argv`` as a nested dict
+    ``{"a": {"b": value}}``, values read as YAML (as jsonargparse reads them)."""
+    import yaml
+
+    if not isinstance(argv, list):
+        return {}
+    out: dict[str, Any] = {}
+    prefix = f"--{root}."
+    for i, arg in enumerate(argv):
+        if not isinstance(arg, str) or not arg.startswith(prefix):
+            continue
+        key, sep, value = arg[len(prefix) :].partition("=")
+        if not sep:
+            if i + 1 >= len(argv):
+                continue
+            value = argv[i + 1]
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        node = out
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[last] = parsed
+    return out
 
 
 def _condense(message: str, limit: int = 600) -> str:
@@ -171,6 +204,7 @@ class FourDGenCLI(LightningCLI):
         for sub in self.subcommands():
             parser_kwargs[sub] = {"allow_abbrev": False, **(parser_kwargs.get(sub) or {})}
         self._resume_step: int | None = None
+        self._model_args = _dotted_args(sys.argv[1:] if args is None else args, "model")
         super().__init__(
             model_class=None,
             datamodule_class=None,
@@ -214,6 +248,16 @@ class FourDGenCLI(LightningCLI):
         self._check_gpu(cfg)
         if subcommand == "fit":
             self._resume_step = self._exit_if_finished(cfg)
+
+    def _parse_ckpt_path(self) -> None:
+        """With ``--ckpt_path``, Lightning re-parses the model from the checkpoint's hyper-parameters over
+        the config; options given as ``--model.<key>=<value>`` arguments still win over both (e.g. fewer
+        sampling steps at predict), as they would without a checkpoint."""
+        super()._parse_ckpt_path()
+        sub = self.config.get("subcommand")
+        if sub and self._model_args and self.config[sub].get("ckpt_path"):
+            given = {"class_path": self.config[sub].model.class_path, **self._model_args}
+            self.config = self.parser.parse_object({sub: {"model": given}}, self.config)
 
     @staticmethod
     def _check_gpu(cfg: Namespace) -> None:
@@ -338,9 +382,19 @@ class FourDGenCLI(LightningCLI):
                     root.rmdir()  # lightning_logs/ itself was made by this run and is empty now
 
 
+def _dispatch(argv: list[str] | None) -> Any:
+    """``generate`` chains the stages (:mod:`fourdgen.generate`); everything else is LightningCLI."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["generate"]:
+        from fourdgen.generate.command import main as generate
+
+        return generate(argv[1:])
+    return FourDGenCLI(args=argv)
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry: fourdgen's own errors as one line and exit 1 (``--debug`` for the traceback)."""
-    run_entry(lambda argv: FourDGenCLI(args=argv), args)
+    run_entry(_dispatch, args)
 
 
 if __name__ == "__main__":

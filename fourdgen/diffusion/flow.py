@@ -7,14 +7,32 @@ Training draws ``sigma`` here; sampling uses diffusers' ``FlowMatchEulerDiscrete
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 
 NUM_TRAIN_TIMESTEPS = 1000
+
+# Progress of sampling loops (``on_step(i, num_steps)`` after each step), for front ends that show a
+# bar (``fourdgen generate``); unset by default, so training and tests pay nothing.
+_ON_STEP: contextvars.ContextVar[Callable[[int, int], None] | None] = contextvars.ContextVar(
+    "fourdgen_sampling_progress", default=None
+)
+
+
+@contextlib.contextmanager
+def sampling_callback(on_step: Callable[[int, int], None]) -> Iterator[None]:
+    """Call ``on_step(i, num_steps)`` after every Euler step of :func:`euler_sample` in the block."""
+    token = _ON_STEP.set(on_step)
+    try:
+        yield
+    finally:
+        _ON_STEP.reset(token)
 
 
 def shift_sigma(sigma: Tensor, shift: float) -> Tensor:
@@ -127,6 +145,8 @@ def euler_sample(
         x = sched.step(v, t, x, return_dict=False)[0]
         if callback is not None:
             x = callback(i, x)
+        if (on_step := _ON_STEP.get()) is not None:
+            on_step(i, len(sched.timesteps))
     return x
 
 
