@@ -3,6 +3,9 @@ unsharded model, forward and LoRA/new-tensor gradients."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -34,6 +37,17 @@ def _inputs(rank: int):
     )
 
 
+def _finish() -> None:
+    """End a rank without interpreter finalisation: gloo's worker threads can still hold work
+    objects then, and their destructors abort the process (SIGABRT, seen once in CI) after the
+    test's results are already written."""
+    dist.barrier()  # both ranks done before gloo tears down (an early exit aborted the peer)
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     from torch.distributed.device_mesh import init_device_mesh
@@ -46,8 +60,7 @@ def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     sharded = sum(type(p).__name__ == "DTensor" for p in model.parameters())
     if rank == 0:
         torch.save({"out": out.detach(), "grads": grads, "sharded": sharded}, out_file)
-    dist.barrier()  # both ranks done before gloo tears down (an early exit aborted the peer)
-    dist.destroy_process_group()
+    _finish()
 
 
 def test_sharded_dit_matches_unsharded(tmp_path):
@@ -110,8 +123,7 @@ def _grid_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
     if rank == 0:
         torch.save({"out": out.detach(), "grads": grads}, out_file)
-    dist.barrier()  # both ranks done before gloo tears down (an early exit aborted the peer)
-    dist.destroy_process_group()
+    _finish()
 
 
 def test_sharded_full4d_grid_dit_matches_unsharded(tmp_path):
@@ -171,8 +183,7 @@ def _recon_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     sharded = sum(type(p).__name__ == "DTensor" for p in model.parameters())
     if rank == 0:
         torch.save({"loss": loss.detach(), "w2c": w2c, "grads": grads, "sharded": sharded}, out_file)
-    dist.barrier()  # both ranks done before gloo tears down (an early exit aborted the peer)
-    dist.destroy_process_group()
+    _finish()
 
 
 def test_sharded_reconstructor_matches_unsharded(tmp_path):
