@@ -1,5 +1,5 @@
-"""``fourdgen`` command line: LightningCLI with ``fit``, ``validate``, ``test``, ``predict``, and
-``generate`` (:mod:`fourdgen.generate`), which chains them from one image or video to a 4D scene.
+"""``fourdgen`` command line: LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``.
+(``generate``, which chains them, is dispatched above this module by :mod:`fourdgen.main`.)
 
 Models and DataModules are chosen by ``class_path`` (subclass mode), so a user's own
 ``LightningDataModule`` from their own package plugs in without touching fourdgen::
@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from fourdgen.callbacks.guard import GuardedOutput
 from fourdgen.callbacks.progress import FinalMetrics, LineProgress, StepProgressBar
-from fourdgen.entry import env_flag, run_entry
+from fourdgen.entry import env_flag
 from fourdgen.errors import ConfigError
 
 # GPU recipe -> its tiny CPU twin, both relative to lightning_configs/.
@@ -380,22 +380,3 @@ class FourDGenCLI(LightningCLI):
                 shutil.rmtree(log_dir, ignore_errors=True)
                 if before[root] is None and root.is_dir() and not any(root.iterdir()):
                     root.rmdir()  # lightning_logs/ itself was made by this run and is empty now
-
-
-def _dispatch(argv: list[str] | None) -> Any:
-    """``generate`` chains the stages (:mod:`fourdgen.generate`); everything else is LightningCLI."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["generate"]:
-        from fourdgen.generate.command import main as generate
-
-        return generate(argv[1:])
-    return FourDGenCLI(args=argv)
-
-
-def main(args: list[str] | None = None) -> None:
-    """Console entry: fourdgen's own errors as one line and exit 1 (``--debug`` for the traceback)."""
-    run_entry(_dispatch, args)
-
-
-if __name__ == "__main__":
-    main()

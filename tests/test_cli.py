@@ -130,7 +130,7 @@ def test_console_script_print_config():
         [
             sys.executable,
             "-m",
-            "fourdgen.cli",
+            "fourdgen.main",
             "fit",
             "--model",
             "tests.test_cli.MeanColour",

@@ -18,9 +18,10 @@ from torch.utils.data import DataLoader, TensorDataset
 import fourdgen.cli as cli_mod
 from fourdgen.callbacks.guard import GuardedOutput
 from fourdgen.callbacks.progress import LineProgress, StepProgressBar
-from fourdgen.cli import TINY_TWINS, FourDGenCLI, checkpoint_step, main, needs_gpu
+from fourdgen.cli import TINY_TWINS, FourDGenCLI, checkpoint_step, needs_gpu
 from fourdgen.entry import is_own_error
 from fourdgen.errors import ConfigError
+from fourdgen.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 M = f"{__name__}.TinyRegressor"
@@ -149,7 +150,7 @@ def test_console_script_error_is_one_line():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     env.pop("FOURDGEN_DEBUG", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "fourdgen.cli", "fit", "--config", "lightning_configs/video/4dnex.yaml"],
+        [sys.executable, "-m", "fourdgen.main", "fit", "--config", "lightning_configs/video/4dnex.yaml"],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -20,7 +20,6 @@ import pytest
 import torch
 from plyfile import PlyData
 
-from fourdgen.cli import main
 from fourdgen.data.scene import read_scene
 from fourdgen.data.scene_writer import write_video
 from fourdgen.gaussians.ply import load_ply_sequence
@@ -28,6 +27,7 @@ from fourdgen.generate.command import main as generate
 from fourdgen.generate.media import plan_times
 from fourdgen.geometry.cameras import camera_centers
 from fourdgen.geometry.orbit import orbit_cameras
+from fourdgen.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "lightning_configs" / "tiny"
@@ -160,7 +160,7 @@ def test_video_to_4d_gaussians_killed_between_steps_resumes_without_rerunning(tm
     out = tmp_path / "run"
     argv = _args("video_to_4d_gaussians", [clip], out, weights, "--num_threads", "1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fourdgen.cli", "generate", *argv],
+        [sys.executable, "-m", "fourdgen.main", "generate", *argv],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=tmp_path,

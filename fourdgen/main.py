@@ -1,0 +1,33 @@
+"""The ``fourdgen`` console script: ``generate`` chains the stages (:mod:`fourdgen.generate`),
+every other subcommand is LightningCLI (:class:`fourdgen.cli.FourDGenCLI`).
+
+It sits above both so that :mod:`fourdgen.generate`, which runs each step through
+``FourDGenCLI``, and the CLI do not import each other.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from fourdgen.entry import run_entry
+
+
+def _dispatch(argv: list[str] | None) -> Any:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["generate"]:
+        from fourdgen.generate.command import main as generate
+
+        return generate(argv[1:])
+    from fourdgen.cli import FourDGenCLI
+
+    return FourDGenCLI(args=argv)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry: fourdgen's own errors as one line and exit 1 (``--debug`` for the traceback)."""
+    run_entry(_dispatch, args)
+
+
+if __name__ == "__main__":
+    main()
