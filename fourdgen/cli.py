@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from fourdgen.callbacks.guard import GuardedOutput
 from fourdgen.callbacks.progress import FinalMetrics, LineProgress, StepProgressBar
-from fourdgen.entry import env_flag
+from fourdgen.entry import condense_parse_error, env_flag
 from fourdgen.errors import ConfigError
 
 # GPU recipe -> its tiny CPU twin, both relative to lightning_configs/.
@@ -43,14 +43,6 @@ TINY_TWINS: dict[str, tuple[str, ...]] = {
     "recon/4real_v2_dynamic.yaml": ("tiny/recon_dynamic.yaml",),
 }
 
-# Lines of jsonargparse's Union/subclass error messages that repeat the type lists, not the problem.
-_PARSE_NOISE = (
-    "Does not validate against any of the",
-    "Subtypes:",
-    "Errors:",
-    "Given value",
-    "Expected a <class 'NoneType'>",
-)
 # What LightningCLI/Lightning write into a version dir at set-up, before the run produced anything.
 _SETUP_FILES = {"config.yaml", "hparams.yaml"}
 _SETUP_TAGS = ("hp_metric", "_hparams_/")
@@ -88,13 +80,6 @@ def _dotted_args(argv: list[Any] | dict[str, Any], root: str) -> dict[str, Any]:
     return out
 
 
-def _condense(message: str, limit: int = 600) -> str:
-    """jsonargparse's nested error message on one line: the keys and the problem, not the type lists."""
-    lines = (line.strip().removeprefix("- ") for line in message.splitlines())
-    text = " ".join(line for line in lines if line and not line.startswith(_PARSE_NOISE))
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 class FourDGenArgumentParser(LightningArgumentParser):
     """Parse errors as one line (``fourdgen: error: <what, naming the key>``) and exit 1: the usage dump
     of every option buried the message. ``--help`` still prints the full usage."""
@@ -102,7 +87,7 @@ class FourDGenArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error or env_flag("JSONARGPARSE_DEBUG"):
             super().error(message, ex)  # raises: nested parsers rely on it, and --debug wants the traceback
-        sys.stderr.write(f"fourdgen: error: {_condense(message)}\n")
+        sys.stderr.write(f"fourdgen: error: {condense_parse_error(message)}\n")
         sys.stderr.write("(run with --help for the accepted options, --debug for the full message)\n")
         self.exit(1)
 

@@ -33,6 +33,23 @@ _OWN_TYPES = (
 )
 
 
+# Lines of jsonargparse's Union/subclass error messages that repeat the type lists, not the problem.
+PARSE_NOISE = (
+    "Does not validate against any of the",
+    "Subtypes:",
+    "Errors:",
+    "Given value",
+    "Expected a <class 'NoneType'>",
+)
+
+
+def condense_parse_error(message: str, limit: int = 600) -> str:
+    """jsonargparse's nested error message on one line: the keys and the problem, not the type lists."""
+    lines = (line.strip().removeprefix("- ") for line in message.splitlines())
+    text = " ".join(line for line in lines if line and not line.startswith(PARSE_NOISE))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 

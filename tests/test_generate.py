@@ -20,6 +20,7 @@ import pytest
 import torch
 from plyfile import PlyData
 
+from fourdgen.backbones.depth import save_tiny_depth_anything
 from fourdgen.data.scene import read_scene
 from fourdgen.data.scene_writer import write_video
 from fourdgen.gaussians.ply import load_ply_sequence
@@ -53,7 +54,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """Random tiny weights of every model the tiny pipelines name (tools/random_checkpoint.py,
-    tools/tiny_depth_model.py), as ``--weights`` arguments per pipeline."""
+    fourdgen.backbones.depth.save_tiny_depth_anything), as ``--weights`` arguments per pipeline."""
     root = tmp_path_factory.mktemp("weights")
     save = _tool("random_checkpoint").save_random_checkpoint
     ck = {}
@@ -65,7 +66,7 @@ def weights(tmp_path_factory):
         ("recon_dynamic", ["--model.init_args.init_checkpoint=null"]),
     ):
         ck[name] = str(save([f"--config={TINY / name}.yaml", *extra], root / f"{name}.ckpt"))
-    depth = str(_tool("tiny_depth_model").save_tiny_depth_model(root / "depth"))
+    depth = str(save_tiny_depth_anything(root / "depth"))
     return {
         "image_to_4d": [f"video={ck['video']}"],
         "video_to_4d": [f"video={ck['one4d']}"],

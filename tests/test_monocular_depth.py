@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+from transformers import DepthAnythingForDepthEstimation
 
-from fourdgen.backbones.depth import DepthEstimator
+from fourdgen.backbones.depth import DepthEstimator, save_tiny_depth_anything
+from fourdgen.backbones.depth import tiny_depth_anything_config as _tiny_config
 from fourdgen.batch import GridBatch
 from fourdgen.components import build
 from fourdgen.data.depth_providers import MonocularDepth
@@ -17,47 +18,6 @@ from fourdgen.errors import ConfigError
 from fourdgen.geometry.align import align_depth
 from fourdgen.geometry.cameras import camera_centers, focus_point
 from fourdgen.geometry.depth_fusion import align_views_to_source, fuse_points
-
-
-def _tiny_config(**kw) -> DepthAnythingConfig:
-    # 4 backbone layers: the neck reads 4 distinct stages.
-    backbone = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=14,
-        image_size=42,
-        out_indices=[1, 2, 3, 4],
-        reshape_hidden_states=False,
-    )
-    return DepthAnythingConfig(
-        backbone_config=backbone,
-        reassemble_hidden_size=32,
-        neck_hidden_sizes=[8, 8, 16, 16],
-        fusion_hidden_size=16,
-        head_hidden_size=8,
-        initializer_range=0.05,  # large enough for the output to vary with the image
-        **kw,
-    )
-
-
-def _save_checkpoint(root, **kw):
-    torch.manual_seed(0)
-    model = DepthAnythingForDepthEstimation(_tiny_config(**kw)).eval()
-    with torch.no_grad():  # a positive offset: the relative head's final ReLU would zero half the pixels
-        model.head.conv3.bias.fill_(1e-3)
-    model.save_pretrained(root)
-    # Depth Anything V2's processor settings, at 42 px instead of 518.
-    DPTImageProcessor(
-        size={"height": 42, "width": 42},
-        keep_aspect_ratio=True,
-        ensure_multiple_of=14,
-        resample=3,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    ).save_pretrained(root)
-    return root
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +32,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_da(tmp_path_factory):
-    return _save_checkpoint(tmp_path_factory.mktemp("tiny-da"))
+    return save_tiny_depth_anything(tmp_path_factory.mktemp("tiny-da"))
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +75,7 @@ def test_estimator_shape_finite_deterministic(tiny_da):
 
 
 def test_estimator_metric_checkpoint_is_depth(tmp_path):
-    root = _save_checkpoint(tmp_path / "metric", depth_estimation_type="metric", max_depth=20)
+    root = save_tiny_depth_anything(tmp_path / "metric", depth_estimation_type="metric", max_depth=20)
     assert DepthEstimator(str(root), device="cpu").space == "depth"
 
 

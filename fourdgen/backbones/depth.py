@@ -118,3 +118,50 @@ class DepthEstimator:
             pred = F.interpolate(pred[:, None].float(), size=(H, W), mode="bilinear", align_corners=False)
             outs.append(pred[:, 0])
         return torch.cat(outs)
+
+
+def tiny_depth_anything_config(**kw):
+    """A tiny random Depth Anything config (4 DINOv2 layers of width 32 at 42 px) for CPU tests and
+    the tiny pipelines; ``kw`` go to ``DepthAnythingConfig`` (e.g. ``depth_estimation_type``)."""
+    from transformers import DepthAnythingConfig, Dinov2Config
+
+    backbone = Dinov2Config(  # 4 layers: the neck reads 4 distinct stages
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=14,
+        image_size=42,
+        out_indices=[1, 2, 3, 4],
+        reshape_hidden_states=False,
+    )
+    return DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=32,
+        neck_hidden_sizes=[8, 8, 16, 16],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+        initializer_range=0.05,  # large enough for the output to vary with the image
+        **kw,
+    )
+
+
+def save_tiny_depth_anything(root: str | Path, seed: int = 0, **kw) -> Path:
+    """Write a tiny random Depth Anything checkpoint (model + image processor) into ``root``: the
+    same loading code as Depth Anything V2, with weights that mean nothing; returns ``root``."""
+    from transformers import DepthAnythingForDepthEstimation, DPTImageProcessor
+
+    torch.manual_seed(seed)
+    model = DepthAnythingForDepthEstimation(tiny_depth_anything_config(**kw)).eval()
+    with torch.no_grad():  # a positive offset: the relative head's final ReLU would zero half the pixels
+        model.head.conv3.bias.fill_(1e-3)
+    model.save_pretrained(root)
+    DPTImageProcessor(  # Depth Anything V2's processor settings, at 42 px instead of 518
+        size={"height": 42, "width": 42},
+        keep_aspect_ratio=True,
+        ensure_multiple_of=14,
+        resample=3,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(root)
+    return Path(root)

@@ -31,11 +31,12 @@ from typing import Any
 
 from jsonargparse import ArgumentParser
 
+from fourdgen.entry import condense_parse_error
 from fourdgen.errors import ConfigError, OutputExistsError
 from fourdgen.generate import checks, stages
 from fourdgen.generate.media import Probe, probe
 from fourdgen.generate.progress import sampling_bar
-from fourdgen.generate.spec import Pipeline, Step, load_pipeline, substitute
+from fourdgen.generate.spec import Pipeline, Step, load_pipeline, references, substitute
 from fourdgen.generate.tools import TOOLS, ToolContext
 from fourdgen.io import write_json
 
@@ -220,7 +221,7 @@ class Run:
             try:
                 options = vars(parser.parse_object(plan.args))
             except Exception as e:
-                raise ConfigError(f"{plan.where}: args: {stages._condense(str(e))}") from None
+                raise ConfigError(f"{plan.where}: args: {condense_parse_error(str(e))}") from None
             plan.tool = TOOLS[plan.step.run](**options)
             try:
                 plan.tool.check(self._context(plan, data))
@@ -376,6 +377,4 @@ class Run:
 
 
 def _refs_in(step: Step) -> set[str]:
-    from fourdgen.generate.spec import references
-
     return references(step.args) | references(step.ckpt_path)

@@ -33,6 +33,7 @@ from typing import Any, Literal
 import yaml
 from jsonargparse import ArgumentParser
 
+from fourdgen.entry import condense_parse_error
 from fourdgen.errors import ConfigError
 
 TOOL_STEPS = ("import", "depth", "cameras")
@@ -75,11 +76,6 @@ class Pipeline:
         raise ConfigError(f"{self.path}: no step named {name!r} (steps: {[s.name for s in self.steps]})")
 
 
-def _condense(e: Exception) -> str:
-    lines = (line.strip() for line in str(e).splitlines())
-    return " ".join(line for line in lines if line and not line.startswith("Problem with given class_path"))
-
-
 def _parser(**arguments: Any) -> ArgumentParser:
     parser = ArgumentParser(exit_on_error=False)
     for key, (kind, default) in arguments.items():
@@ -116,7 +112,7 @@ def load_pipeline(
     try:
         cfg = top.parse_object(copy.deepcopy(raw))  # jsonargparse turns nested dicts into Namespaces
     except Exception as e:
-        raise ConfigError(f"{path}: {_condense(e)}") from None
+        raise ConfigError(f"{path}: {condense_parse_error(str(e))}") from None
     step_parser = _parser(
         name=(str, ...),
         run=(Literal["import", "depth", "cameras", "predict", "fit"], ...),
@@ -130,7 +126,7 @@ def load_pipeline(
             step = Step(**vars(step_parser.parse_object(copy.deepcopy(raw["steps"][i]))))
             step.args = dict(raw["steps"][i].get("args") or {})  # as written, plain dicts
         except Exception as e:
-            raise ConfigError(f"{path}: steps[{i}]: {_condense(e)}") from None
+            raise ConfigError(f"{path}: steps[{i}]: {condense_parse_error(str(e))}") from None
         where = f"{path}: steps[{i}] ({step.name!r})"
         if not re.fullmatch(r"[A-Za-z0-9_-]+", step.name):
             raise ConfigError(f"{where}: name must be letters, digits, '_' or '-' (it names a folder)")

@@ -18,8 +18,8 @@ from typing import Any
 
 from jsonargparse import Namespace
 
-from fourdgen.cli import FourDGenCLI, _condense
-from fourdgen.entry import is_own_error
+from fourdgen.cli import FourDGenCLI
+from fourdgen.entry import condense_parse_error, is_own_error
 from fourdgen.errors import ConfigError, FourDGenError
 
 # Config keys that name weights to load (local files or folders); output folders are not among them.
@@ -86,7 +86,7 @@ def resolve(argv: list[str], where: str) -> Namespace:
     except SystemExit as e:  # e.g. a recipe that is already finished (fit)
         raise ConfigError(f"{where}: the step would exit at once ({e})") from None
     except Exception as e:  # jsonargparse's ArgumentError: a bad key or value
-        raise ConfigError(f"{where}: {_condense(str(e))}") from None
+        raise ConfigError(f"{where}: {condense_parse_error(str(e))}") from None
     raise AssertionError("unreachable: the CLI returned without parsing")
 
 
