@@ -4,6 +4,8 @@
 # for benchmarks/RESULTS.md. Random weights make noise: this measures time and memory only.
 #   bash benchmarks/generate_presets.sh 4dnex      # random 14B-I2V LoRA checkpoint, then the pipeline
 #   bash benchmarks/generate_presets.sh full4d     # random 5B grid checkpoint, then the pipeline
+# Shorter runs for one 10-minute device call (per-step times scale): SAMPLE_STEPS (sampler steps),
+# FIT_STEPS and FMD_START (the fit's steps, and the step FMD starts at).
 # Needs imageio-ffmpeg (the writers write mp4); text/image encoders are the weight-free hash
 # stand-ins; the depth model is the tiny random one (its step time is not Depth Anything V2's).
 set -euo pipefail
@@ -27,7 +29,8 @@ case "${1:-}" in
   fourdgen generate --pipeline lightning_configs/pipelines/image_to_4d.yaml --input runs/inputs/image.png \
     --out runs/4dnex_random --weights video=outputs/random/4dnex.ckpt \
     --set "video.model.init_args.transformer={preset: 14b-i2v}" --set "video.model.init_args.vae={preset: wan2.1}" \
-    --set "video.data.init_args.text_encoder=$HASH_T" --set "video.data.init_args.image_encoder=$HASH_I"
+    --set "video.data.init_args.text_encoder=$HASH_T" --set "video.data.init_args.image_encoder=$HASH_I" \
+    --set "video.model.init_args.sample_steps=${SAMPLE_STEPS:-50}"
   ;;
 full4d)
   python tools/tiny_depth_model.py outputs/random/depth
@@ -35,7 +38,7 @@ full4d)
     --model.init_args.transformer '{preset: 5b}' --model.init_args.vae '{preset: wan2.2}' \
     --model.init_args.lpips_net null --data.init_args.text_encoder "$HASH_T" \
     --trainer.devices 1 --trainer.strategy auto --out outputs/random/full4d.ckpt
-  PRIOR='[{class_path: fourdgen.gaussians.fmd.FlowMatchingDistillation, init_args: {prior: {class_path: fourdgen.stages.grid_prior.GridPrior, init_args: {checkpoint: outputs/random/full4d.ckpt, transformer: {preset: 5b}, vae: {preset: wan2.2}, text_encoder: '"$HASH_T"', dtype: bfloat16}}, weight: 0.1, start_step: 3000, every: 1, guidance_scale: 5.0, prior_device: null}}]'
+  PRIOR='[{class_path: fourdgen.gaussians.fmd.FlowMatchingDistillation, init_args: {prior: {class_path: fourdgen.stages.grid_prior.GridPrior, init_args: {checkpoint: outputs/random/full4d.ckpt, transformer: {preset: 5b}, vae: {preset: wan2.2}, text_encoder: '"$HASH_T"', dtype: bfloat16}}, weight: 0.1, start_step: '"${FMD_START:-3000}"', every: 1, guidance_scale: 5.0, prior_device: null}}]'
   fourdgen generate --pipeline lightning_configs/pipelines/video_to_4d_gaussians.yaml --input runs/inputs/frames \
     --out runs/full4d_random --weights grid=outputs/random/full4d.ckpt --weights depth=outputs/random/depth \
     --set "grid.model.init_args.transformer={preset: 5b}" --set "grid.model.init_args.vae={preset: wan2.2}" \
