@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,11 +113,22 @@ class Scene:
         """RGB frames ``[T', 3, H, W]`` float32 in [0, 1] of one view (all times by default)."""
         times = list(range(self.num_frames)) if times is None else list(times)
         src = self.views[view].rgb
+        file = self.root / SCENE_FILE
         if isinstance(src, Path):  # one video per view
-            with iio.get_reader(src, format="FFMPEG") as reader:
-                frames = [reader.get_data(t) for t in times]
+            fld = f"views[{view}].rgb"
+            try:
+                with iio.get_reader(src, format="FFMPEG") as reader:
+                    frames = [reader.get_data(t) for t in times]
+            except (OSError, RuntimeError, ValueError, IndexError) as e:
+                raise SceneFormatError(file, fld, f"a readable .mp4 video ({src.name})", _short(e)) from e
         else:
-            frames = [iio.imread(src[t]) for t in times]
+            frames = [_decode(src[t], file, f"views[{view}].rgb[{t}]") for t in times]
+        for t, f in zip(times, frames, strict=True):
+            if f.shape[:2] != (self.height, self.width) or f.dtype != np.uint8:
+                got = f"{f.shape[1]}x{f.shape[0]} {f.dtype}" if f.ndim >= 2 else f"shape {f.shape}"
+                raise SceneFormatError(
+                    file, f"views[{view}].rgb[{t}]", f"a {self.width}x{self.height} 8-bit frame", got
+                )
         arr = np.stack([_to_rgb(f) for f in frames])
         return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
 
@@ -124,23 +136,48 @@ class Scene:
         path = getattr(self.views[view], name)
         if path is None:
             return None
-        arr = np.load(path, mmap_mode="r")
-        arr = arr if times is None else arr[list(times)]
-        return torch.from_numpy(np.array(arr))  # copy: the memory map is read-only
+        fld = f"views[{view}].{name}"
+        try:
+            arr = np.load(path, mmap_mode="r")
+            arr = np.array(arr if times is None else arr[list(times)])  # copy: the map is read-only
+        except (OSError, ValueError, IndexError) as e:
+            raise SceneFormatError(
+                self.root / SCENE_FILE, fld, f"a readable .npy array ({path.name})", _short(e)
+            ) from e
+        if arr.dtype.kind not in _ARRAY_KINDS[name][0]:
+            raise SceneFormatError(self.root / SCENE_FILE, fld, _ARRAY_KINDS[name][1], f"dtype {arr.dtype}")
+        return torch.from_numpy(arr)
+
+    def _finite(self, x: Tensor | None, view: int, name: str) -> Tensor | None:
+        """Checked on load, not by ``read_scene``: that would read every array of a dataset."""
+        if x is not None and not torch.isfinite(x).all():
+            raise SceneFormatError(
+                self.root / SCENE_FILE, f"views[{view}].{name}", "finite values", "NaN or inf"
+            )
+        return x
 
     def load_depth(self, view: int, times: list[int] | None = None) -> Tensor | None:
         """Z-depth ``[T', H, W]`` float32 (0 where unknown), or None if the scene has none."""
         d = self._load_array(view, "depth", times)
-        return None if d is None else d.float()
+        return self._finite(None if d is None else d.float(), view, "depth")
 
     def load_xyz(self, view: int, times: list[int] | None = None) -> Tensor | None:
         """World-space pointmaps ``[T', H, W, 3]`` float32, or None."""
         x = self._load_array(view, "xyz", times)
-        return None if x is None else x.float()
+        return self._finite(None if x is None else x.float(), view, "xyz")
 
     def load_mask(self, view: int, times: list[int] | None = None) -> Tensor | None:
         """Object-id masks ``[T', H, W]`` uint8 (0 = background), or None."""
         return self._load_array(view, "mask", times)
+
+
+def _decode(path: Path, file: Path, fld: str) -> np.ndarray:
+    """One image frame's pixels; a file that does not decode (truncated, not an image) is the
+    scene's error, named by its field."""
+    try:
+        return np.asarray(iio.imread(path))
+    except (OSError, SyntaxError, ValueError, RuntimeError) as e:
+        raise SceneFormatError(file, fld, f"a PNG or JPEG image ({path.name})", _short(e)) from e
 
 
 def _to_rgb(frame: np.ndarray) -> np.ndarray:
@@ -187,13 +224,40 @@ def _file(root: Path, rel: Any, file: Path, fld: str, suffixes: tuple[str, ...])
     return p
 
 
+# What each array holds: numpy dtype kinds accepted, and the words for the error.
+_ARRAY_KINDS = {
+    "depth": ("f", "a float array (z-depth, 0 = unknown)"),
+    "xyz": ("f", "a float array (world points)"),
+    "mask": ("uib", "an integer or bool array (object ids, 0 = background)"),
+}
+
+
+# What np.load raises on a file that is not a .npy array (an empty file: EOFError; a pickle: ValueError).
+_NPY_ERRORS = (OSError, ValueError, EOFError, pickle.UnpicklingError)
+
+
+def _short(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:120] or type(e).__name__
+
+
+def _open_image(p: Path, file: Path, fld: str):
+    """``PIL.Image.open`` of a frame, its failures as a SceneFormatError naming the field."""
+    try:
+        return Image.open(p)
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
+        raise SceneFormatError(file, fld, f"a PNG or JPEG image ({p.name})", _short(e)) from e
+
+
 def _check_array(path: Path, file: Path, fld: str, shape: tuple[int, ...]) -> None:
     try:
         arr = np.load(path, mmap_mode="r")
-    except (ValueError, OSError) as e:
-        raise SceneFormatError(file, fld, "a .npy array", f"unreadable ({e})") from e
+    except _NPY_ERRORS as e:
+        raise SceneFormatError(file, fld, "a .npy array", f"unreadable ({_short(e)})") from e
     if tuple(arr.shape) != shape:
         raise SceneFormatError(file, fld, f"array of shape {list(shape)} in {path.name}", list(arr.shape))
+    kinds = _ARRAY_KINDS[fld.rsplit(".", 1)[-1]]
+    if arr.dtype.kind not in kinds[0]:
+        raise SceneFormatError(file, fld, f"{kinds[1]} in {path.name}", f"dtype {arr.dtype}")
 
 
 @dataclass(frozen=True)
@@ -275,7 +339,7 @@ def _check_rgb(
         rgb = [_file(root, r, file, f"{pre}rgb[{t}]", IMAGE_SUFFIXES) for t, r in enumerate(rgb_meta)]
         if check_files:
             for t, p in enumerate(rgb):
-                with Image.open(p) as im:
+                with _open_image(p, file, f"{pre}rgb[{t}]") as im:
                     if im.size != (W, H):
                         raise SceneFormatError(
                             file,
@@ -286,9 +350,12 @@ def _check_rgb(
         return rgb
     rgb = _file(root, rgb_meta, file, pre + "rgb", VIDEO_SUFFIXES)
     if check_files:
-        with iio.get_reader(rgb, format="FFMPEG") as reader:
-            n_frames = reader.count_frames()
-            size = tuple(reader.get_meta_data().get("size", (W, H)))
+        try:
+            with iio.get_reader(rgb, format="FFMPEG") as reader:
+                n_frames = reader.count_frames()
+                size = tuple(reader.get_meta_data().get("size", (W, H)))
+        except (OSError, RuntimeError, ValueError, IndexError) as e:  # imageio-ffmpeg's errors
+            raise SceneFormatError(file, pre + "rgb", f"a readable .mp4 video ({rgb.name})", _short(e)) from e
         if n_frames != T:
             raise SceneFormatError(file, pre + "rgb", f"a video of {T} frames", f"{n_frames} frames")
         if size != (W, H):
@@ -334,6 +401,8 @@ def read_scene(path: str | Path, check_files: bool = True) -> Scene:
             raise SceneFormatError(file, f"views[{i}]", "an object", type(vm).__name__)
         K, w2c = _check_cameras(vm, file, pre, h.num_frames)
         name = vm.get("name", f"view{i:02d}")
+        if not isinstance(name, str):
+            raise SceneFormatError(file, pre + "name", "a string", repr(name)[:80])
         rgb = _check_rgb(vm, root, file, pre, h, check_files)
         extras = _check_arrays(vm, root, file, pre, h, check_files)
         Ks.append(K)
