@@ -31,6 +31,7 @@ from fourdgen.callbacks.guard import GuardedOutput
 from fourdgen.callbacks.progress import FinalMetrics, LineProgress, StepProgressBar
 from fourdgen.entry import condense_parse_error, env_flag
 from fourdgen.errors import ConfigError
+from fourdgen.io import check_checkpoint_file
 
 # GPU recipe -> its tiny CPU twin, both relative to lightning_configs/.
 TINY_TWINS: dict[str, tuple[str, ...]] = {
@@ -238,8 +239,11 @@ class FourDGenCLI(LightningCLI):
         """With ``--ckpt_path``, Lightning re-parses the model from the checkpoint's hyper-parameters over
         the config; options given as ``--model.<key>=<value>`` arguments still win over both (e.g. fewer
         sampling steps at predict), as they would without a checkpoint."""
-        super()._parse_ckpt_path()
         sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and ckpt not in ("last", "best", "hpc", "registry") and "://" not in str(ckpt):
+            check_checkpoint_file(ckpt)  # a truncated file: one line naming it, not torch's zip error
+        super()._parse_ckpt_path()
         if sub and self._model_args and self.config[sub].get("ckpt_path"):
             given = {"class_path": self.config[sub].model.class_path, **self._model_args}
             self.config = self.parser.parse_object({sub: {"model": given}}, self.config)

@@ -100,3 +100,49 @@ def claim_output_dir(
             f"{folder}{where}: holds {kind} outputs of step {old}; this run would replace them with "
             f"step {step}. Choose another folder, or pass --overwrite to replace them."
         )
+
+
+# --------------------------------------------------------------------------------- checkpoints
+def replace_path(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move a finished file or folder ``src`` onto ``dst``. A file is one ``os.replace``; a folder
+    (a sharded checkpoint) cannot replace a non-empty one atomically, so the old one goes aside
+    first and is removed only after the new one is in place."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    if src.is_dir() and dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def check_checkpoint_file(path: str | os.PathLike, what: str = "--ckpt_path") -> None:
+    """Raise one :class:`~fourdgen.errors.ConfigError` naming ``path`` when it cannot be a complete
+    checkpoint: missing, empty, or a file that is not a whole zip archive (``torch.save``'s format
+    since torch 1.6; a truncated write loses the zip's central directory at its end). Sharded
+    checkpoints (folders) must hold torch.distributed.checkpoint's ``.metadata``. Reads the zip
+    directory only, not the tensors."""
+    import zipfile
+
+    from fourdgen.errors import ConfigError
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{what} {p}: no such file or folder")
+    if p.is_dir():
+        if not (p / ".metadata").is_file():
+            raise ConfigError(
+                f"{what} {p}: a folder without .metadata, so not a complete sharded checkpoint "
+                "(interrupted while saving?); resume from an earlier checkpoint"
+            )
+        return
+    size = p.stat().st_size
+    if size == 0 or not zipfile.is_zipfile(p):
+        raise ConfigError(
+            f"{what} {p}: not a complete PyTorch checkpoint ({size} bytes, no zip directory at its end: "
+            "truncated, still being written, or another kind of file); resume from an earlier checkpoint"
+        )

@@ -183,6 +183,17 @@ class GridDataset(Dataset):
         )
 
 
+def resumable_loader(ds: Dataset, **kw) -> DataLoader:
+    """A ``DataLoader`` (torchdata's ``StatefulDataLoader``) whose position in the epoch, shuffled
+    order included, goes into Lightning's checkpoints: a run killed mid-epoch resumes with the very
+    batches it would have seen (a plain DataLoader restarts the epoch in a new order)."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated since torch 2.8
+        warnings.filterwarnings("ignore", message=".*set_vital.*")
+        return StatefulDataLoader(ds, **kw)
+
+
 class BaseDataModule(L.LightningDataModule):
     """Base of fourdgen's DataModules: loaders that collate :class:`GridBatch`."""
 
@@ -198,7 +209,7 @@ class BaseDataModule(L.LightningDataModule):
             )
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
+        return resumable_loader(
             ds,
             batch_size=self.batch_size,
             shuffle=shuffle,

@@ -28,7 +28,7 @@ from fourdgen.diffusion.latents import decode_video, encode_video, scale_factors
 from fourdgen.metrics.image import ImageMetrics
 from fourdgen.nn.grid_coupling import GridCoupling, GridInputs, ReferenceGrid
 from fourdgen.nn.grid_layout import sequence_to_grid
-from fourdgen.stages.common import check_finite
+from fourdgen.stages.common import check_finite, step_generator
 from fourdgen.stages.dit import DiTFinetune
 
 
@@ -117,8 +117,12 @@ class GridDiffusion(DiTFinetune):
         h = self.hparams
         inp = self.prepare(b)
         x0 = inp.x0
-        sigma = sample_sigmas(x0.shape[0], mode=h.timestep_sampling, shift=h.train_shift, device=x0.device)
-        noise = torch.randn_like(x0)
+        # Drawn from (seed, step, rank), not the global RNG: a resumed run draws what it would have.
+        g = step_generator(self.global_step, stream=self.global_rank)
+        sigma = sample_sigmas(
+            x0.shape[0], mode=h.timestep_sampling, shift=h.train_shift, device=x0.device, generator=g
+        )
+        noise = torch.randn(x0.shape, generator=g).to(x0)
         v = self.velocity(add_noise(x0, noise, sigma), inp, sigma * 1000, self._text(b), b.image_embeds)
         loss = flow_loss(v, velocity_target(x0, noise), sigma, h.loss_weighting, mask=inp.loss_mask)
         check_finite(loss, "train/loss", self.global_step)

@@ -33,7 +33,7 @@ from fourdgen.metrics.camera import camera_metrics
 from fourdgen.metrics.depth import depth_metrics
 from fourdgen.nn.coupling import LatentCoupling
 from fourdgen.nn.wan_fusion import WidthFusion
-from fourdgen.stages.common import check_finite
+from fourdgen.stages.common import check_finite, step_generator
 from fourdgen.stages.dit import DiTFinetune
 
 
@@ -136,8 +136,12 @@ class VideoDiffusion(DiTFinetune):
         h = self.hparams
         lat = self.encode(b)
         x0 = self.coupling.fuse(lat["rgb"], lat["xyz"])
-        sigma = sample_sigmas(x0.shape[0], mode=h.timestep_sampling, shift=h.train_shift, device=x0.device)
-        noise = torch.randn_like(x0)
+        # Drawn from (seed, step, rank), not the global RNG: a resumed run draws what it would have.
+        g = step_generator(self.global_step, stream=self.global_rank)
+        sigma = sample_sigmas(
+            x0.shape[0], mode=h.timestep_sampling, shift=h.train_shift, device=x0.device, generator=g
+        )
+        noise = torch.randn(x0.shape, generator=g).to(x0)
         v = self.velocity(
             add_noise(x0, noise, sigma), lat["cond"], sigma * 1000, self._text(b), b.image_embeds
         )
