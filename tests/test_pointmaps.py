@@ -49,11 +49,24 @@ def test_global_centre_and_valid_mask():
         normalize_pointmaps(xyz, center="median")
 
 
+def test_condition_grid_is_the_official_uniform_pointmap():
+    """4DNeX's ``generate_uniform_pointmap`` (x, y linspaces; z = 1 - linspace(0, 1, H) per row,
+    each mapped to [0, 1]) followed by ``* 2 - 1``, written out as a loop."""
+    H, W = 5, 7
+    ref = torch.empty(H, W, 3)
+    for r in range(H):
+        for c in range(W):
+            x01, y01 = c / (W - 1), r / (H - 1)  # (linspace(-1, 1) + 1) / 2
+            z01 = 1 - r / (H - 1)  # already spans [0, 1]: the min / ptp rescale keeps it
+            ref[r, c] = torch.tensor([x01, y01, z01]) * 2 - 1
+    torch.testing.assert_close(xyz_condition_grid(H, W), ref)
+    assert xyz_condition_grid(H, W)[:, 0, 2].tolist() == [1.0, 0.5, 0.0, -0.5, -1.0]  # top 1, bottom -1
+
+
 def test_condition_grid_mask_and_latent_renorm():
     g = xyz_condition_grid(4, 5)
     assert g.shape == (4, 5, 3)
     assert g[0, 0].tolist() == [-1.0, -1.0, 1.0] and g[-1, -1, :2].tolist() == [1.0, 1.0]
-    assert g[:, 2, 2].tolist() == [1.0, 0.75, 0.5, 0.25]  # z = 1 - row / H
     assert guided_mask(3).tolist() == [[1.0, 0.5], [0.0, 0.0], [0.0, 0.0]]
     z = torch.randn(2, 16, 3, 4, 4) * 1.7 - 0.13
     torch.testing.assert_close(denormalize_latents(renormalize_latents(z)), z)

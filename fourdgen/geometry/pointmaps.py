@@ -78,11 +78,12 @@ def denormalize_pointmaps(xyz_norm: Tensor, norm: PointmapNorm) -> Tensor:
 
 
 def xyz_condition_grid(height: int, width: int) -> Tensor:
-    """4DNeX's initial XYZ map for the first frame ``[H, W, 3]`` in [-1, 1]-ish: x and y are
-    linspaces over columns and rows, z the slanted plane ``1 - row / H``."""
+    """4DNeX's initial XYZ map for the first frame ``[H, W, 3]`` in [-1, 1] (official
+    ``generate_uniform_pointmap`` then ``* 2 - 1``, core/finetune/models/wan_i2v/sft_trainer.py):
+    x and y are linspaces over columns and rows, z falls linearly from 1 on the top row to -1 on the
+    bottom row. (The official 1e-8 in its z normalisation is below float32 resolution: dropped.)"""
     y, x = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
-    z = 1 - torch.arange(height, dtype=torch.float32)[:, None].expand(height, width) / height
-    return torch.stack([x, y, z], dim=-1)
+    return torch.stack([x, y, -y], dim=-1)
 
 
 def guided_mask(num_frames: int, rgb_value: float = 1.0, xyz_value: float = 0.5) -> Tensor:
