@@ -310,3 +310,33 @@ def test_tiny_recipe_runs_through_the_cli(tmp_path, recipe):
     if recipe == "one4d":  # DLC exports one diffusers LoRA per branch plus the control links
         for f in ("rgb/" + LORA_FILE, "xyz/" + LORA_FILE, EXTRA_FILE):
             assert (tmp_path / "lora" / "final" / f).is_file(), f
+
+
+def test_official_4dnex_optimizer_and_gradient_clipping():
+    """4DNeX's training (core/finetune/schemas/args.py): AdamW betas (0.9, 0.95), weight decay 1e-4,
+    100 warm-up steps, gradients clipped at global norm 1.0, checked against hand formulas."""
+    import yaml
+
+    recipe = yaml.safe_load(open("lightning_configs/video/4dnex.yaml"))["model"]["init_args"]
+    assert recipe["lr"] == 2e-5 and recipe["betas"] == [0.9, 0.95] and recipe["weight_decay"] == 1e-4
+    assert recipe["warmup_steps"] == 100 and recipe["grad_clip_norm"] == 1.0
+    keys = ("lr", "betas", "weight_decay", "warmup_steps", "grad_clip_norm")
+    model = VideoDiffusion(lora_rank=4, lora_alpha=2, **{k: recipe[k] for k in keys})
+    model.configure_model()
+    conf = model.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert isinstance(opt, torch.optim.AdamW)
+    group = opt.param_groups[0]
+    assert group["betas"] == (0.9, 0.95) and group["weight_decay"] == 1e-4
+    for step in (0, 49, 99, 500):
+        assert sched.lr_lambdas[0](step) == min(1.0, (step + 1) / 100)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    g = torch.Generator().manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    before = [p.grad.clone() for p in params]
+    total = sum(float(b.double().square().sum()) for b in before) ** 0.5
+    assert total > 1
+    model.configure_gradient_clipping(opt)
+    for p, b in zip(params, before, strict=True):
+        torch.testing.assert_close(p.grad, b * (1.0 / (total + 1e-6)))
