@@ -340,3 +340,22 @@ def test_official_4dnex_optimizer_and_gradient_clipping():
     model.configure_gradient_clipping(opt)
     for p, b in zip(params, before, strict=True):
         torch.testing.assert_close(p.grad, b * (1.0 / (total + 1e-6)))
+
+
+def test_4dnex_recipe_samples_with_unipc(tmp_path):
+    """4DNeX's inference (inference.py): the checkpoint's UniPC scheduler, 50 steps, CFG 5, shift 3;
+    the stage samples with it (a different trajectory from Euler's on the same noise)."""
+    import yaml
+
+    recipe = yaml.safe_load(open("lightning_configs/video/4dnex.yaml"))["model"]["init_args"]
+    assert recipe["sampler"] == "unipc" and recipe["sample_steps"] == 50
+    assert recipe["guidance_scale"] == 5.0 and recipe["sample_shift"] == 3.0
+    b = _batch(_dm(tmp_path, cache=False))
+    out = {}
+    for sampler in ("unipc", "euler"):
+        model = VideoDiffusion(lora_rank=0, sampler=sampler, guidance_scale=5.0)
+        model.configure_model()
+        out[sampler] = model.sample(b, num_steps=4, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["unipc"]).all() and not torch.allclose(out["unipc"], out["euler"])
+    with pytest.raises(ValueError, match="sampler"):
+        VideoDiffusion(sampler="ddim")

@@ -18,7 +18,14 @@ from fourdgen.batch import GridBatch
 from fourdgen.callbacks.media import log_video
 from fourdgen.components import build
 from fourdgen.diffusion.conditioning import Conditioning, GuidedFirstFrame
-from fourdgen.diffusion.flow import add_noise, euler_sample, flow_loss, sample_sigmas, velocity_target
+from fourdgen.diffusion.flow import (
+    SAMPLERS,
+    add_noise,
+    euler_sample,
+    flow_loss,
+    sample_sigmas,
+    velocity_target,
+)
 from fourdgen.diffusion.latents import (
     decode_video,
     encode_pointmaps,
@@ -48,6 +55,8 @@ class VideoDiffusion(DiTFinetune):
         conditioning: extra input channels (4DNeX: :class:`GuidedFirstFrame`; One4D: ``MaskedFrames``).
         latent_shift / latent_scale: pointmap-latent renormalisation (when encoding on the fly).
         val_postopt_steps: post-optimisation steps at validation (twice that at prediction).
+        sampler: ``"euler"`` or ``"unipc"`` (4DNeX's official inference: the Wan2.1 checkpoint's
+            UniPC scheduler, flow shift ``sample_shift``); see ``diffusion.flow.make_scheduler``.
     """
 
     def __init__(
@@ -57,8 +66,11 @@ class VideoDiffusion(DiTFinetune):
         latent_shift: float = LATENT_SHIFT,
         latent_scale: float = LATENT_SCALE,
         val_postopt_steps: int = 100,
+        sampler: str = "euler",
         **kwargs,
     ):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"VideoDiffusion: sampler must be one of {SAMPLERS}, got {sampler!r}")
         super().__init__(coupling=coupling or WidthFusion(), **kwargs)
         self.conditioning = build(conditioning) or GuidedFirstFrame()
         self.hparams.conditioning = self.conditioning.spec()
@@ -174,6 +186,7 @@ class VideoDiffusion(DiTFinetune):
             shift=h.sample_shift,
             guidance_scale=w,
             uncond_velocity=uncond,
+            sampler=h.sampler,
         )
 
     def decode(self, latents: Tensor) -> tuple[Tensor, Tensor]:
