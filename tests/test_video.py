@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -312,12 +313,16 @@ def test_tiny_recipe_runs_through_the_cli(tmp_path, recipe):
             assert (tmp_path / "lora" / "final" / f).is_file(), f
 
 
+def _recipe(name: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((Path("lightning_configs") / name).read_text())["model"]["init_args"]
+
+
 def test_official_4dnex_optimizer_and_gradient_clipping():
     """4DNeX's training (core/finetune/schemas/args.py): AdamW betas (0.9, 0.95), weight decay 1e-4,
     100 warm-up steps, gradients clipped at global norm 1.0, checked against hand formulas."""
-    import yaml
-
-    recipe = yaml.safe_load(open("lightning_configs/video/4dnex.yaml"))["model"]["init_args"]
+    recipe = _recipe("video/4dnex.yaml")
     assert recipe["lr"] == 2e-5 and recipe["betas"] == [0.9, 0.95] and recipe["weight_decay"] == 1e-4
     assert recipe["warmup_steps"] == 100 and recipe["grad_clip_norm"] == 1.0
     keys = ("lr", "betas", "weight_decay", "warmup_steps", "grad_clip_norm")
@@ -345,9 +350,7 @@ def test_official_4dnex_optimizer_and_gradient_clipping():
 def test_4dnex_recipe_samples_with_unipc(tmp_path):
     """4DNeX's inference (inference.py): the checkpoint's UniPC scheduler, 50 steps, CFG 5, shift 3;
     the stage samples with it (a different trajectory from Euler's on the same noise)."""
-    import yaml
-
-    recipe = yaml.safe_load(open("lightning_configs/video/4dnex.yaml"))["model"]["init_args"]
+    recipe = _recipe("video/4dnex.yaml")
     assert recipe["sampler"] == "unipc" and recipe["sample_steps"] == 50
     assert recipe["guidance_scale"] == 5.0 and recipe["sample_shift"] == 3.0
     b = _batch(_dm(tmp_path, cache=False))
