@@ -7,8 +7,11 @@ renormalised as (z + 0.13) / 1.70. Every step is recorded so generated pointmaps
 back (:func:`denormalize_pointmaps`).
 
 Per-frame centring (4DNeX's choice) removes the frame-to-frame drift of the clip's bounding-box
-centre; ``center="global"`` keeps one centre for the clip instead. Post-optimisation works on
-normalised pointmaps either way, recovering cameras up to that per-frame offset.
+centre, and with it part of the camera motion: cameras recovered from normalised predictions are
+biased by that per-frame offset. ``center="global"`` (One4D, section 4.1: pointmaps "using the first
+frame as the global coordinate frame", normalised before VAE encoding) keeps one centre and one scale
+for the clip, so the first camera's frame stays one global frame. A recipe picks one with
+:class:`PointmapNormalization`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fourdgen.geometry.projection import depth_to_points
+from fourdgen.components import Recorded
+from fourdgen.geometry.projection import depth_to_points, to_first_camera
 
 LATENT_SHIFT, LATENT_SCALE = 0.13, 1.70  # 4DNeX's pointmap-latent renormalisation
 
@@ -68,6 +72,29 @@ def normalize_pointmaps(
     scale = torch.maximum((hi - centers).abs(), (lo - centers).abs()).amax().clamp_min(eps)
     out = (clipped - centers[:, None]) / scale
     return out.reshape(xyz.shape).to(xyz.dtype), PointmapNorm(centers=centers, scale=scale, lo=lo, hi=hi)
+
+
+class PointmapNormalization(Recorded):
+    """How a clip's pointmaps reach [-1, 1] before the VAE: into the first camera's frame, clipped to
+    per-frame percentiles, then centred ``"per_frame"`` (4DNeX) or ``"global"`` (One4D) and scaled
+    by one factor (:func:`normalize_pointmaps`). The model and its latent cache use the same one."""
+
+    def __init__(self, center: str = "per_frame", percentiles: tuple[float, float] = (2.0, 98.0)):
+        if center not in ("per_frame", "global"):
+            raise ValueError(f"PointmapNormalization: center must be 'per_frame' or 'global', got {center!r}")
+        self.center, self.percentiles = center, (float(percentiles[0]), float(percentiles[1]))
+
+    @property
+    def cache_key(self) -> str:
+        return f"{self.center}:{self.percentiles[0]}:{self.percentiles[1]}"
+
+    def __call__(
+        self, xyz_world: Tensor, w2c_first: Tensor, valid: Tensor | None = None
+    ) -> tuple[Tensor, PointmapNorm]:
+        """``xyz_world [T, H, W, 3]``, ``w2c_first [4, 4]`` -> ``[T, H, W, 3]`` in [-1, 1] and the
+        :class:`PointmapNorm` that undoes it (in the first camera's frame)."""
+        first = to_first_camera(xyz_world, w2c_first)
+        return normalize_pointmaps(first, valid, self.percentiles, self.center)
 
 
 def denormalize_pointmaps(xyz_norm: Tensor, norm: PointmapNorm) -> Tensor:

@@ -75,7 +75,7 @@ class DiTFinetune(L.LightningModule):
         base_dtype: str = "float32",
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["coupling", "conditioning"])
+        self.save_hyperparameters(ignore=["coupling", "conditioning", "pointmap_norm", "postopt"])
         self.hparams.lora_targets = list(lora_targets or ATTN_TARGETS)
         self.hparams.transformer = dict(transformer or {"preset": "tiny"})
         self.hparams.vae = dict(vae or {"preset": "tiny"})
