@@ -239,3 +239,45 @@ def test_gradient_clipping_under_fsdp2_uses_the_global_norm(tmp_path):
     torch.testing.assert_close(float(got["norm"]), total, rtol=1e-4, atol=0)
     for name, p in trainable.items():
         torch.testing.assert_close(got["grads"][name], p.grad * factor, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def _lightning_clip_worker(rank: int, tmp: str, out_file: str) -> None:
+    import lightning as L
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from fourdgen.stages.video import VideoDiffusion
+    from tests.test_video import _dm
+
+    torch.set_num_threads(1)
+    model = VideoDiffusion(lora_rank=4, lora_alpha=4, lr=1e-3, grad_clip_norm=1e-3)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+        default_root_dir=tmp,
+    )
+    from pathlib import Path
+
+    trainer.fit(model, _dm(Path(tmp)))
+    sharded = all(type(p).__name__ == "DTensor" for p in model.transformer.parameters())
+    torch.save({"sharded": sharded, "grad_norm": trainer.callback_metrics["train/grad_norm"]}, out_file)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def test_grad_clip_norm_through_model_parallel_strategy(tmp_path):
+    """The stage's ``grad_clip_norm`` runs inside Lightning's FSDP2 strategy (DTensor parameters; a
+    1-rank CPU mesh in its own process) and logs the pre-clipping norm."""
+    mp.spawn(_lightning_clip_worker, args=(str(tmp_path), str(tmp_path / "out.pt")), nprocs=1)
+    got = torch.load(tmp_path / "out.pt")
+    assert got["sharded"] and torch.isfinite(got["grad_norm"]) and got["grad_norm"] > 1e-3

@@ -106,7 +106,8 @@ def denormalize_pointmaps(xyz_norm: Tensor, norm: PointmapNorm) -> Tensor:
 
 def xyz_condition_grid(height: int, width: int) -> Tensor:
     """4DNeX's initial XYZ map for the first frame ``[H, W, 3]`` in [-1, 1] (official
-    ``generate_uniform_pointmap`` then ``* 2 - 1``, core/finetune/models/wan_i2v/sft_trainer.py):
+    ``generate_uniform_pointmap`` of core/finetune/datasets/utils.py, then ``* 2 - 1`` as training,
+    datasets/wan_dataset.py, and inference, models/wan_i2v/demb_samerope_trainer.py, apply it):
     x and y are linspaces over columns and rows, z falls linearly from 1 on the top row to -1 on the
     bottom row. (The official 1e-8 in its z normalisation is below float32 resolution: dropped.)"""
     y, x = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
