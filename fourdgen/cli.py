@@ -203,10 +203,11 @@ class FourDGenCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # The DataModule caches latents with the model's VAE and conditioning: one setting for both.
+        # The DataModule caches latents with the model's VAE, conditioning and pointmap normalisation:
+        # one setting for both.
         # A model or DataModule without these arguments is left alone.
-        parser.link_arguments("model.init_args.vae", "data.init_args.vae", apply_on="parse")
-        parser.link_arguments("model.init_args.conditioning", "data.init_args.conditioning", apply_on="parse")
+        for name in ("vae", "conditioning", "pointmap_norm"):
+            parser.link_arguments(f"model.init_args.{name}", f"data.init_args.{name}", apply_on="parse")
         parser.add_argument(
             "--overwrite",
             type=bool,

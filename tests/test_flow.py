@@ -122,3 +122,42 @@ def test_flow_matching_learns_a_distribution():
         opt.step()
     after = sample_error()
     assert before > 0.3 and after < 0.1, (before, after)
+
+
+def _gaussian_velocity(m: float, s: float):
+    """Exact rectified-flow velocity for data N(m, s^2) and noise N(0, 1) at ``t = timestep / 1000``:
+    ``u = (t - (1 - t) s^2) / V (x - (1 - t) m) - m``, ``V = (1 - t)^2 s^2 + t^2``. Its ODE carries
+    noise ``n`` at t = 1 to ``m + s n`` at t = 0."""
+
+    def velocity(x, timestep):
+        t = timestep.to(x).reshape(-1, *[1] * (x.ndim - 1)) / 1000
+        V = (1 - t) ** 2 * s * s + t * t
+        return (t - (1 - t) * s * s) / V * (x - (1 - t) * m) - m
+
+    return velocity
+
+
+def test_unipc_schedule_is_wans_flow_shift_3():
+    """Wan2.1's UniPC flow sigmas by hand: N of linspace(1, 1/1000, N + 1), each shifted by
+    3 s / (1 + 2 s); then a final sigma 0; timesteps int(1000 * sigma)."""
+    sched = make_scheduler(3.0, "unipc")
+    sched.set_timesteps(50)
+    raw = [1 - i * (1 - 1 / 1000) / 50 for i in range(50)]
+    ref = torch.tensor([3 * r / (1 + 2 * r) for r in raw], dtype=torch.float64)
+    torch.testing.assert_close(sched.sigmas[:-1].double(), ref, atol=2e-6, rtol=0)
+    assert sched.sigmas[-1] == 0
+    assert (sched.timesteps - (1000 * ref).floor().long()).abs().max() <= 1  # 1 - 1e-6 at the start
+    with pytest.raises(ValueError, match="sampler"):
+        make_scheduler(3.0, "ddim")
+
+
+def test_unipc_sampler_reaches_the_exact_flow_endpoint():
+    """50 UniPC steps (shift 3) land on the closed-form endpoint ``m + s n``; Euler with the same
+    steps is an order of magnitude further off (UniPC is second order)."""
+    m, s = 0.7, 0.3
+    noise = torch.randn(4, 1, 64, generator=torch.Generator().manual_seed(0))
+    exact = m + s * noise
+    unipc = euler_sample(_gaussian_velocity(m, s), noise, num_steps=50, shift=3.0, sampler="unipc")
+    euler = euler_sample(_gaussian_velocity(m, s), noise, num_steps=50, shift=3.0)
+    err_unipc, err_euler = (unipc - exact).abs().max().item(), (euler - exact).abs().max().item()
+    assert err_unipc < 0.01 and err_euler > 10 * err_unipc, (err_unipc, err_euler)

@@ -206,3 +206,78 @@ def test_sharded_reconstructor_matches_unsharded(tmp_path):
     assert set(got["grads"]) == set(trainable) and any("temporal_blocks" in n for n in trainable)
     for name, p in trainable.items():
         torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _clip_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fourdgen.stages.common import clip_grad_norm
+
+    torch.set_num_threads(1)
+    model = shard_transformer(_model(), init_device_mesh("cpu", (world,)), param_dtype=None)
+    model(**_inputs(rank))[0].square().mean().backward()
+    norm = clip_grad_norm([p for p in model.parameters() if p.requires_grad], 0.05)
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+    if rank == 0:
+        torch.save({"norm": norm, "grads": grads}, out_file)
+    _finish()
+
+
+def test_gradient_clipping_under_fsdp2_uses_the_global_norm(tmp_path):
+    """4DNeX clips at a global norm: on two FSDP2 ranks the clipped shards equal one unsharded model
+    clipped by hand (norm over every trainable gradient, factor min(1, max / (norm + 1e-6)))."""
+    world = 2
+    mp.spawn(_clip_worker, args=(world, str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=world)
+    got = torch.load(tmp_path / "out.pt")
+    ref = _model()
+    (sum(ref(**_inputs(r))[0].square().mean() for r in range(world)) / world).backward()
+    trainable = {n: p for n, p in ref.named_parameters() if p.requires_grad}
+    total = sum(float(p.grad.double().square().sum()) for p in trainable.values()) ** 0.5
+    assert total > 0.05  # clipping is active
+    factor = min(1.0, 0.05 / (total + 1e-6))
+    torch.testing.assert_close(float(got["norm"]), total, rtol=1e-4, atol=0)
+    for name, p in trainable.items():
+        torch.testing.assert_close(got["grads"][name], p.grad * factor, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def _lightning_clip_worker(rank: int, tmp: str, out_file: str) -> None:
+    import lightning as L
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from fourdgen.stages.video import VideoDiffusion
+    from tests.test_video import _dm
+
+    torch.set_num_threads(1)
+    model = VideoDiffusion(lora_rank=4, lora_alpha=4, lr=1e-3, grad_clip_norm=1e-3)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+        default_root_dir=tmp,
+    )
+    from pathlib import Path
+
+    trainer.fit(model, _dm(Path(tmp)))
+    sharded = all(type(p).__name__ == "DTensor" for p in model.transformer.parameters())
+    torch.save({"sharded": sharded, "grad_norm": trainer.callback_metrics["train/grad_norm"]}, out_file)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def test_grad_clip_norm_through_model_parallel_strategy(tmp_path):
+    """The stage's ``grad_clip_norm`` runs inside Lightning's FSDP2 strategy (DTensor parameters; a
+    1-rank CPU mesh in its own process) and logs the pre-clipping norm."""
+    mp.spawn(_lightning_clip_worker, args=(str(tmp_path), str(tmp_path / "out.pt")), nprocs=1)
+    got = torch.load(tmp_path / "out.pt")
+    assert got["sharded"] and torch.isfinite(got["grad_norm"]) and got["grad_norm"] > 1e-3

@@ -172,3 +172,64 @@ def test_bf16_mixed_training_step_updates_float32_weights(tmp_path, train_module
     assert all(named[n].dtype == torch.float32 for n in trained)
     # blocks' own weights move (not only the zero-initialised new layers)
     assert any("blocks.0.attn1.to_q" in n for n in changed)
+
+
+def _write_official_4dnex_release(folder, model, rank=4):
+    """The official release's files, written as its trainer writes them: peft keys under
+    ``transformer.`` in a safetensors file with no adapter metadata (``save_lora_weights`` without
+    ``transformer_lora_adapter_metadata``), and ``torch.save`` of the ``[2, dim]`` domain embeddings."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    lora = {}
+    for name, mod in model.named_modules():
+        if name.startswith("blocks.") and name.endswith(("to_q", "to_k", "to_v", "to_out.0")):
+            lora[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, mod.in_features, generator=g) * 0.1
+            lora[f"transformer.{name}.lora_B.weight"] = torch.randn(mod.out_features, rank, generator=g) * 0.1
+    folder.mkdir(parents=True)
+    save_file(lora, str(folder / LORA_FILE))
+    dim = model.config.num_attention_heads * model.config.attention_head_dim
+    emb = torch.randn(2, dim, generator=g).to(torch.bfloat16)
+    torch.save(emb, folder / "learnable_domain_embeddings.pt")
+    return lora, emb
+
+
+def test_official_4dnex_release_loads_as_fused_at_half_scale_with_domain_embeddings(tmp_path):
+    """Reference: the official inference by hand, ``W += 0.5 * B @ A`` on every LoRA target and the
+    domain embeddings added to each width half after patch embedding."""
+    torch.manual_seed(0)
+    model = install_width_fusion(build_transformer(preset="tiny"))
+    lora, emb = _write_official_4dnex_release(tmp_path / "release", model)
+    torch.manual_seed(0)
+    ref = install_width_fusion(build_transformer(preset="tiny"))
+    with torch.no_grad():
+        mods = dict(ref.named_modules())
+        for key, A in lora.items():
+            if "lora_A" in key:
+                name = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+                B = lora[key.replace("lora_A", "lora_B")]
+                mods[name].weight += 0.5 * B @ A
+        ref.patch_embedding.domain_embedding.copy_(emb.float())
+    load_lora(model, tmp_path / "release")
+    x = fuse_width(torch.randn(1, 16, 2, 4, 4), torch.randn(1, 16, 2, 4, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(_run(model, x), _run(ref, x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="width fusion"):
+        load_lora(build_transformer(preset="tiny"), tmp_path / "release")
+
+
+def test_official_4dnex_release_as_the_stage_init_lora(tmp_path):
+    """``init_lora: <official release folder>`` starts the 4DNeX stage from it: the domain embeddings
+    are loaded and train with the LoRA."""
+    from fourdgen.stages.video import VideoDiffusion
+
+    _, emb = _write_official_4dnex_release(
+        tmp_path / "release", install_width_fusion(build_transformer(preset="tiny"))
+    )
+    model = VideoDiffusion(init_lora=str(tmp_path / "release"))
+    model.configure_model()
+    torch.testing.assert_close(model.transformer.patch_embedding.domain_embedding.data, emb.float())
+    trainable = [n for n, p in model.transformer.named_parameters() if p.requires_grad]
+    assert "patch_embedding.domain_embedding" in trainable and all(
+        "lora_" in n or "domain" in n for n in trainable
+    )

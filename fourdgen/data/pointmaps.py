@@ -23,11 +23,18 @@ from fourdgen.backbones.image import CLIPImageEncoder, HashImageEncoder
 from fourdgen.backbones.text import HashTextEncoder, UMT5TextEncoder
 from fourdgen.backbones.wan import build_vae
 from fourdgen.batch import GridBatch
+from fourdgen.components import build
 from fourdgen.data.datamodules import GridDataModule, GridDataset
 from fourdgen.data.embeddings import ConditionEmbedder
 from fourdgen.diffusion.conditioning import Conditioning
 from fourdgen.diffusion.latents import encode_pointmaps, encode_video, prepare_pointmaps, vae_id
-from fourdgen.geometry.pointmaps import LATENT_SCALE, LATENT_SHIFT, latent_stats, world_pointmaps
+from fourdgen.geometry.pointmaps import (
+    LATENT_SCALE,
+    LATENT_SHIFT,
+    PointmapNormalization,
+    latent_stats,
+    world_pointmaps,
+)
 from fourdgen.io import atomic_path
 
 
@@ -62,6 +69,8 @@ class PointmapDataModule(GridDataModule):
             embedding each clip's first frame; None for text-only checkpoints.
         conditioning: the stage module's conditioning component (same settings): its condition
             video's latents are cached too, instead of being VAE-encoded at every step.
+        pointmap_norm: the stage module's pointmap normalisation (linked by the CLI; default 4DNeX's
+            per-frame centring), applied before the pointmaps are VAE-encoded.
         prompt_suffix: appended to every caption (4DNeX: "POINTMAP_STYLE.").
         negative_prompt: the CFG negative prompt, embedded into ``neg_text_embeds``.
         latent_shift / latent_scale: pointmap-latent renormalisation ``(z + shift) / scale``.
@@ -84,6 +93,7 @@ class PointmapDataModule(GridDataModule):
         text_encoder: HashTextEncoder | UMT5TextEncoder | None = None,
         image_encoder: CLIPImageEncoder | HashImageEncoder | None = None,
         conditioning: Conditioning | None = None,
+        pointmap_norm: PointmapNormalization | None = None,
         prompt_suffix: str = "POINTMAP_STYLE.",
         negative_prompt: str = "",
         latent_shift: float = LATENT_SHIFT,
@@ -139,6 +149,7 @@ class PointmapDataModule(GridDataModule):
             text_encoder, image_encoder, prompt_suffix, negative_prompt, cache_dir=cache_dir
         )
         self.conditioning = conditioning
+        self.pointmap_norm = build(pointmap_norm) or PointmapNormalization()
         self._vae = None
         self._vae_id: str | None = None
 
@@ -168,6 +179,7 @@ class PointmapDataModule(GridDataModule):
                     float(b.rgb.double().sum()),
                     self._vae_id,
                     self._cond_id,
+                    self.pointmap_norm.cache_key,
                     h.latent_shift,
                     h.latent_scale,
                 )
@@ -196,7 +208,7 @@ class PointmapDataModule(GridDataModule):
 
     def _encode(self, b: GridBatch) -> dict[str, torch.Tensor]:
         h = self.hparams
-        xyz, norm = prepare_pointmaps(world_pointmaps(b)[0, 0], b.w2c[0, 0, 0])
+        xyz, norm = prepare_pointmaps(world_pointmaps(b)[0, 0], b.w2c[0, 0, 0], norm=self.pointmap_norm)
         video = b.rgb[0, 0].permute(1, 0, 2, 3)[None]  # [1, 3, T, H, W]
         device = self.hparams.encode_device or ("cuda" if torch.cuda.is_available() else "cpu")
         if get_worker_info() is not None:  # a forked loader worker cannot use CUDA
@@ -228,7 +240,7 @@ class PointmapDataModule(GridDataModule):
         zs = []
         for i in range(min(len(base.scenes), max_clips)):
             b = base[i]
-            xyz, _ = prepare_pointmaps(world_pointmaps(b)[0, 0], b.w2c[0, 0, 0])
+            xyz, _ = prepare_pointmaps(world_pointmaps(b)[0, 0], b.w2c[0, 0, 0], norm=self.pointmap_norm)
             zs.append(encode_pointmaps(vae, xyz[None], 0.0, 1.0).flatten())
         return latent_stats(torch.cat(zs))
 

@@ -48,8 +48,8 @@ class GuidedFirstFrame(Conditioning):
 
     Args:
         rgb_mask / xyz_mask: guided-mask values of the first frame's RGB and XYZ halves.
-        xyz_guess: ``"grid"`` (4DNeX's slanted-plane grid) or ``"zeros"`` for the XYZ half of the
-            condition frame.
+        xyz_guess: ``"grid"`` (4DNeX's official uniform pointmap, :func:`xyz_condition_grid`) or
+            ``"zeros"`` for the XYZ half of the condition frame.
     """
 
     def __init__(self, rgb_mask: float = 1.0, xyz_mask: float = 0.5, xyz_guess: str = "grid"):
@@ -59,7 +59,8 @@ class GuidedFirstFrame(Conditioning):
 
     @property
     def cache_key(self) -> str:
-        return f"guided_first_frame:{self.xyz_guess}"
+        # v2: the grid became the official one (z in [-1, 1]); caches of the old grid are stale.
+        return f"guided_first_frame:{self.xyz_guess}:v2"
 
     def channels(self, vae: AutoencoderKLWan) -> int:
         return scale_factors(vae)[0] + vae.config.z_dim

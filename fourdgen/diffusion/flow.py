@@ -2,7 +2,9 @@
 
 ``x_sigma = (1 - sigma) * x0 + sigma * noise`` with ``sigma`` in [0, 1] (1 = pure noise), the
 model predicts the velocity ``v = noise - x0``, and Wan's timestep is ``1000 * sigma``.
-Training draws ``sigma`` here; sampling uses diffusers' ``FlowMatchEulerDiscreteScheduler``.
+Training draws ``sigma`` here; sampling uses diffusers' schedulers: ``"euler"``
+(``FlowMatchEulerDiscreteScheduler``) or ``"unipc"`` (``UniPCMultistepScheduler`` in flow mode, the
+scheduler of the Wan2.1 Diffusers checkpoints and so of 4DNeX's official inference).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 from collections.abc import Callable, Iterator
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from torch import Tensor
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -105,9 +107,30 @@ def flow_loss(
     return (loss_weights(sigma.to(per), weighting) * per).mean()
 
 
-def make_scheduler(shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler:
-    """diffusers' Euler flow-matching scheduler with a fixed ``shift`` (Wan: 3.0 at 480p, 5.0 at 720p)."""
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
+SAMPLERS = ("euler", "unipc")
+
+
+def make_scheduler(shift: float = 1.0, sampler: str = "euler"):
+    """A diffusers flow-matching scheduler with a fixed ``shift`` (Wan: 3.0 at 480p, 5.0 at 720p).
+
+    ``"euler"``: ``FlowMatchEulerDiscreteScheduler``. ``"unipc"``: ``UniPCMultistepScheduler`` as the
+    Wan2.1 Diffusers checkpoints configure it (``scheduler/scheduler_config.json``: flow prediction,
+    flow sigmas, ``flow_shift``, order-2 ``bh2`` predictor-corrector, final sigma 0); its
+    timesteps are integers, as the official pipeline feeds the DiT.
+    """
+    if sampler == "euler":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
+    if sampler == "unipc":
+        return UniPCMultistepScheduler(
+            num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            flow_shift=shift,
+            solver_order=2,
+            solver_type="bh2",
+            final_sigmas_type="zero",
+        )
+    raise ValueError(f"make_scheduler: sampler must be one of {SAMPLERS}, got {sampler!r}")
 
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
@@ -121,17 +144,20 @@ def euler_sample(
     shift: float = 1.0,
     guidance_scale: float = 1.0,
     uncond_velocity: VelocityFn | None = None,
-    scheduler: FlowMatchEulerDiscreteScheduler | None = None,
+    scheduler=None,
     callback: Callable[[int, Tensor], Tensor] | None = None,
+    sampler: str = "euler",
 ) -> Tensor:
-    """Integrate from ``noise`` (sigma = 1) to data with Euler steps.
+    """Integrate from ``noise`` (sigma = 1) to data with the steps of ``sampler`` (see
+    :func:`make_scheduler`; a given ``scheduler`` wins). The name stays for its callers: Euler is
+    the default.
 
     ``velocity(x, timestep)`` returns the conditional velocity; ``timestep [B]`` is ``1000 * sigma``
     (Wan's convention). With ``guidance_scale != 1`` and ``uncond_velocity`` given, classifier-free
     guidance: ``v = v_u + w (v_c - v_u)``. ``callback(step, x) -> x`` may rewrite the sample after
     each step (e.g. to re-impose known conditioning frames).
     """
-    sched = scheduler or make_scheduler(shift)
+    sched = scheduler or make_scheduler(shift, sampler)  # fresh: UniPC keeps a history of outputs
     sched.set_timesteps(num_steps, device=noise.device)
     x = noise
     for i, t in enumerate(sched.timesteps):

@@ -14,8 +14,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from torch import Tensor
 
-from fourdgen.geometry.pointmaps import PointmapNorm, normalize_pointmaps, renormalize_latents
-from fourdgen.geometry.projection import to_first_camera
+from fourdgen.geometry.pointmaps import PointmapNorm, PointmapNormalization, renormalize_latents
 
 
 def vae_id(vae: AutoencoderKLWan) -> str:
@@ -67,12 +66,15 @@ def decode_video(vae: AutoencoderKLWan, latents: Tensor) -> Tensor:
 
 
 def prepare_pointmaps(
-    xyz_world: Tensor, w2c_first: Tensor, valid: Tensor | None = None
+    xyz_world: Tensor,
+    w2c_first: Tensor,
+    valid: Tensor | None = None,
+    norm: PointmapNormalization | None = None,
 ) -> tuple[Tensor, PointmapNorm]:
-    """4DNeX's pointmap preparation of one clip: ``xyz_world [T, H, W, 3]`` -> first-camera frame
-    -> per-frame clip and centring, one scale (:func:`normalize_pointmaps`). Returns
-    ``[T, H, W, 3]`` in [-1, 1] and the normalisation."""
-    return normalize_pointmaps(to_first_camera(xyz_world, w2c_first), valid)
+    """Pointmap preparation of one clip: ``xyz_world [T, H, W, 3]`` -> first-camera frame -> ``norm``
+    (default 4DNeX's per-frame clip and centring, one scale). Returns ``[T, H, W, 3]`` in [-1, 1]
+    and the normalisation."""
+    return (norm or PointmapNormalization())(xyz_world, w2c_first, valid)
 
 
 @torch.no_grad()

@@ -7,8 +7,11 @@ renormalised as (z + 0.13) / 1.70. Every step is recorded so generated pointmaps
 back (:func:`denormalize_pointmaps`).
 
 Per-frame centring (4DNeX's choice) removes the frame-to-frame drift of the clip's bounding-box
-centre; ``center="global"`` keeps one centre for the clip instead. Post-optimisation works on
-normalised pointmaps either way, recovering cameras up to that per-frame offset.
+centre, and with it part of the camera motion: cameras recovered from normalised predictions are
+biased by that per-frame offset. ``center="global"`` (One4D, section 4.1: pointmaps "using the first
+frame as the global coordinate frame", normalised before VAE encoding) keeps one centre and one scale
+for the clip, so the first camera's frame stays one global frame. A recipe picks one with
+:class:`PointmapNormalization`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fourdgen.geometry.projection import depth_to_points
+from fourdgen.components import Recorded
+from fourdgen.geometry.projection import depth_to_points, to_first_camera
 
 LATENT_SHIFT, LATENT_SCALE = 0.13, 1.70  # 4DNeX's pointmap-latent renormalisation
 
@@ -70,6 +74,29 @@ def normalize_pointmaps(
     return out.reshape(xyz.shape).to(xyz.dtype), PointmapNorm(centers=centers, scale=scale, lo=lo, hi=hi)
 
 
+class PointmapNormalization(Recorded):
+    """How a clip's pointmaps reach [-1, 1] before the VAE: into the first camera's frame, clipped to
+    per-frame percentiles, then centred ``"per_frame"`` (4DNeX) or ``"global"`` (One4D) and scaled
+    by one factor (:func:`normalize_pointmaps`). The model and its latent cache use the same one."""
+
+    def __init__(self, center: str = "per_frame", percentiles: tuple[float, float] = (2.0, 98.0)):
+        if center not in ("per_frame", "global"):
+            raise ValueError(f"PointmapNormalization: center must be 'per_frame' or 'global', got {center!r}")
+        self.center, self.percentiles = center, (float(percentiles[0]), float(percentiles[1]))
+
+    @property
+    def cache_key(self) -> str:
+        return f"{self.center}:{self.percentiles[0]}:{self.percentiles[1]}"
+
+    def __call__(
+        self, xyz_world: Tensor, w2c_first: Tensor, valid: Tensor | None = None
+    ) -> tuple[Tensor, PointmapNorm]:
+        """``xyz_world [T, H, W, 3]``, ``w2c_first [4, 4]`` -> ``[T, H, W, 3]`` in [-1, 1] and the
+        :class:`PointmapNorm` that undoes it (in the first camera's frame)."""
+        first = to_first_camera(xyz_world, w2c_first)
+        return normalize_pointmaps(first, valid, self.percentiles, self.center)
+
+
 def denormalize_pointmaps(xyz_norm: Tensor, norm: PointmapNorm) -> Tensor:
     """Inverse of :func:`normalize_pointmaps` (exact for points inside the clip bounds)."""
     T = xyz_norm.shape[0]
@@ -78,11 +105,13 @@ def denormalize_pointmaps(xyz_norm: Tensor, norm: PointmapNorm) -> Tensor:
 
 
 def xyz_condition_grid(height: int, width: int) -> Tensor:
-    """4DNeX's initial XYZ map for the first frame ``[H, W, 3]`` in [-1, 1]-ish: x and y are
-    linspaces over columns and rows, z the slanted plane ``1 - row / H``."""
+    """4DNeX's initial XYZ map for the first frame ``[H, W, 3]`` in [-1, 1] (official
+    ``generate_uniform_pointmap`` of core/finetune/datasets/utils.py, then ``* 2 - 1`` as training,
+    datasets/wan_dataset.py, and inference, models/wan_i2v/demb_samerope_trainer.py, apply it):
+    x and y are linspaces over columns and rows, z falls linearly from 1 on the top row to -1 on the
+    bottom row. (The official 1e-8 in its z normalisation is below float32 resolution: dropped.)"""
     y, x = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
-    z = 1 - torch.arange(height, dtype=torch.float32)[:, None].expand(height, width) / height
-    return torch.stack([x, y, z], dim=-1)
+    return torch.stack([x, y, -y], dim=-1)
 
 
 def guided_mask(num_frames: int, rgb_value: float = 1.0, xyz_value: float = 0.5) -> Tensor:

@@ -112,6 +112,15 @@ def axis_angle_to_matrix(v: Tensor) -> Tensor:
     return quaternion_to_matrix(torch.cat([torch.cos(angle / 2), axis * torch.sin(angle / 2)], -1))
 
 
+def rotation_6d_to_matrix(d6: Tensor) -> Tensor:
+    """Zhou et al. 2019 6D rotations ``[..., 6]`` -> ``[..., 3, 3]``: Gram-Schmidt on the two
+    3-vectors ``d6[..., :3]``, ``d6[..., 3:]``; they and their cross product are the columns."""
+    a1, a2 = d6[..., :3], d6[..., 3:]
+    b1 = torch.nn.functional.normalize(a1, dim=-1)
+    b2 = torch.nn.functional.normalize(a2 - (a2 * b1).sum(-1, keepdim=True) * b1, dim=-1)
+    return torch.stack([b1, b2, torch.cross(b1, b2, dim=-1)], dim=-1)
+
+
 def rotation_angle(R: Tensor) -> Tensor:
     """Rotation angle in radians ``[...]`` of ``R [..., 3, 3]`` (in [0, pi])."""
     q = matrix_to_quaternion(R)

@@ -5,6 +5,8 @@ which a stock diffusers ``WanTransformer3DModel.load_lora_adapter`` or ``WanPipe
 reads. Every other trained tensor (domain embeddings, control links, new layers) goes to
 ``fourdgen_extra.safetensors`` beside it: 4DNeX's release shipped only the LoRA and its domain
 embeddings were lost, so both files are always written together.
+
+:func:`load_lora` also reads 4DNeX's official release (:func:`load_4dnex_release`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from torch import Tensor, nn
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EXTRA_FILE = "fourdgen_extra.safetensors"
 ATTN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # 4DNeX
+DOMAIN_FILE_4DNEX = "learnable_domain_embeddings.pt"  # official 4DNeX release (FrozenBurning/4DNex-Lora)
+LORA_SCALE_4DNEX = 0.5  # official core/inference/wan.py: fuse_lora(lora_scale=0.5) = alpha 32 / rank 64
 
 
 def add_lora(
@@ -119,6 +123,8 @@ def load_lora(
     d = Path(lora_dir)
     if not (d / LORA_FILE).is_file():
         raise FileNotFoundError(f"{d}: no {LORA_FILE} (expected a fourdgen/diffusers LoRA export)")
+    if (d / DOMAIN_FILE_4DNEX).is_file() and not (d / EXTRA_FILE).is_file():
+        return load_4dnex_release(transformer, d, adapter_name=adapter_name)
     # directory + weight_name: the path form skips the file's adapter metadata (rank/alpha)
     transformer.load_lora_adapter(
         str(d), weight_name=LORA_FILE, adapter_name=adapter_name, prefix="transformer"
@@ -136,4 +142,36 @@ def load_lora(
             for k, v in extra.items():
                 if k in params:
                     params[k].copy_(v)
+    return transformer
+
+
+def load_4dnex_release(
+    transformer: nn.Module,
+    folder: str | os.PathLike,
+    lora_scale: float = LORA_SCALE_4DNEX,
+    adapter_name: str = "default",
+) -> nn.Module:
+    """Load 4DNeX's official release into a width-fused DiT (``WidthFusion`` installed).
+
+    Layout (official ``core/finetune/trainer.py`` and ``core/inference/wan.py``):
+    ``pytorch_lora_weights.safetensors`` written by ``save_lora_weights`` without adapter metadata
+    (keys ``transformer.<module>.lora_A/B.weight``; loaders then assume alpha = rank), fused at
+    ``lora_scale`` 0.5, and ``learnable_domain_embeddings.pt``, a ``[2, dim]`` tensor added to the
+    RGB and XYZ width halves after patch embedding. The LoRA stays a trainable adapter with the scale
+    baked into B (``W + 0.5 B A``, what ``fuse_lora(lora_scale=0.5)`` computes); the embeddings go
+    to ``patch_embedding.domain_embedding``.
+    """
+    d = Path(folder)
+    lora = {k: v * lora_scale if "lora_B" in k else v for k, v in load_file(str(d / LORA_FILE)).items()}
+    transformer.load_lora_adapter(lora, adapter_name=adapter_name, prefix="transformer")
+    emb = torch.load(d / DOMAIN_FILE_4DNEX, map_location="cpu", weights_only=True)
+    target = getattr(transformer.patch_embedding, "domain_embedding", None)
+    if target is None or tuple(target.shape) != tuple(emb.shape):
+        raise ValueError(
+            f"{d / DOMAIN_FILE_4DNEX}: a {tuple(emb.shape)} domain embedding needs a DiT with width fusion "
+            f"(coupling WidthFusion) of the same width; this DiT has "
+            f"{None if target is None else tuple(target.shape)}"
+        )
+    with torch.no_grad():
+        target.copy_(emb.to(target))
     return transformer

@@ -35,16 +35,30 @@ def check_finite_grads(module: torch.nn.Module, step: int) -> None:
     )
 
 
-def adamw_with_warmup(params, lr: float, weight_decay: float, warmup_steps: int) -> dict:
+def adamw_with_warmup(
+    params, lr: float, weight_decay: float, warmup_steps: int, betas: tuple[float, float] = (0.9, 0.999)
+) -> dict:
     """AdamW with a linear learning-rate warm-up over ``warmup_steps`` (stepped every step), in the
-    form ``configure_optimizers`` returns."""
+    form ``configure_optimizers`` returns. The factor is ``(step + 1) / warmup`` (diffusers'
+    ``constant_with_warmup``, 4DNeX's schedule, has ``step / warmup``: a first step at lr 0)."""
     params = list(params)
     if not params:
         raise ValueError("nothing to train: every parameter is frozen (check the adapter / train_modules)")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
     warm = max(warmup_steps, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def clip_grad_norm(params, max_norm: float) -> Tensor:
+    """Scale the gradients of ``params`` so their global L2 norm is at most ``max_norm``; returns the
+    norm before clipping (a plain tensor). Works on FSDP2 shards: torch's ``clip_grad_norm_`` reduces
+    DTensor norms over the mesh, so every rank scales by the same, global factor."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def fsdp_mesh(mesh, who: str):

@@ -21,7 +21,7 @@ from fourdgen.diffusion.latents import vae_id
 from fourdgen.nn.adapters import Adapter, default_adapter
 from fourdgen.nn.coupling import DiTCoupling
 from fourdgen.nn.lora import ATTN_TARGETS
-from fourdgen.stages.common import adamw_with_warmup, fsdp_mesh
+from fourdgen.stages.common import adamw_with_warmup, clip_grad_norm, fsdp_mesh
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,7 +39,10 @@ class DiTFinetune(L.LightningModule):
             with ``train_modules`` only the parameters whose names contain one of those substrings.
             Ignored when the coupling brings its own adapter (One4D's decoupled LoRA).
         init_lora: an adapter export (``LoraExport``'s folder) to start from.
-        lr / weight_decay / warmup_steps: AdamW with linear warm-up.
+        lr / betas / weight_decay / warmup_steps: AdamW with linear warm-up.
+        grad_clip_norm: clip the trainable gradients to this global L2 norm before each optimizer
+            step (None: no clipping). Done in the module, so it also holds under FSDP2 (DTensor
+            shards), where ``Trainer(gradient_clip_val=...)`` depends on the strategy's plugin.
         timestep_sampling / train_shift / loss_weighting: rectified-flow training.
         sample_steps / guidance_scale / sample_shift: inference; ``val_sample_steps`` at validation.
         gradient_checkpointing: recompute DiT blocks in backward (memory for speed).
@@ -57,8 +60,10 @@ class DiTFinetune(L.LightningModule):
         init_lora: str | None = None,
         train_modules: list[str] | None = None,
         lr: float = 2e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        grad_clip_norm: float | None = None,
         timestep_sampling: str = "uniform",
         train_shift: float = 1.0,
         loss_weighting: str = "none",
@@ -70,7 +75,7 @@ class DiTFinetune(L.LightningModule):
         base_dtype: str = "float32",
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["coupling", "conditioning"])
+        self.save_hyperparameters(ignore=["coupling", "conditioning", "pointmap_norm", "postopt"])
         self.hparams.lora_targets = list(lora_targets or ATTN_TARGETS)
         self.hparams.transformer = dict(transformer or {"preset": "tiny"})
         self.hparams.vae = dict(vae or {"preset": "tiny"})
@@ -144,7 +149,17 @@ class DiTFinetune(L.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
-        return adamw_with_warmup(params, h.lr, h.weight_decay, h.warmup_steps)
+        return adamw_with_warmup(params, h.lr, h.weight_decay, h.warmup_steps, betas=tuple(h.betas))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """``grad_clip_norm`` (4DNeX: 1.0, its ``max_grad_norm``), then whatever the Trainer asks."""
+        if self.hparams.get("grad_clip_norm"):
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            norm = clip_grad_norm(params, self.hparams.grad_clip_norm)
+            if self._trainer is not None:
+                self.log("train/grad_norm", norm.float(), batch_size=1)
+        if gradient_clip_val:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------------- shared checks
     def _text(self, b, negative: bool = False) -> Tensor:

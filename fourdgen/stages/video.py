@@ -4,7 +4,9 @@ conditioning components).
 Training: rectified flow on the coupled RGB+XYZ latents (``coupling``, a
 :class:`~fourdgen.nn.coupling.LatentCoupling`), with the conditioning channels (``conditioning``)
 concatenated to the noisy latents. Validation samples a clip, logs RGB/XYZ videos and scores depth
-(AbsRel, delta1) and cameras (ATE) recovered by post-optimisation against ground truth. Prediction
+(AbsRel, delta1) and cameras (ATE, RPE-T, RPE-R) recovered by post-optimisation (``postopt``)
+against ground truth, as One4D's protocol does (section 4.3, after MonST3R / Geo4D): cameras aligned
+by a sim(3) Umeyama fit of their centres, depth by one scale (or scale and shift) per sequence. Prediction
 returns RGB and pointmap videos, cameras, depth and point clouds. Model set-up, adapters, FSDP2,
 checkpoints and the optimizer are :class:`~fourdgen.stages.dit.DiTFinetune`'s.
 """
@@ -18,7 +20,14 @@ from fourdgen.batch import GridBatch
 from fourdgen.callbacks.media import log_video
 from fourdgen.components import build
 from fourdgen.diffusion.conditioning import Conditioning, GuidedFirstFrame
-from fourdgen.diffusion.flow import add_noise, euler_sample, flow_loss, sample_sigmas, velocity_target
+from fourdgen.diffusion.flow import (
+    SAMPLERS,
+    add_noise,
+    euler_sample,
+    flow_loss,
+    sample_sigmas,
+    velocity_target,
+)
 from fourdgen.diffusion.latents import (
     decode_video,
     encode_pointmaps,
@@ -26,8 +35,14 @@ from fourdgen.diffusion.latents import (
     prepare_pointmaps,
     scale_factors,
 )
-from fourdgen.geometry.pointmaps import LATENT_SCALE, LATENT_SHIFT, denormalize_latents, world_pointmaps
-from fourdgen.geometry.postopt import recover_cameras
+from fourdgen.geometry.pointmaps import (
+    LATENT_SCALE,
+    LATENT_SHIFT,
+    PointmapNormalization,
+    denormalize_latents,
+    world_pointmaps,
+)
+from fourdgen.geometry.postopt import One4DPostOpt, PostOpt
 from fourdgen.geometry.projection import rebase_cameras
 from fourdgen.metrics.camera import camera_metrics
 from fourdgen.metrics.depth import depth_metrics
@@ -47,7 +62,16 @@ class VideoDiffusion(DiTFinetune):
             ``DecoupledLoRAControl``, which brings its own adapter).
         conditioning: extra input channels (4DNeX: :class:`GuidedFirstFrame`; One4D: ``MaskedFrames``).
         latent_shift / latent_scale: pointmap-latent renormalisation (when encoding on the fly).
-        val_postopt_steps: post-optimisation steps at validation (twice that at prediction).
+        pointmap_norm: how pointmaps reach [-1, 1] (:class:`PointmapNormalization`; 4DNeX: per-frame
+            centring, the default; One4D: ``center="global"``, one first-camera frame).
+        postopt: post-optimisation component (:class:`One4DPostOpt`, the default, or 4DNeX's
+            ``FourDNeXRegistration``).
+        val_postopt_steps: post-optimisation steps at validation (twice that at prediction) for a
+            component that does not fix its own.
+        val_depth_align: per-sequence depth alignment at validation: ``"median"`` (one scale) or
+            ``"scale_shift"`` (least squares).
+        sampler: ``"euler"`` or ``"unipc"`` (4DNeX's official inference: the Wan2.1 checkpoint's
+            UniPC scheduler, flow shift ``sample_shift``); see ``diffusion.flow.make_scheduler``.
     """
 
     def __init__(
@@ -57,11 +81,25 @@ class VideoDiffusion(DiTFinetune):
         latent_shift: float = LATENT_SHIFT,
         latent_scale: float = LATENT_SCALE,
         val_postopt_steps: int = 100,
+        sampler: str = "euler",
+        pointmap_norm: PointmapNormalization | None = None,
+        postopt: PostOpt | None = None,
+        val_depth_align: str = "median",
         **kwargs,
     ):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"VideoDiffusion: sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if val_depth_align not in ("median", "scale_shift"):
+            raise ValueError(
+                f"VideoDiffusion: val_depth_align must be 'median' or 'scale_shift', got {val_depth_align!r}"
+            )
         super().__init__(coupling=coupling or WidthFusion(), **kwargs)
         self.conditioning = build(conditioning) or GuidedFirstFrame()
+        self.pointmap_norm = build(pointmap_norm) or PointmapNormalization()
+        self.postopt = build(postopt) or One4DPostOpt()
         self.hparams.conditioning = self.conditioning.spec()
+        self.hparams.pointmap_norm = self.pointmap_norm.spec()
+        self.hparams.postopt = self.postopt.spec()
 
     def input_channels(self, vae) -> int:
         """DiT input channels next to the noisy latents (the conditioning's)."""
@@ -91,7 +129,7 @@ class VideoDiffusion(DiTFinetune):
         else:
             h = self.hparams
             pts = world_pointmaps(b)[:, 0]
-            prepared = [prepare_pointmaps(pts[i], b.w2c[i, 0, 0]) for i in range(B)]
+            prepared = [prepare_pointmaps(pts[i], b.w2c[i, 0, 0], norm=self.pointmap_norm) for i in range(B)]
             center = torch.stack([n.centers for _, n in prepared])
             scale = torch.stack([n.scale.reshape(()) for _, n in prepared])
             rgb = encode_video(self.vae, rgb_video)
@@ -178,6 +216,7 @@ class VideoDiffusion(DiTFinetune):
             shift=h.sample_shift,
             guidance_scale=w,
             uncond_velocity=uncond,
+            sampler=h.sampler,
         )
 
     def decode(self, latents: Tensor) -> tuple[Tensor, Tensor]:
@@ -196,7 +235,7 @@ class VideoDiffusion(DiTFinetune):
         rgb, xyz = self.decode(self.sample(b, num_steps=num_steps, generator=g))
         out = []
         for i in range(len(rgb)):
-            rec = recover_cameras(xyz[i].float(), steps=postopt_steps)
+            rec = self.postopt(xyz[i].float(), steps=postopt_steps)
             out.append({"rgb": rgb[i], "xyz": xyz[i], "K": rec.K, "w2c": rec.w2c, "depth": rec.depth})
         return out
 
@@ -219,22 +258,29 @@ class VideoDiffusion(DiTFinetune):
                 # cameras are scored in the clip's first-camera frame. Predictions without ground
                 # truth stay in normalised units.
                 pts = pts * lat["xyz_scale"][i] + lat["xyz_center"][i][:, None, None]
-            rec = recover_cameras(pts, steps=h.val_postopt_steps)
-            if not (torch.isfinite(rec.w2c).all() and torch.isfinite(rec.depth).all()):
-                metrics.append({"abs_rel": float("nan"), "delta1": float("nan"), "ate": float("nan")})
-                continue
-            m = {}
-            if b.depth is not None:
-                gt = b.depth[i, 0, :, 0].float()
-                m.update(depth_metrics(rec.depth, gt, gt > 0, align="median", per_image=False))
+            rec = self.postopt(pts, steps=h.val_postopt_steps)
+            gt_depth = None if b.depth is None else b.depth[i, 0, :, 0].float()
             gt_w2c = rebase_cameras(b.w2c[i, 0].float(), b.w2c[i, 0, 0].float())
-            m["ate"] = camera_metrics(rec.w2c, gt_w2c)["ate"]
-            metrics.append(m)
+            metrics.append(self._scores(rec, gt_w2c, gt_depth))
         for k in metrics[0]:
             self.log(f"val/{k}", sum(m[k] for m in metrics) / B, batch_size=B)
         if batch_idx == 0:
             log_video(self.loggers, "val/rgb", (rgb[0] + 1) / 2, self.global_step)
             log_video(self.loggers, "val/xyz", (xyz[0].permute(0, 3, 1, 2) + 1) / 2, self.global_step)
+
+    def _scores(self, rec, gt_w2c: Tensor, gt_depth: Tensor | None) -> dict[str, float]:
+        """One4D's reconstruction metrics of one clip: ``ate``, ``rpe_t``, ``rpe_r`` (degrees) after a
+        sim(3) Umeyama alignment of the camera centres, and (with ground-truth depth ``[T, H, W]``)
+        ``abs_rel``, ``delta1`` after one per-sequence alignment (``val_depth_align``). NaN for all
+        when post-optimisation diverged."""
+        keys = ("ate", "rpe_t", "rpe_r") + (() if gt_depth is None else ("abs_rel", "delta1"))
+        if not (torch.isfinite(rec.w2c).all() and torch.isfinite(rec.depth).all()):
+            return dict.fromkeys(keys, float("nan"))
+        m = camera_metrics(rec.w2c, gt_w2c, with_scale=True)
+        if gt_depth is not None:
+            align = self.hparams.val_depth_align
+            m.update(depth_metrics(rec.depth, gt_depth, gt_depth > 0, align=align, per_image=False))
+        return m
 
     def predict_step(self, batch: GridBatch, batch_idx: int) -> list[dict]:
         b = GridBatch.coerce(batch)
