@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -421,3 +422,24 @@ def test_tiny_grid_recipes_fit_and_predict_through_the_cli(tmp_path, recipe):
     assert scene.num_views == 3 and scene.num_frames == 5
     meta = json.loads((scenes[0] / "scene" / "scene.json").read_text())
     assert (meta.get("cameras") == "unknown") == (recipe == "4real_v2")
+
+
+def test_4real_v2_recipes_follow_appendix_b():
+    """Both 4Real-Video-V2 recipes carry appendix B's settings; the GPU one its numbers."""
+    import yaml
+
+    from fourdgen.components import build
+
+    for name in ("video", "tiny"):
+        cfg = yaml.safe_load(Path(f"lightning_configs/{name}/4real_v2.yaml").read_text())
+        data, model = cfg["data"]["init_args"], cfg["model"]["init_args"]
+        assert data["mix"] == [0.4, 0.2, 0.2, 0.2] and data["static_condition"] == "none", name
+        assert model.get("clip_schedule") is None and data["clip_schedule"], name  # the data's schedule
+        coupling = build(model["coupling"])
+        assert isinstance(coupling, ReferenceGrid) and coupling.reverse_views == 0.5, name
+        assert coupling.cfg_with_both_references is False, name
+    assert data["clip_schedule"] == {0: 5, 200: 9} and data["synthetic"]["num_frames"] == 9  # the tiny twin
+    gpu = yaml.safe_load(Path("lightning_configs/video/4real_v2.yaml").read_text())
+    data = gpu["data"]["init_args"]
+    assert data["clip_schedule"] == {0: 29, 4000: 61} and gpu["trainer"]["max_steps"] == 6000
+    assert (data["num_views"], data["num_frames"], data["height"], data["width"]) == (8, 29, 144, 256)
