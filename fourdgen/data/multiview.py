@@ -24,7 +24,7 @@ from fourdgen.data.grid_augment import (
     HomographyGridDataset,
     MixedGridDataset,
     StaticGridDataset,
-    _check_condition,
+    check_condition,
 )
 from fourdgen.data.scene import find_scenes
 
@@ -136,7 +136,7 @@ class MultiViewDataModule(GridDataModule):
             kubric_root=kubric_root,
             monocular_root=monocular_root,
             homography_strength=homography_strength,
-            static_condition=_check_condition(static_condition),
+            static_condition=check_condition(static_condition),
             clip_schedule=clip_schedule,
         )
         self.embedder = ConditionEmbedder(
@@ -155,6 +155,8 @@ class MultiViewDataModule(GridDataModule):
         grids = super()._dataset
         if h.mix == [1.0, 0.0, 0.0, 0.0]:
             return grids("train", num_frames=T)
+        if T is None:
+            raise ValueError("mix: sources other than multi-view grids need num_frames (one clip length)")
         kw = dict(num_frames=T, load_depth=False)  # homography views have no depth: none loads it
 
         def scenes(root: str | None, name: str):
@@ -170,7 +172,7 @@ class MultiViewDataModule(GridDataModule):
 
         def static() -> StaticGridDataset:  # one instant of every view, no given cells of its own
             instants = grids("train", num_frames=1, load_depth=False, condition="none")
-            return StaticGridDataset(instants, T or 1, h.static_condition)
+            return StaticGridDataset(instants, T, h.static_condition)
 
         build = {
             "multiview": lambda: grids("train", **kw),
