@@ -4,6 +4,8 @@ training and outputs on tiny models."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -14,7 +16,12 @@ from fourdgen.backbones.wan import build_transformer
 from fourdgen.batch import GridBatch
 from fourdgen.data.multiview import MultiViewDataModule
 from fourdgen.data.synthetic import SyntheticConfig
-from fourdgen.nn.grid_coupling import ProjectionGrid, ReferenceGrid, latent_frames_observed
+from fourdgen.nn.grid_coupling import (
+    ProjectionGrid,
+    ReferenceGrid,
+    has_both_references,
+    latent_frames_observed,
+)
 from fourdgen.nn.grid_layout import GridLayout, grid_to_sequence, sequence_to_grid
 from fourdgen.nn.multiview import LayoutRotaryPosEmbed, relative_cameras
 from fourdgen.stages.grid import GridDiffusion
@@ -171,6 +178,77 @@ def test_reference_cells_and_latent_frames():
     ref = sequence_to_grid(inp.reference, 2)
     assert torch.equal(ref[0, 0], latents[0, 0]) and torch.equal(ref[0, 1, :, 0], latents[0, 1, :, 0])
     assert ref[0, 1, :, 1:].abs().sum() == 0
+
+
+def test_both_references_detection():
+    obs = torch.zeros(4, 3, 5, dtype=torch.bool)
+    obs[0, 0], obs[0, :, 0] = True, True  # fixed-view row + freeze-time column
+    obs[1, 0] = True  # the row only
+    obs[2, :, 0] = True  # the column only
+    obs[3, 2], obs[3, :, 4] = True, True  # another row and column: still both videos
+    assert has_both_references(obs).tolist() == [True, False, False, True]
+    assert not has_both_references(torch.ones(1, 1, 5, dtype=torch.bool)).any()  # a monocular clip
+
+
+def _reference_batch(B=2, V=3, T=5, condition="first_view+first_time"):
+    """A small grid whose rows are traceable: ``rgb[:, v]`` holds v / V, ``view_ids`` = 0..V-1."""
+    b = _fake_batch(B=B, V=V, T=T, H=8, W=8, condition=condition)
+    rgb = (torch.arange(V).float() / V)[None, :, None, None, None, None].expand(B, V, T, 3, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    return dataclasses.replace(
+        b, rgb=rgb + 0.01 * torch.rand(rgb.shape, generator=g), text_embeds=torch.randn(B, 8, 32, generator=g)
+    ).validate()
+
+
+def test_reference_grid_reverses_the_view_order_at_random():
+    """Appendix B: views reversed at random (p = 0.5 by default) in training; every per-view field
+    moves with its row (reference: ``flip`` along the view axis), the reference cells stay put."""
+    b = _reference_batch(B=200)
+    torch.manual_seed(0)
+    out = ReferenceGrid().training_batch(b)
+    flipped = out.view_ids[:, 0] == 2
+    assert 0.4 < flipped.float().mean() < 0.6
+    for i in range(b.shape[0]):
+        want = b.rgb[i].flip(0) if flipped[i] else b.rgb[i]
+        assert torch.equal(out.rgb[i], want)
+        assert out.view_ids[i].tolist() == ([2, 1, 0] if flipped[i] else [0, 1, 2])
+    assert torch.equal(out.observed, b.observed) and torch.equal(out.time_ids, b.time_ids)
+    torch.manual_seed(0)
+    assert torch.equal(ReferenceGrid().training_batch(b).view_ids, out.view_ids)  # the global seed
+    assert torch.equal(ReferenceGrid(reverse_views=1.0).training_batch(b).rgb, b.rgb.flip(1))
+    assert ReferenceGrid(reverse_views=0.0).training_batch(b) is b
+    with pytest.raises(ValueError, match="probability"):
+        ReferenceGrid(reverse_views=1.5)
+
+
+@pytest.mark.parametrize(
+    "conditions, cfg_with_both, guided",
+    [
+        (["first_view+first_time"], False, False),  # appendix B: no CFG with both references
+        (["first_view+first_time"], True, True),  # the option keeps it
+        (["first_view"], False, True),  # one reference video: CFG
+        (["first_view+first_time", "first_view"], False, True),  # a mixed batch keeps it
+    ],
+)
+def test_cfg_is_off_by_default_when_both_reference_videos_are_given(conditions, cfg_with_both, guided):
+    model = GridDiffusion(
+        coupling=ReferenceGrid(cfg_with_both_references=cfg_with_both), guidance_scale=5.0, lpips_net=None
+    )
+    model.configure_model()
+    parts = [_reference_batch(B=1, condition=c) for c in conditions]
+    b = GridBatch.collate(parts) if len(parts) > 1 else parts[0]
+    calls = []
+    velocity = model.velocity
+    model.velocity = lambda *a: calls.append(1) or velocity(*a)
+
+    def run(**kw):
+        return model.sample(b, num_steps=2, generator=torch.Generator().manual_seed(0), **kw)
+
+    x = run()
+    assert len(calls) == (4 if guided else 2)  # 2 steps, 1 or 2 DiT calls each
+    torch.testing.assert_close(x, run(guidance_scale=5.0 if guided else 1.0), atol=0, rtol=0)
+    if not guided:
+        assert not torch.equal(x, run(guidance_scale=5.0))  # the scale would have mattered
 
 
 def test_projection_condition_and_cameras(tmp_path):
@@ -344,3 +422,24 @@ def test_tiny_grid_recipes_fit_and_predict_through_the_cli(tmp_path, recipe):
     assert scene.num_views == 3 and scene.num_frames == 5
     meta = json.loads((scenes[0] / "scene" / "scene.json").read_text())
     assert (meta.get("cameras") == "unknown") == (recipe == "4real_v2")
+
+
+def test_4real_v2_recipes_follow_appendix_b():
+    """Both 4Real-Video-V2 recipes carry appendix B's settings; the GPU one its numbers."""
+    import yaml
+
+    from fourdgen.components import build
+
+    for name in ("video", "tiny"):
+        cfg = yaml.safe_load(Path(f"lightning_configs/{name}/4real_v2.yaml").read_text())
+        data, model = cfg["data"]["init_args"], cfg["model"]["init_args"]
+        assert data["mix"] == [0.4, 0.2, 0.2, 0.2] and data["static_condition"] == "none", name
+        assert model.get("clip_schedule") is None and data["clip_schedule"], name  # the data's schedule
+        coupling = build(model["coupling"])
+        assert isinstance(coupling, ReferenceGrid) and coupling.reverse_views == 0.5, name
+        assert coupling.cfg_with_both_references is False, name
+    assert data["clip_schedule"] == {0: 5, 200: 9} and data["synthetic"]["num_frames"] == 9  # the tiny twin
+    gpu = yaml.safe_load(Path("lightning_configs/video/4real_v2.yaml").read_text())
+    data = gpu["data"]["init_args"]
+    assert data["clip_schedule"] == {0: 29, 4000: 61} and gpu["trainer"]["max_steps"] == 6000
+    assert (data["num_views"], data["num_frames"], data["height"], data["width"]) == (8, 29, 144, 256)

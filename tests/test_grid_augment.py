@@ -18,13 +18,14 @@ from fourdgen.data.grid_augment import (
     HomographyGridDataset,
     MixedGridDataset,
     StaticGridDataset,
+    condition_mask,
     homography_from_points,
     image_corners,
     random_homographies,
     static_synthetic_grids,
     warp_homography,
 )
-from fourdgen.data.multiview import MultiViewDataModule
+from fourdgen.data.multiview import SOURCES, MultiViewDataModule
 from fourdgen.data.synthetic import SyntheticConfig, ensure_scene
 
 SYN = SyntheticConfig(num_views=3, num_frames=4, height=16, width=20, num_objects=2, supersample=1, seed=5)
@@ -304,7 +305,7 @@ def test_multiview_datamodule_mix_uses_these_datasets(tmp_path):
         height=16,
         width=20,
         crop="center",
-        mix=(1.0, 1.0, 1.0),
+        mix=(1.0, 1.0, 1.0, 1.0),
         text_encoder=HashTextEncoder(dim=8, length=4),
         synthetic=SYN,
         samples_per_scene=12,
@@ -318,3 +319,51 @@ def test_multiview_datamodule_mix_uses_these_datasets(tmp_path):
         assert b.rgb.shape == (2, 3, 4, 3, 16, 20) and b.text_embeds.shape == (2, 4, 8)
         kinds |= {s.rsplit("_", 1)[-1] for s in b.scene_id}
     assert {"homography", "static"} <= kinds
+
+
+def _mv(root, **kw):
+    kw = {"num_views": 3, "num_frames": 4, "height": 16, "width": 20, "crop": "center", **kw}
+    return MultiViewDataModule(root=str(root), text_encoder=HashTextEncoder(dim=8, length=4), **kw)
+
+
+def test_multiview_mix_draws_the_papers_four_sources(tmp_path, scenes):
+    """Appendix B: 40% synthetic multi-view (Objaverse), 20% Kubric, 20% 2D-homography and 20% static
+    grids; the Kubric share reads its own scenes (``kubric_root``)."""
+    kubric = ensure_scene(tmp_path / "kubric" / "k0", dataclasses.replace(SYN, seed=21))
+    dm = _mv(scenes[0].parent, mix=(0.4, 0.2, 0.2, 0.2), kubric_root=str(kubric.parent), samples_per_scene=4)
+    dm.setup()
+    mix = dm._dataset("train").base
+    assert mix.names == list(SOURCES) == ["multiview", "kubric", "homography", "static"]
+    torch.manual_seed(0)
+    drawn = torch.tensor([mix.draw(i)[0] for i in range(4000)])
+    shares = torch.bincount(drawn, minlength=4).float() / len(drawn)
+    torch.testing.assert_close(shares, torch.tensor([0.4, 0.2, 0.2, 0.2]), atol=0.03, rtol=0)
+    ids = {mix.datasets[1][i].scene_id[0] for i in range(4)}
+    assert ids == {"k0"}  # the Kubric source: its own scenes
+    assert {mix.datasets[0][i].scene_id[0] for i in range(12)} <= {p.name for p in scenes}
+    same = _mv(scenes[0].parent, mix=(0.0, 1.0, 0.0, 0.0))  # no kubric_root: the training scenes
+    same.setup()
+    assert same._dataset("train").base.datasets[0][0].scene_id[0] in {p.name for p in scenes}
+    missing = _mv(scenes[0].parent, mix=(0.0, 1.0, 0.0, 0.0), kubric_root=str(tmp_path / "none"))
+    missing.setup()
+    with pytest.raises(FileNotFoundError, match="kubric_root"):
+        missing._dataset("train")
+    with pytest.raises(ValueError, match="4 non-negative shares"):
+        _mv(scenes[0].parent, mix=(0.4, 0.4, 0.2))  # the old three-source form
+
+
+def test_static_grids_drop_frame_conditioning(scenes):
+    """Appendix B: freeze-time (static) grids are trained without frame conditioning (no given
+    cells); the other sources keep ``condition``. ``static_condition`` can give them cells."""
+    dm = _mv(scenes[0].parent, mix=(1.0, 0.0, 1.0, 1.0), samples_per_scene=4)
+    dm.setup()
+    mix = dm._dataset("train").base
+    static, homography, grids = mix.datasets[2][0], mix.datasets[1][0], mix.datasets[0][0]
+    assert torch.equal(static.time_ids, static.time_ids[:, :1].expand_as(static.time_ids))  # one instant
+    assert torch.equal(static.rgb, static.rgb[:, :, :1].expand_as(static.rgb))
+    assert torch.equal(static.observed, torch.zeros(1, 3, 4, dtype=torch.bool))
+    given = condition_mask(3, 4, "first_view+first_time")[None]
+    assert torch.equal(homography.observed, given) and torch.equal(grids.observed, given)
+    kept = _mv(scenes[0].parent, mix=(0.0, 0.0, 0.0, 1.0), static_condition="first_view+first_time")
+    kept.setup()
+    assert torch.equal(kept._dataset("train")[0].observed, given)

@@ -244,3 +244,17 @@ def test_rejects_sizes_off_the_patch_grid():
         VGGT("tiny")(torch.rand(1, 1, 1, 3, 30, 28))
     with pytest.raises(ValueError, match="preset"):
         VGGT("huge")
+
+
+def test_runs_in_float64():
+    """The official code runs in float64 too: the whole model in float64 keeps float64 through the
+    camera head and the dense heads, and agrees with the float32 model on the same weights."""
+    model = _tiny(temporal=True)
+    x = torch.rand(1, 2, 2, 3, 28, 28)
+    with torch.no_grad():
+        ref = model(x)
+        out = model.double()(x.double())
+    for name in ("pose_enc", "K", "w2c", "depth", "depth_conf", "world_points", "world_points_conf"):
+        got, want = getattr(out, name), getattr(ref, name)
+        assert got.dtype == torch.float64, name
+        torch.testing.assert_close(got.float(), want, atol=1e-4, rtol=1e-4, msg=name)

@@ -97,6 +97,11 @@ def make_config(preset: str | VGGTConfig = "1b", **overrides) -> VGGTConfig:
 
 
 # ------------------------------------------------------------------------------------ aggregator
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """Head outputs in float32, or float64 when the model runs in float64 (never down-cast)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _expand_special(token: Tensor, groups: int, frames: int) -> Tensor:
     """``token [1, 2, X, C]`` -> ``[groups * frames, X, C]``: variant 0 for the first frame of each
     group, variant 1 for the others."""
@@ -327,12 +332,14 @@ class VGGT(nn.Module):
         cam = last[:, :, :, 0]  # [B, T, V, 2C]
         if self.camera_token_replacement:
             cam = cam[:, :1]
-        # fp32 like the reference (its heads run with autocast off): 4 refinement passes over a
-        # handful of tokens cost nothing, and bf16 visibly perturbs the rotations.
+        # Autocast off and the head's own weight dtype, like the reference: fp32 under bf16 autocast
+        # (4 refinement passes over a handful of tokens cost nothing, and bf16 visibly perturbs the
+        # rotations), float64 in a float64 model (the official code runs there too).
+        head_dtype = next(self.camera_head.parameters()).dtype
         with torch.autocast(cam.device.type, enabled=False):
-            enc = self.camera_head(rearrange(cam.float(), "b t v c -> (b t) v c"))[-1]
-        enc = rearrange(enc, "(b t) v k -> b v t k", b=B).expand(-1, -1, T, -1)
-        K, w2c = vggt_pose_encoding_to_cameras(enc.float(), image_hw)
+            enc = self.camera_head(rearrange(cam.to(head_dtype), "b t v c -> (b t) v c"))[-1]
+        enc = rearrange(_at_least_fp32(enc), "(b t) v k -> b v t k", b=B).expand(-1, -1, T, -1)
+        K, w2c = vggt_pose_encoding_to_cameras(enc, image_hw)
         return enc, K, w2c
 
     def dense(self, head: DPTHead, tokens: list[Tensor | None], image_hw: tuple[int, int]) -> Tensor:
@@ -351,10 +358,10 @@ class VGGT(nn.Module):
         if self.camera_head is not None:
             out.pose_enc, out.K, out.w2c = self.cameras(tokens, hw)
         if self.depth_head is not None:
-            raw = self.dense(self.depth_head, tokens, hw).float()
+            raw = _at_least_fp32(self.dense(self.depth_head, tokens, hw))
             out.depth, out.depth_conf = raw[:, :, :, 0].exp(), 1 + raw[:, :, :, 1].exp()
         if self.point_head is not None:
-            raw = self.dense(self.point_head, tokens, hw).float()
+            raw = _at_least_fp32(self.dense(self.point_head, tokens, hw))
             xyz = raw[:, :, :, :3]
             out.world_points = (xyz.sign() * xyz.abs().expm1()).permute(0, 1, 2, 4, 5, 3)
             out.world_points_conf = 1 + raw[:, :, :, 3].exp()

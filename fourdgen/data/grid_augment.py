@@ -164,7 +164,8 @@ def condition_mask(num_views: int, num_frames: int, condition: str | list[int]) 
     return obs
 
 
-def _check_condition(condition: str | list[int]) -> str | list[int]:
+def check_condition(condition: str | list[int]) -> str | list[int]:
+    """``condition`` as stored (a string, or a list of frames), its names checked now."""
     condition_mask(1, 1, condition if isinstance(condition, str) else [])  # validates strings early
     return condition if isinstance(condition, str) else list(condition)
 
@@ -219,7 +220,7 @@ class HomographyGridDataset(Dataset):
             raise ValueError(f"num_views: expected >= 1, got {num_views}")
         random_homographies(1, 1, 1, strength)  # validates strength now rather than in a worker
         self.base, self.num_views, self.strength, self.sweep = base, num_views, strength, sweep
-        self.condition, self.seed = _check_condition(condition), seed
+        self.condition, self.seed = check_condition(condition), seed
 
     def __len__(self) -> int:
         return len(self.base)
@@ -285,7 +286,7 @@ class StaticGridDataset(Dataset):
     def __init__(self, base: Dataset, num_frames: int, condition: str | list[int] = "first_view+first_time"):
         if num_frames < 1:
             raise ValueError(f"num_frames: expected >= 1, got {num_frames}")
-        self.base, self.num_frames, self.condition = base, num_frames, _check_condition(condition)
+        self.base, self.num_frames, self.condition = base, num_frames, check_condition(condition)
 
     def __len__(self) -> int:
         return len(self.base)

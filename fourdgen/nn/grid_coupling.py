@@ -114,6 +114,21 @@ def random_view_order(B: int, V: int) -> Tensor:
     return torch.stack([torch.randperm(V) for _ in range(B)]) if B else torch.zeros(0, V, dtype=torch.long)
 
 
+def reversal_order(flip: Tensor, views: int) -> Tensor:
+    """``[B, V]`` long: views in reverse order for the clips where ``flip [B]`` (bool) is set, in
+    their order elsewhere (a :func:`permute_views` argument)."""
+    ident = torch.arange(views, device=flip.device).expand(flip.shape[0], views)
+    return torch.where(flip[:, None], ident.flip(1), ident)
+
+
+def has_both_references(observed: Tensor) -> Tensor:
+    """``[B]`` bool: clips of ``observed [B, V, T]`` given a whole fixed-view row and a whole
+    freeze-time column (4Real-Video-V2's two reference videos; needs V, T > 1)."""
+    _, V, T = observed.shape
+    both = observed.all(2).any(1) & observed.all(1).any(1)
+    return both & (V > 1) & (T > 1)
+
+
 def latent_frames_observed(observed: Tensor, t_factor: int) -> Tensor:
     """Pixel cells ``[B, V, T]`` -> latent frames ``[B, V, F]`` bool: Wan's causal VAE puts pixel frame
     0 alone in latent frame 0 and frames ``t(k-1)+1 .. tk`` in frame k; a latent frame counts as
@@ -167,6 +182,10 @@ class GridCoupling(DiTCoupling):
         """The batch as a training step sees it (validation and prediction use ``b`` as is)."""
         return b
 
+    def guidance_scale(self, observed: Tensor, scale: float) -> float:
+        """The CFG scale for sampling clips given ``observed [B, V, T]`` (the recipe's ``scale``)."""
+        return scale
+
     def layout(
         self,
         hidden: Tensor,
@@ -199,7 +218,45 @@ class GridCoupling(DiTCoupling):
 
 class ReferenceGrid(GridCoupling):
     """4Real-Video-V2 (section 3.1). Train only self-attention (recipe: ``lora_rank: 0``,
-    ``train_modules: [attn1.]``); the loss skips reference cells, sampling re-imposes them."""
+    ``train_modules: [attn1.]``); the loss skips reference cells, sampling re-imposes them.
+
+    Args (besides :class:`GridCoupling`'s):
+        reverse_views: training only (appendix B): the probability that a clip's views are taken in
+            reverse order. The references stay where the batch marks them (row 0 and column 0), so
+            the fixed-view row becomes the clip's last view and the trajectory runs backwards.
+        cfg_with_both_references: appendix B finds CFG unnecessary when a fixed-view row and a
+            freeze-time column are both given: False (default) samples those clips without it
+            (one DiT call per step); with one reference the recipe's ``guidance_scale`` applies.
+    """
+
+    def __init__(
+        self,
+        mask: list[str] | None = None,
+        t_max: int = 21,
+        backend: str = "auto",
+        reverse_views: float = 0.5,
+        cfg_with_both_references: bool = False,
+    ):
+        super().__init__(mask, t_max, backend)
+        if not 0.0 <= reverse_views <= 1.0:
+            raise ValueError(f"ReferenceGrid: reverse_views is a probability, got {reverse_views}")
+        self.reverse_views, self.cfg_with_both_references = reverse_views, cfg_with_both_references
+
+    def training_batch(self, b: GridBatch) -> GridBatch:
+        """Each clip's views reversed with probability ``reverse_views`` (torch's global RNG, seeded
+        by ``seed_everything``); ``observed`` is kept, so the references stay in place."""
+        if self.reverse_views == 0.0:
+            return b
+        B, V = b.shape[:2]
+        flip = torch.rand(B) < self.reverse_views
+        return dataclasses.replace(permute_views(b, reversal_order(flip, V)), observed=b.observed)
+
+    def guidance_scale(self, observed: Tensor, scale: float) -> float:
+        """1 (no CFG) when every clip has both reference videos, unless ``cfg_with_both_references``;
+        a batch mixing both kinds keeps ``scale`` (the sampler takes one scale per batch)."""
+        if not self.cfg_with_both_references and bool(has_both_references(observed).all()):
+            return 1.0
+        return scale
 
     def install(self, transformer: nn.Module) -> nn.Module:
         return install_grid(transformer, self.state, branch=False, reference=True)

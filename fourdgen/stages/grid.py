@@ -140,12 +140,18 @@ class GridDiffusion(DiTFinetune):
         inp: GridInputs | None = None,
     ) -> Tensor:
         """Grid latents ``[B, C, V F, h, w]``; known (reference) cells are re-imposed at the noise
-        level of every step and exactly at the end, so the model sees them as in training."""
+        level of every step and exactly at the end, so the model sees them as in training.
+        ``guidance_scale=None``: the recipe's, as the coupling adapts it to the batch's references."""
         h = self.hparams
         inp = inp or self.prepare(b)
         noise = torch.randn(inp.x0.shape, generator=generator).to(self.device)
         text, image = self._text(b), b.image_embeds
-        w = h.guidance_scale if guidance_scale is None else guidance_scale
+        # The coupling may turn CFG off for this batch (4Real-Video-V2 with both references).
+        w = (
+            self.coupling.guidance_scale(b.observed, h.guidance_scale)
+            if guidance_scale is None
+            else guidance_scale
+        )
         uncond = None
         if w != 1.0:
             neg = self._text(b, negative=True)

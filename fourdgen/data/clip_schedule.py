@@ -1,0 +1,83 @@
+"""Training clip length keyed on the optimizer step, decided per batch in the loader.
+
+4Real-Video-V2 (appendix B) trains on 8 views x 29 frames, then on 61 frames from step 4000 for
+2000 more: ``{0: 29, 4000: 61}``. The data itself changes length (rather than the model cropping
+long clips), so the first phase reads no more frames than it trains on and may use scenes
+shorter than the last phase's clips.
+
+The batch sampler runs in the main process and tags each index with the batch's clip length, so
+every sample of a batch has one length whatever the worker that loads it, and the switch lands on
+the scheduled step exactly: batch ``n`` of an epoch trains step ``start + n // accumulate``
+(Lightning steps the optimizer every ``accumulate`` batches, and at the end of an epoch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+from torch.utils.data import BatchSampler, Dataset, Sampler
+
+
+def check_schedule(schedule: Mapping[int, int]) -> dict[int, int]:
+    """``{step: frames}`` with int keys >= 0 and lengths >= 1 (YAML may give string keys)."""
+    out = {int(k): int(v) for k, v in schedule.items()}
+    if not out or min(out) < 0 or min(out.values()) < 1:
+        raise ValueError(f"clip_schedule: one or more entries step (>= 0): frames (>= 1), got {schedule}")
+    return dict(sorted(out.items()))
+
+
+def frames_at(schedule: Mapping[int, int], step: int, default: int | None = None) -> int | None:
+    """The clip length at ``step``: the value of the last key <= ``step`` (``default`` before the
+    first key)."""
+    frames = [v for k, v in sorted(schedule.items()) if k <= step]
+    return frames[-1] if frames else default
+
+
+class ClipLengths(Dataset):
+    """One dataset per clip length: ``ds[(i, frames)]`` is ``datasets[frames][i]``. All have the
+    same length (the same samples, read at another length)."""
+
+    def __init__(self, datasets: Mapping[int, Dataset]):
+        lengths = {T: len(ds) for T, ds in datasets.items()}
+        if not datasets or len(set(lengths.values())) != 1:
+            raise ValueError(f"ClipLengths: datasets of one length each, got {lengths}")
+        self.datasets = dict(datasets)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.datasets.values())))
+
+    def __getitem__(self, key: tuple[int, int]):
+        idx, frames = key
+        return self.datasets[frames][idx]
+
+
+class ScheduledBatchSampler(BatchSampler):
+    """``sampler``'s indices in batches of ``batch_size``, each index as ``(idx, frames)``: batch
+    ``n`` of an epoch gets ``frames_at(schedule, start_step() + n // accumulate, default)``.
+
+    ``start_step`` is read when an epoch starts (the trainer's ``global_step``, which also holds
+    a resumed run's step). Subclasses ``BatchSampler`` with ``sampler`` first so Lightning can
+    rebuild it around a distributed sampler.
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler[int],
+        batch_size: int,
+        drop_last: bool,
+        schedule: Mapping[int, int],
+        default: int | None = None,
+        start_step: Callable[[], int] = lambda: 0,
+        accumulate: int = 1,
+    ):
+        super().__init__(sampler, batch_size, drop_last)
+        if accumulate < 1:
+            raise ValueError(f"ScheduledBatchSampler: accumulate must be >= 1, got {accumulate}")
+        self.schedule, self.default = check_schedule(schedule), default
+        self.start_step, self.accumulate = start_step, accumulate
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        start = self.start_step()
+        for n, batch in enumerate(super().__iter__()):
+            frames = frames_at(self.schedule, start + n // self.accumulate, self.default)
+            yield [(idx, frames) for idx in batch]
