@@ -245,3 +245,59 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
     assert checkpoint_step(tmp_path / "last.ckpt") == 2
     state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+# ----------------------------------------------------------------------------- data loading
+def _dataset_with_bad_scenes(root: Path) -> list[Path]:
+    """Four scenes: two good, one whose scene.json is malformed, one with a truncated frame."""
+    import numpy as np
+
+    from fourdgen.data.scene_writer import write_scene
+
+    w2c = torch.eye(4).repeat(1, 2, 1, 1)
+    w2c[..., 2, 3] = 3.0
+    K = torch.tensor([[[10.0, 0, 4], [0, 10.0, 4], [0, 0, 1]]])
+    paths = []
+    for i in range(4):
+        rgb = np.full((1, 2, 8, 8, 3), 40 * (i + 1), np.uint8)
+        paths.append(write_scene(root / f"s{i}", rgb, K, w2c, caption=f"scene {i}"))
+    (root / "s1" / "scene.json").write_text('{"format": "fourdgen-scene", "width": ')
+    frame = root / "s2" / "rgb" / "view00" / "0001.png"
+    frame = frame if frame.exists() else sorted((root / "s2").rglob("*.png"))[-1]
+    data = frame.read_bytes()
+    frame.write_bytes(data[: data.index(b"IDAT") + 6])  # the header reads, the pixels do not decode
+    return paths
+
+
+def test_bad_samples_are_skipped_with_a_warning_and_counted_even_in_workers(tmp_path):
+    from fourdgen.batch import GridBatch
+    from fourdgen.data.datamodules import GridDataset, resumable_loader
+    from fourdgen.data.scene import SceneFormatError
+
+    paths = _dataset_with_bad_scenes(tmp_path)
+    with pytest.warns(UserWarning, match=r"skipping a bad sample \(1 so far.*s1.*scene.json"):
+        ds = GridDataset(paths, num_frames=2)
+    assert ds.skipped == 1 and [s.caption for s in ds.scenes] == ["scene 0", "scene 2", "scene 3"]
+    loader = resumable_loader(ds, batch_size=1, num_workers=2, collate_fn=GridBatch.collate, timeout=60)
+    with _no_hang():
+        captions = [b.caption[0] for b in loader]  # the truncated frame is replaced, no worker dies
+    assert len(captions) == 3 and "scene 2" not in captions and set(captions) <= {"scene 0", "scene 3"}
+    with pytest.warns(UserWarning, match=r"views\[0\]\.rgb\[1\]"):
+        assert ds[1].caption == ["scene 3"]  # in this process: warned, counted, the next scene's
+    assert ds.skipped == 2
+    with pytest.raises(SceneFormatError, match="s1.*scene.json"):
+        GridDataset(paths, num_frames=2, on_bad_sample="error")
+    strict = GridDataset([paths[0], paths[2]], num_frames=2, on_bad_sample="error")
+    with pytest.raises(SceneFormatError, match=r"views\[0\]\.rgb\[1\].*PNG or JPEG"):
+        strict[1]
+
+
+class _no_hang:
+    """Loader workers' warnings go to their own stderr; here only finishing (no hang) matters."""
+
+    def __enter__(self):
+        self.t0 = time.monotonic()
+
+    def __exit__(self, *exc):
+        assert time.monotonic() - self.t0 < 60
+        return False

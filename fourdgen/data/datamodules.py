@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from fourdgen.batch import GridBatch
-from fourdgen.data.scene import Scene, find_scenes, read_scene
+from fourdgen.data.scene import Scene, SceneFormatError, find_scenes, read_scene
 from fourdgen.data.synthetic import SyntheticConfig, ensure_scene
 from fourdgen.geometry.cameras import crop_intrinsics, scale_intrinsics
 
@@ -79,6 +79,9 @@ class GridDataset(Dataset):
             fixed-view row and the freeze-time column), or a list of frame indices (of the first
             view: sparse given frames).
         samples_per_scene: dataset length multiplier (random sampling gives different grids).
+        on_bad_sample: a scene that does not read (a SceneFormatError: malformed scene.json, a
+            truncated frame, a bad array): ``skip`` it with a warning naming the file and field,
+            counted in :attr:`skipped` (a large dataset keeps training), or ``error`` (stop there).
     """
 
     def __init__(
@@ -96,13 +99,24 @@ class GridDataset(Dataset):
         load_xyz: bool = True,
         load_mask: bool = True,
         samples_per_scene: int = 1,
+        on_bad_sample: str = "skip",
     ):
+        if on_bad_sample not in ("skip", "error"):
+            raise ValueError(f"on_bad_sample: expected 'skip' or 'error', got {on_bad_sample!r}")
         if isinstance(condition, str) and any(c not in CONDITIONS for c in condition.split("+")):
             raise ValueError(
                 f"condition: expected one of {CONDITIONS} (or several joined by '+', e.g. "
                 f"'first_view+first_time') or frame indices, got {condition!r}"
             )
-        self.scenes: list[Scene] = [read_scene(p) for p in scenes]
+        self.on_bad_sample, self.skipped = on_bad_sample, 0
+        self.scenes: list[Scene] = [s for s in (self._read(p) for p in scenes) if s is not None]
+        if not self.scenes:
+            raise SceneFormatError(
+                scenes[0] if scenes else "<no scenes>",
+                "<scene>",
+                "at least one readable scene",
+                f"{self.skipped} of {len(scenes)} skipped",
+            )
         self.num_views, self.num_frames, self.frame_stride = num_views, num_frames, frame_stride
         self.out_hw = (height, width) if height and width else None
         self.random_sampling, self.crop, self.condition = random_sampling, crop, condition
@@ -117,10 +131,38 @@ class GridDataset(Dataset):
                     f" frame_stride), scene has {s.num_views} x {s.num_frames}"
                 )
 
+    def _skip(self, e: SceneFormatError) -> None:
+        if self.on_bad_sample == "error":
+            raise e
+        self.skipped += 1
+        warnings.warn(f"skipping a bad sample ({self.skipped} so far in this process): {e}", stacklevel=3)
+
+    def _read(self, path: Path) -> Scene | None:
+        try:
+            return read_scene(path)
+        except SceneFormatError as e:
+            self._skip(e)
+            return None
+
     def __len__(self) -> int:
         return len(self.scenes) * self.samples_per_scene
 
     def __getitem__(self, idx: int) -> GridBatch:
+        """The sample at ``idx``; one whose files fail to load is skipped for the next scene's
+        (``on_bad_sample: skip``), so a worker never dies on a bad file."""
+        for attempt in range(len(self.scenes)):
+            try:
+                return self._sample(idx + attempt * self.samples_per_scene if attempt else idx)
+            except SceneFormatError as e:
+                self._skip(e)
+        raise SceneFormatError(
+            self.scenes[0].root / "scene.json",
+            "<scene>",
+            "a readable sample",
+            f"every scene failed to load ({self.skipped} skipped)",
+        )
+
+    def _sample(self, idx: int) -> GridBatch:
         scene = self.scenes[idx % len(self.scenes)]
         # torch's RNG is seeded per DataLoader worker (and by Lightning's seed_everything); a Python
         # RNG copied into workers would repeat the same samples in each of them.
@@ -245,6 +287,7 @@ class GridDataModule(BaseDataModule):
         load_xyz: bool = True,
         load_mask: bool = True,
         samples_per_scene: int = 1,
+        on_bad_sample: str = "skip",
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         seed: int = 0,
@@ -310,6 +353,7 @@ class GridDataModule(BaseDataModule):
             load_xyz=h.load_xyz,
             load_mask=h.load_mask,
             samples_per_scene=h.samples_per_scene if train else 1,
+            on_bad_sample=h.get("on_bad_sample", "skip"),
         )
         return GridDataset(self.splits[split] if scenes is None else scenes, **{**kw, **overrides})
 
