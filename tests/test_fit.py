@@ -325,6 +325,40 @@ def test_nan_loss_stops_before_corrupting_weights(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+class _NaNOnce(NovelViewRegularizer):
+    """NaN at its first call (``kind="loss"``), or a finite 0 whose gradient is NaN (``"grad"``:
+    d sqrt(x) / dx at 0 times 0)."""
+
+    name = "fault"
+
+    def __init__(self, kind: str, **kw):
+        super().__init__(**kw)
+        self.kind, self.calls = kind, 0
+
+    def forward(self, render):
+        self.calls += 1
+        if self.calls > 1:
+            return render.rgb.sum() * 0.0
+        if self.kind == "loss":
+            return render.rgb.sum() * float("nan")
+        return (render.rgb.sum() * 0.0).sqrt()
+
+
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_nonfinite_skip_policy_skips_the_batch_and_keeps_training(tmp_path, kind):
+    model = _fitter(8, regularizers=[_NaNOnce(kind, start_step=2)], on_nonfinite="skip")
+    trainer = _trainer(tmp_path, 5)
+    with pytest.warns(UserWarning, match=r"at global step 2: batch skipped \(on_nonfinite: skip; 1 so far"):
+        trainer.fit(model, _dm(tmp_path, init_points=300))
+    assert trainer.global_step == 5 and model.skipped_batches == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    stop = _fitter(8, regularizers=[_NaNOnce(kind, start_step=2)])
+    what = "train/reg_fault is nan" if kind == "loss" else "non-finite gradients"
+    with pytest.raises(FloatingPointError, match=f"{what} at global step 2"):
+        _trainer(tmp_path, 5).fit(stop, _dm(tmp_path, init_points=300))
+    assert all(torch.isfinite(p).all() for p in stop.parameters())
+
+
 def _fixed_loss(model: Gaussian4DFitter, dm) -> float:
     """Photometric loss of every training frame, deformation on (no randomness)."""
     batch = GridBatch.collate([dm.train_dataloader().dataset[i] for i in range(8)])

@@ -24,7 +24,8 @@ def check_finite_grads(module: torch.nn.Module, step: int) -> None:
     grads = [(n, p.grad) for n, p in module.named_parameters() if p.grad is not None]
     if not grads:
         return
-    finite = torch.stack([torch.isfinite(g).all() for _, g in grads])  # one host sync, not one each
+    local = [g.to_local() if hasattr(g, "to_local") else g for _, g in grads]  # DTensor shards
+    finite = torch.stack([torch.isfinite(g).all() for g in local])  # one host sync, not one each
     if bool(finite.all()):
         return
     bad = [n for (n, _), ok in zip(grads, finite.tolist(), strict=True) if not ok]
@@ -33,6 +34,69 @@ def check_finite_grads(module: torch.nn.Module, step: int) -> None:
         "before the optimizer step so the weights stay finite. Resume from the last checkpoint "
         "(--ckpt_path last) with a lower learning rate, or check the input data."
     )
+
+
+NONFINITE = ("stop", "skip")
+
+
+class NonFiniteGuard:
+    """Mixin of the stage modules: what a non-finite loss term or gradient does, by the
+    ``on_nonfinite`` hyper-parameter. ``stop`` (default): raise before the optimizer step, naming
+    the step and the term, so the weights and the last checkpoint stay finite. ``skip``: warn, count
+    (``train/skipped_batches``) and leave the weights as they were (the loss: ``training_step``
+    returns None, so Lightning neither back-propagates nor steps; a gradient: it is dropped).
+    ``skip`` is single-process only: a rank that skips would stall the others' all-reduce."""
+
+    skipped_batches: int = 0
+
+    def _nonfinite_policy(self) -> str:
+        policy = self.hparams.get("on_nonfinite", "stop")
+        if policy not in NONFINITE:
+            raise ValueError(f"on_nonfinite: expected one of {NONFINITE}, got {policy!r}")
+        return policy
+
+    def on_fit_start(self) -> None:
+        if self._nonfinite_policy() == "skip" and self.trainer.world_size > 1:
+            raise ValueError(
+                f"on_nonfinite: skip runs in one process only (world size {self.trainer.world_size}): a "
+                "rank that skips a batch would stall the others' gradient all-reduce; use stop"
+            )
+
+    def _skip(self, what: str) -> None:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        self.skipped_batches += 1
+        rank_zero_warn(
+            f"{what} at global step {self.global_step}: batch skipped (on_nonfinite: skip; "
+            f"{self.skipped_batches} so far)"
+        )
+
+    def losses_finite(self, terms: dict[str, Tensor]) -> bool:
+        """Whether every term is finite (``stop`` raises on the first that is not, by name)."""
+        policy = self._nonfinite_policy()
+        for name, value in terms.items():  # the culprit's own name first, the total last
+            if isinstance(value, Tensor) and not torch.isfinite(value.detach()).all():
+                if policy == "stop":
+                    check_finite(value, name, self.global_step)
+                self._skip(f"{name} is non-finite")
+                self.log("train/skipped_batches", float(self.skipped_batches))
+                return False
+        return True
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._nonfinite_policy() == "stop":
+            check_finite_grads(self, self.global_step)
+            return
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if params and not _all_finite([p.grad for p in params]):
+            for p in params:
+                p.grad = None  # the optimizer skips parameters without a gradient
+            self._skip("non-finite gradients")
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # DTensor shards
+    return bool(torch.stack([torch.isfinite(t).all() for t in local]).all())
 
 
 def adamw_with_warmup(

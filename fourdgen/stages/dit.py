@@ -11,6 +11,8 @@ Checkpoints hold only trainable tensors (adapter + new layers): the frozen base 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import lightning as L
 import torch
 from torch import Tensor
@@ -21,12 +23,12 @@ from fourdgen.diffusion.latents import vae_id
 from fourdgen.nn.adapters import Adapter, default_adapter
 from fourdgen.nn.coupling import DiTCoupling
 from fourdgen.nn.lora import ATTN_TARGETS
-from fourdgen.stages.common import adamw_with_warmup, clip_grad_norm, fsdp_mesh
+from fourdgen.stages.common import NonFiniteGuard, adamw_with_warmup, clip_grad_norm, fsdp_mesh
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class DiTFinetune(L.LightningModule):
+class DiTFinetune(NonFiniteGuard, L.LightningModule):
     """Fine-tuning of a Wan DiT (abstract: subclasses give :meth:`input_channels` and the steps).
 
     Args:
@@ -47,6 +49,9 @@ class DiTFinetune(L.LightningModule):
         sample_steps / guidance_scale / sample_shift: inference; ``val_sample_steps`` at validation.
         gradient_checkpointing: recompute DiT blocks in backward (memory for speed).
         base_dtype: dtype of the frozen base weights ("bfloat16" for the real models).
+        on_nonfinite: a NaN/inf loss term or gradient: ``stop`` (raise, naming the step and the
+            term) or ``skip`` the batch (warned and counted; one process only). See
+            :class:`~fourdgen.stages.common.NonFiniteGuard`.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class DiTFinetune(L.LightningModule):
         val_sample_steps: int = 10,
         gradient_checkpointing: bool = False,
         base_dtype: str = "float32",
+        on_nonfinite: Literal["stop", "skip"] = "stop",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["coupling", "conditioning", "pointmap_norm", "postopt"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict
+from typing import Literal
 
 import lightning as L
 import torch
@@ -35,14 +36,14 @@ from fourdgen.gaussians.temporal import faded_logits, initial_log_scale
 from fourdgen.geometry.interpolation import interpolate_loop
 from fourdgen.geometry.projection import unproject
 from fourdgen.metrics.image import ImageMetrics, pooled_psnr
-from fourdgen.stages.common import check_finite, compile_dynamic, step_generator
+from fourdgen.stages.common import NonFiniteGuard, compile_dynamic, step_generator
 
 SPLAT_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")
 TEMPORAL_KEYS = ("t_mean", "t_scale")  # with temporal_opacity: time centre, log temporal std
 STATIC_KEY = "static"  # 1 for Gaussians of points the scene classified static (not trainable)
 
 
-class Gaussian4DFitter(L.LightningModule):
+class Gaussian4DFitter(NonFiniteGuard, L.LightningModule):
     """Per-scene 4D Gaussian Splatting.
 
     Args:
@@ -80,6 +81,9 @@ class Gaussian4DFitter(L.LightningModule):
         backend: rasterizer backend ("auto": gsplat on CUDA, torch on CPU).
         compile: ``torch.compile`` the deformation field and its regularisers on CUDA (the field is
             many small kernels: compiling fuses them, see ``benchmarks/fit_speed.py``).
+        on_nonfinite: a NaN/inf loss term or gradient: ``stop`` (raise, naming the step and the
+            term) or ``skip`` the batch (warned and counted; one process only). See
+            :class:`~fourdgen.stages.common.NonFiniteGuard`.
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class Gaussian4DFitter(L.LightningModule):
         backend: str = "auto",
         log_images_every_n_val: int = 1,
         compile: bool = False,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
     ):
         super().__init__()
         # Checkpoints hold plain dicts (Lightning loads them with weights_only=True); rebuild from them.
@@ -380,8 +385,9 @@ class Gaussian4DFitter(L.LightningModule):
                 value = r(novel)
                 losses[f"reg_{r.name}"] = value
                 loss = loss + r.weight * value
-        for name, value in {**losses, "loss": loss}.items():  # name the culprit first
-            check_finite(value, f"train/{name}", self.global_step)
+        if not self.losses_finite({f"train/{k}": v for k, v in {**losses, "loss": loss}.items()}):
+            self._render_infos = []  # no backward: densification sees nothing of this batch
+            return None
         for info in self._render_infos:
             self.densify.step_pre_backward(self.splats, {}, self.strategy_state, self.global_step, info)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=B)

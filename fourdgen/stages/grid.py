@@ -28,7 +28,7 @@ from fourdgen.diffusion.latents import decode_video, encode_video, scale_factors
 from fourdgen.metrics.image import ImageMetrics
 from fourdgen.nn.grid_coupling import GridCoupling, GridInputs, ReferenceGrid
 from fourdgen.nn.grid_layout import sequence_to_grid
-from fourdgen.stages.common import check_finite, step_generator
+from fourdgen.stages.common import step_generator
 from fourdgen.stages.dit import DiTFinetune
 
 
@@ -125,7 +125,8 @@ class GridDiffusion(DiTFinetune):
         noise = torch.randn(x0.shape, generator=g).to(x0)
         v = self.velocity(add_noise(x0, noise, sigma), inp, sigma * 1000, self._text(b), b.image_embeds)
         loss = flow_loss(v, velocity_target(x0, noise), sigma, h.loss_weighting, mask=inp.loss_mask)
-        check_finite(loss, "train/loss", self.global_step)
+        if not self.losses_finite({"train/loss": loss}):
+            return None
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 

@@ -26,7 +26,7 @@ from fourdgen.callbacks.media import log_images
 from fourdgen.gaussians.rasterize import rasterize
 from fourdgen.metrics.image import LPIPS, ImageMetrics
 from fourdgen.models.gaussian_recon import GaussianReconstructor, ReconPrediction, shard_reconstructor
-from fourdgen.stages.common import adamw_with_warmup, check_finite, check_finite_grads, fsdp_mesh
+from fourdgen.stages.common import NonFiniteGuard, adamw_with_warmup, fsdp_mesh
 
 DEFAULT_TRAIN_MODULES = {
     "static": ["gaussian_head"],
@@ -48,7 +48,7 @@ def fit_to_patches(rgb: Tensor, patch: int, max_width: int | None = None) -> Ten
     return out.reshape(*rgb.shape[:-2], h, w).to(rgb.dtype)
 
 
-class FeedForwardReconstruction(L.LightningModule):
+class FeedForwardReconstruction(NonFiniteGuard, L.LightningModule):
     """Feed-forward 4D Gaussian reconstructor (stage 2).
 
     Args:
@@ -72,6 +72,9 @@ class FeedForwardReconstruction(L.LightningModule):
         background: RGB in [0, 1] under the splats. backend: rasterizer backend.
         gradient_checkpointing: recompute backbone blocks in backward (dynamic training).
         model_overrides: VGGTConfig fields, e.g. ``{"img_size": 224}``.
+        on_nonfinite: a NaN/inf loss term or gradient: ``stop`` (raise, naming the step and the
+            term) or ``skip`` the batch (warned and counted; one process only). See
+            :class:`~fourdgen.stages.common.NonFiniteGuard`.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class FeedForwardReconstruction(L.LightningModule):
         background: tuple[float, float, float] = (0.0, 0.0, 0.0),
         backend: str = "auto",
         gradient_checkpointing: bool = False,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
         log_images_every_n_val: int = 1,
         model_overrides: dict | None = None,
     ):
@@ -228,12 +232,11 @@ class FeedForwardReconstruction(L.LightningModule):
             lp = self.lpips_loss.score(render, target).mean()
             loss = loss + self.hparams.lpips_weight * lp
             logs["train/lpips"] = lp
-        check_finite(loss, "reconstruction loss", self.global_step)
+        terms = {k: v for k, v in logs.items() if k != "train/psnr"}
+        if not self.losses_finite({**terms, "train/loss": loss}):
+            return None
         self.log_dict({"train/loss": loss, **logs}, prog_bar=True, batch_size=rgb.shape[0])
         return loss
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        check_finite_grads(self.model, self.global_step)
 
     def configure_optimizers(self):
         h = self.hparams

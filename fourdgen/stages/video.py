@@ -48,7 +48,7 @@ from fourdgen.metrics.camera import camera_metrics
 from fourdgen.metrics.depth import depth_metrics
 from fourdgen.nn.coupling import LatentCoupling
 from fourdgen.nn.wan_fusion import WidthFusion
-from fourdgen.stages.common import check_finite, step_generator
+from fourdgen.stages.common import step_generator
 from fourdgen.stages.dit import DiTFinetune
 
 
@@ -184,7 +184,8 @@ class VideoDiffusion(DiTFinetune):
             add_noise(x0, noise, sigma), lat["cond"], sigma * 1000, self._text(b), b.image_embeds
         )
         loss = flow_loss(v, velocity_target(x0, noise), sigma, h.loss_weighting)
-        check_finite(loss, "train/loss", self.global_step)
+        if not self.losses_finite({"train/loss": loss}):
+            return None
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 
