@@ -234,3 +234,46 @@ def write_dycheck(root: Path, train, val, width, height, covisible=True) -> dict
         (root / "splits" / f"{split}.json").write_text(json.dumps(split_doc))
     (root / "extra.json").write_text(json.dumps({"fps": 15, "factor": 2}))
     return cams
+
+
+# ----------------------------------------------------------------------------- Sintel, TUM, Bonn
+
+SINTEL_TAG = 202021.25
+
+
+def write_dpt(path: Path, depth: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = depth.shape
+    path.write_bytes(struct.pack("<fii", SINTEL_TAG, w, h) + depth.astype("<f4").tobytes())
+
+
+def write_cam(path: Path, K: np.ndarray, w2c: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        struct.pack("<f", SINTEL_TAG) + K.astype("<f8").tobytes() + w2c[:3].astype("<f8").tobytes()
+    )
+
+
+def tum_line(t: float, w2c: np.ndarray) -> str:
+    """``timestamp tx ty tz qx qy qz qw`` of the camera-to-world pose of ``w2c``."""
+    c2w = np.linalg.inv(w2c)
+    w, x, y, z = rotmat_to_qvec(c2w[:3, :3])
+    return f"{t:.6f} " + " ".join(f"{v:.9f}" for v in (*c2w[:3, 3], x, y, z, w))
+
+
+def write_tum(root: Path, w2c: np.ndarray, t_rgb: np.ndarray, t_gt: np.ndarray) -> None:
+    """``groundtruth.txt`` (poses at ``t_gt``), ``rgb.txt`` (frames at ``t_rgb``)."""
+    root.mkdir(parents=True, exist_ok=True)
+    gt = ["# ground truth trajectory", "# timestamp tx ty tz qx qy qz qw"] + [
+        tum_line(t, m) for t, m in zip(t_gt, w2c, strict=True)
+    ]
+    (root / "groundtruth.txt").write_text("\n".join(gt) + "\n")
+    rgb = ["# color images", "# timestamp filename"] + [f"{t:.6f} rgb/{t:.6f}.png" for t in t_rgb]
+    (root / "rgb.txt").write_text("\n".join(rgb) + "\n")
+
+
+def write_depth_pngs(root: Path, depth: np.ndarray, factor: float = 5000.0) -> None:
+    """``depth/<timestamp>.png`` 16-bit PNGs of ``depth [T, H, W]`` in metres."""
+    (root / "depth").mkdir(parents=True, exist_ok=True)
+    for t, d in enumerate(depth):
+        iio.imwrite(root / "depth" / f"{1000 + t * 0.033:.6f}.png", np.round(d * factor).astype(np.uint16))

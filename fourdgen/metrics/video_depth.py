@@ -1,7 +1,8 @@
 """Video depth protocol (MonST3R / CUT3R, used by One4D table 3): one alignment per sequence.
 
 A sequence's valid pixels are pooled over all its frames: ground truth finite, in ``(0, max_depth)``
-and the prediction positive. One scale (``"scale"``: median ratio), or scale and shift
+and the prediction positive. One scale (``"scale"``: median ratio, torch's lower median as in those
+scripts), or scale and shift
 (``"scale_shift"``: least squares; ``"scale_shift_l1"``: least absolute deviations, MonST3R's
 ``align_with_lad2``, solved by iteratively reweighted least squares instead of Adam) is fitted on
 them, the aligned prediction is clipped at ``max_depth``, and AbsRel / delta < 1.25 are computed
