@@ -122,8 +122,15 @@ def project_colmap(params, qvec, tvec, X: np.ndarray = POINT) -> np.ndarray:
     return np.array([fx * p[0] / p[2] + cx, fy * p[1] / p[2] + cy])
 
 
+def colmap_points(w2c) -> list[tuple[np.ndarray, list[int]]]:
+    """``(xyz, track image ids)``: POINT seen by every image, and a point twice as far along the
+    first camera's ray through POINT (the same pixel; only image 1 observes it)."""
+    c = -w2c[0, :3, :3].T @ w2c[0, :3, 3]
+    return [(POINT, list(range(1, len(w2c) + 1))), (c + 2 * (POINT - c), [1])]
+
+
 def write_colmap(root: Path, K, w2c, images, binary=True) -> list[tuple]:
-    """``sparse/0/cameras|images.{bin,txt}`` (PINHOLE, one camera per image) and ``images/``.
+    """``sparse/0/cameras|images|points3D.{bin,txt}`` (PINHOLE, one camera per image) and ``images/``.
     Returns per image ``(params, qvec, tvec)``. Names are written out of order on purpose."""
     model = root / "sparse" / "0"
     model.mkdir(parents=True, exist_ok=True)
@@ -145,6 +152,11 @@ def write_colmap(root: Path, K, w2c, images, binary=True) -> list[tuple]:
             imgs += struct.pack("<Q", len(pts)) + b"".join(struct.pack("<ddq", *p) for p in pts)
         (model / "cameras.bin").write_bytes(cams)
         (model / "images.bin").write_bytes(imgs)
+        pts = struct.pack("<Q", 2)
+        for pid, (xyz, track) in enumerate(colmap_points(w2c), 1):
+            pts += struct.pack("<Q3d3BdQ", pid, *xyz, 200, 100, 50, 0.5, len(track))
+            pts += b"".join(struct.pack("<II", i, 0) for i in track)
+        (model / "points3D.bin").write_bytes(pts)
     else:
         cl = [
             "# Camera list with one line of data per camera:",
@@ -157,6 +169,15 @@ def write_colmap(root: Path, K, w2c, images, binary=True) -> list[tuple]:
             il.append("1.5 2.5 -1 3.0 4.0 7" if cid % 2 else "")
         (model / "cameras.txt").write_text("\n".join(cl) + "\n")
         (model / "images.txt").write_text("\n".join(il) + "\n")
+        pl = ["# 3D point list with one line of data per point:"]
+        for pid, (xyz, track) in enumerate(colmap_points(w2c), 1):
+            pl.append(
+                f"{pid} "
+                + " ".join(repr(float(v)) for v in xyz)
+                + " 200 100 50 0.5 "
+                + " ".join(f"{i} 0" for i in track)
+            )
+        (model / "points3D.txt").write_text("\n".join(pl) + "\n")
     return [(p, q, t) for _, p, q, t, _ in recs]
 
 
@@ -209,9 +230,13 @@ def project_nerfies(cam: dict, X: np.ndarray = POINT) -> np.ndarray:
     return np.array([f * x + cam["skew"] * y + cx, f * cam["pixel_aspect_ratio"] * y + cy])
 
 
-def write_dycheck(root: Path, train, val, width, height, covisible=True) -> dict[str, dict]:
-    """An iPhone-style capture. ``train``/``val``: lists of ``(name, camera_id, time_id, K, w2c, image)``.
-    Returns the camera json of every frame by name."""
+def write_dycheck(root: Path, train, val, width, height, covisible=True, depth=None) -> dict[str, dict]:
+    """An iPhone-style capture. ``train``/``val``: lists of ``(name, camera_id, time_id, K, w2c, image)``;
+    ``depth``: ``{name: [H, W]}`` lidar maps (written ``[H, W, 1]``). Returns the camera json of every
+    frame by name."""
+    for name, d in (depth or {}).items():
+        (root / "depth" / "1x").mkdir(parents=True, exist_ok=True)
+        np.save(root / "depth" / "1x" / f"{name}.npy", d[..., None].astype(np.float32))
     cams = {}
     for split, items in (("train", train), ("val", val)):
         for name, _, _, K, w2c, img in items:

@@ -78,8 +78,14 @@ def test_colmap_model(tmp_path, binary):
     scene = read_scene(dst)
     assert scene.extra["image_names"] == ["img_000.png", "img_001.png", "img_002.png"]  # sorted by name
     for v, (params, q, t) in enumerate(recs):
-        np.testing.assert_allclose(_scene_pixel(scene, v), L.project_colmap(params, q, t), atol=1e-4)
+        uv = L.project_colmap(params, q, t)
+        np.testing.assert_allclose(_scene_pixel(scene, v), uv, atol=1e-4)
         np.testing.assert_array_equal(_frames(scene, v)[0], imgs[v])
+        # The sparse points become depth: POINT lands in its pixel at its z; the point behind it on
+        # view 0's ray (same pixel) loses to it; nothing else is drawn.
+        depth = scene.load_depth(v)[0].numpy()
+        z = (w2c[v, :3, :3] @ L.POINT + w2c[v, :3, 3])[2]
+        assert depth[int(uv[1]), int(uv[0])] == pytest.approx(z, rel=1e-6) and (depth > 0).sum() == 1
 
 
 def test_colmap_malformed(tmp_path):
@@ -148,9 +154,10 @@ def _iphone(root, covisible=True):
     K, w2c = L.known_cameras(5, W, H)
     imgs = L.frames(5, H, W, seed=4)
     train = [(f"0_{t:05d}", 0, t, K[0], w2c[t], imgs[t]) for t in range(3)]
+    depth = {f"0_{t:05d}": np.full((H, W), 1.5 + t) for t in range(3)}
     val = [(f"1_{t:05d}", 1, t, K[3], w2c[3], imgs[3]) for t in (0, 2)]
     val += [(f"2_{t:05d}", 2, t, K[4], w2c[4], imgs[4]) for t in (1,)]
-    return L.write_dycheck(root, train, val, W, H, covisible=covisible), imgs
+    return L.write_dycheck(root, train, val, W, H, covisible=covisible, depth=depth), imgs
 
 
 def test_dycheck_iphone_splits_and_covisibility(tmp_path):
@@ -165,6 +172,8 @@ def test_dycheck_iphone_splits_and_covisibility(tmp_path):
             _scene_pixel(train, 0, t), L.project_nerfies(cams[f"0_{t:05d}"]), atol=1e-4
         )
     np.testing.assert_array_equal(_frames(train, 0), imgs[:3])
+    np.testing.assert_array_equal(train.load_depth(0)[:, 0, 0].numpy(), [1.5, 2.5, 3.5])  # lidar depth
+    assert val1.views[0].depth is None
     assert val1.extra["time_ids"] == [0, 2] and val1.extra["frame_names"] == [["1_00000", "1_00002"]]
     np.testing.assert_allclose(_scene_pixel(val1, 0, 1), L.project_nerfies(cams["1_00002"]), atol=1e-4)
     cov = np.load(val1.root / val1.extra["covisible"][0])
@@ -196,3 +205,27 @@ def test_import_command_one_line_error_and_refuses_foreign_folder(tmp_path, caps
     main(args + [str(tmp_path / "new"), "--downscale", "2"])
     assert "wrote" in capsys.readouterr().out
     assert (read_scene(tmp_path / "new").width, read_scene(tmp_path / "new").num_views) == (W // 2, 2)
+
+
+def test_importers_and_evaluation_sit_on_top():
+    """Layers point down: only the console entry (and evaluation, for DyCheck's split reader)
+    import ``fourdgen.importers``; only the entry imports ``fourdgen.evaluation``."""
+    import ast
+    from pathlib import Path
+
+    import fourdgen
+
+    pkg = Path(fourdgen.__file__).parent
+    allowed = {
+        "fourdgen.importers": ("importers", "evaluation", "main.py"),
+        "fourdgen.evaluation": ("evaluation", "main.py"),
+    }
+    for path in pkg.rglob("*.py"):
+        rel = path.relative_to(pkg).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            for name in names:
+                for top, ok in allowed.items():
+                    if name.startswith(top):
+                        assert rel.startswith(ok), f"{rel} imports {name}"

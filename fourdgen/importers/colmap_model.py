@@ -10,6 +10,9 @@ little-endian::
                                 uint32 camera_id, char name[] (NUL-terminated),
                                 uint64 num_points2D, num_points2D x (double x, double y, int64 point3D_id))
 
+    points3D.bin uint64 n; n x (uint64 point3D_id, double xyz[3], uint8 rgb[3], double error,
+                                uint64 track_length, track_length x (uint32 image_id, uint32 point2D_idx))
+
 ``q``/``t`` are world-to-camera (``x_cam = R(q) x_world + t``) in OpenCV axes, and pixel
 coordinates have their origin at the top-left corner of the image: fourdgen's own conventions.
 """
@@ -112,6 +115,51 @@ def read_images_bin(path: Path) -> dict[int, Image]:
         r.read(f"{24 * npts}x", f"images[{i}].points2D")  # skipped: 2 doubles + an int64 each
         images[iid] = Image(iid, np.array(qt[:4]), np.array(qt[4:]), cid, name)
     return images
+
+
+@dataclass
+class Points:
+    """The sparse cloud: ``xyz [N, 3]`` and, per point, the ids of the images that observed it."""
+
+    xyz: np.ndarray
+    tracks: list[set[int]]
+
+
+def read_points3d_bin(path: Path) -> Points:
+    r = _Reader(path)
+    (n,) = r.read("Q", "num_points")
+    xyz, tracks = np.zeros((n, 3)), []
+    for i in range(n):
+        _, *p = r.read("Q3d3Bd", f"points[{i}]")
+        xyz[i] = p[:3]
+        (k,) = r.read("Q", f"points[{i}].track_length")
+        track = r.read(f"{2 * k}I", f"points[{i}].track")
+        tracks.append(set(track[0::2]))
+    return Points(xyz, tracks)
+
+
+def read_points3d_txt(path: Path) -> Points:
+    xyz, tracks = [], []
+    for no, f in _lines(path):
+        if not f:
+            continue
+        try:
+            xyz.append([float(x) for x in f[1:4]])
+            tracks.append({int(x) for x in f[8::2]})
+        except (ValueError, IndexError) as e:
+            raise SceneFormatError(
+                path, f"line {no}", "POINT3D_ID X Y Z R G B ERROR TRACK[]", " ".join(f)
+            ) from e
+    return Points(np.array(xyz, dtype=np.float64).reshape(-1, 3), tracks)
+
+
+def read_points3d(folder: Path) -> Points | None:
+    """The model's points3D (binary preferred), or None if it has none."""
+    if (folder / "points3D.bin").is_file():
+        return read_points3d_bin(folder / "points3D.bin")
+    if (folder / "points3D.txt").is_file():
+        return read_points3d_txt(folder / "points3D.txt")
+    return None
 
 
 def _lines(path: Path):

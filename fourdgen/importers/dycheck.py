@@ -9,6 +9,7 @@ Layout (DyCheck's docs/DATASETS.md, the Nerfies format it extends)::
     rgb/<s>x/<frame>.png         frames at 1/s resolution
     splits/<split>.json          {"frame_names": [...], "camera_ids": [...], "time_ids": [...]}
     covisible/<s>x/<split>/<frame>.png   optional: 1 where the test pixel was seen in training
+    depth/<s>x/<frame>.npy       optional: lidar z-depth [H, W, 1] of the training frames
     extra.json                   optional: "fps"
 
 Nerfies' cameras are OpenCV (x right, y down, z forward) with ``x_cam = R (x - position)``, and
@@ -80,6 +81,24 @@ def _covisible(root: Path, scale: int, split: str, names: list[str]) -> np.ndarr
     return np.stack([(read_image(p, p, "<mask>")[..., 0] > 127).astype(np.uint8) for p in paths])
 
 
+def _depth(root: Path, scale: int, names: list[list[str]], hw: tuple[int, int]) -> np.ndarray | None:
+    """``[V, T, H, W]`` lidar z-depth from ``depth/<s>x/<frame>.npy`` when every frame has one.
+    Kept in the capture's raw units, like the cameras (scene.json's normalisation is not applied)."""
+    paths = [[root / "depth" / f"{scale}x" / f"{n}.npy" for n in row] for row in names]
+    if not all(p.is_file() for row in paths for p in row):
+        return None
+    out = []
+    for row in paths:
+        maps = [np.load(p).astype(np.float32) for p in row]
+        for p, d in zip(row, maps, strict=True):
+            if d.shape[:2] != hw or d.ndim not in (2, 3) or d.size != hw[0] * hw[1]:
+                raise SceneFormatError(
+                    p, "<array>", f"depth [{hw[0]}, {hw[1]}] (or [H, W, 1])", list(d.shape)
+                )
+        out.append(np.stack([d.reshape(hw) for d in maps]))
+    return np.nan_to_num(np.stack(out), nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def _write_group(
     root: Path, dst: Path, split: str, frames: list[tuple[str, int, int]], scale: int, fps: float, opts: dict
 ) -> Path:
@@ -115,6 +134,7 @@ def _write_group(
         w2cs.append(torch.stack(w2c_row))
         rgb.append(np.stack(imgs))
     cov = [_covisible(root, scale, split, row) for row in names]
+    depth = _depth(root, scale, names, rgb[0].shape[1:3])
     extra: dict[str, Any] = {"split": split, "camera_ids": cams, "time_ids": times, "frame_names": names}
     views = [f"cam{c:02d}" for c in cams]
     if all(c is not None for c in cov):
@@ -129,6 +149,7 @@ def _write_group(
         fps=fps,
         view_names=views,
         extra=extra,
+        depth=depth,
         **opts,
     )
     for rel, arr in zip(extra.get("covisible", []), cov, strict=False):
