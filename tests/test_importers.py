@@ -65,7 +65,9 @@ def test_nerfstudio_malformed(tmp_path):
         nerfstudio.import_scene(file, tmp_path / "a")
     meta["frames"][1]["transform_matrix"] = (2 * np.eye(4)).tolist()  # scaled: not a rigid pose
     file.write_text(json.dumps(meta))
-    with pytest.raises(SceneFormatError, match=r"frames\.transform_matrix\[1\]"):
+    with pytest.raises(
+        SceneFormatError, match=r"field 'frames\[1\]\.transform_matrix': expected a rigid pose"
+    ):
         nerfstudio.import_scene(file, tmp_path / "b")
 
 

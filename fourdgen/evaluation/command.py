@@ -6,7 +6,7 @@
     fourdgen eval depth bonn --gt data/bonn --pred runs/bonn_depth
     fourdgen eval cameras sintel --gt data/MPI-Sintel --pred runs/sintel_cams
     fourdgen eval cameras tum --gt data/tum --pred runs/tum_cams
-    fourdgen eval n3dv --gt scenes/coffee --pred runs/coffee/renders/cam00.mp4 --lpips_weights alexnet.pth
+    fourdgen eval n3dv --gt scenes/coffee --pred outputs/full4d/scene/renders/view_00.mp4
     fourdgen eval dycheck --gt data/iphone/apple --pred runs/apple/val --scale 2 --lpips_weights alexnet.pth
     fourdgen eval video --fake runs/gen --real data/real --i3d i3d_torchscript.pt --clip clip-vit-b-32/
 
@@ -29,7 +29,11 @@ from fourdgen.metrics.video_depth import ALIGNMENTS
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="fourdgen eval", description=__doc__.split("::")[0].strip(), allow_abbrev=False
+        prog="fourdgen eval",
+        description=__doc__.split("::")[0].strip(),
+        epilog="examples:\n" + __doc__.split("::")[1].split("\n\n", 2)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     sub = p.add_subparsers(dest="protocol", required=True, metavar="protocol")
 

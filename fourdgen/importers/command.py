@@ -19,7 +19,11 @@ from fourdgen.importers import FORMATS
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="fourdgen import", description=__doc__.split("::")[0].strip(), allow_abbrev=False
+        prog="fourdgen import",
+        description=__doc__.split("::")[0].strip(),
+        epilog="examples:\n" + __doc__.split("::")[1].split("\n\n", 2)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     sub = p.add_subparsers(dest="format", metavar="format", required=True, help=", ".join(FORMATS))
     for name, module in FORMATS.items():

@@ -69,7 +69,8 @@ def rigid_w2c(w2c: np.ndarray | Tensor, file: Path, name: str) -> Tensor:
     w2c = torch.as_tensor(np.asarray(w2c), dtype=torch.float64)
     bad = (~is_rigid(w2c.reshape(-1, 4, 4), atol=1e-3)).nonzero()
     if len(bad):
-        raise SceneFormatError(file, f"{name}[{int(bad[0])}]", "a rigid pose (rotation + translation)")
+        where = name if len(w2c.reshape(-1, 4, 4)) == 1 else f"{name}[{int(bad[0])}]"
+        raise SceneFormatError(file, where, "a rigid pose (rotation + translation)")
     return w2c
 
 

@@ -142,16 +142,12 @@ def import_scene(
                 file, pre + "file_path", f"images of one size {images[0].shape[:2]}", img.shape[:2]
             )
         Ks.append(_intrinsics(meta, fm, file, pre, W, H))
-        c2ws.append(
-            array(
-                field(fm, "transform_matrix", file, "a 4x4 matrix", pre),
-                file,
-                pre + "transform_matrix",
-                (4, 4),
-            )
-        )
+        name = pre + "transform_matrix"
+        c2w = array(field(fm, "transform_matrix", file, "a 4x4 matrix", pre), file, name, (4, 4))
+        rigid_w2c(c2w[None], file, name)  # a scaled or sheared pose names its own frame
+        c2ws.append(c2w)
         images.append(img)
-    w2c = rigid_w2c(opengl_c2w_to_w2c(np.stack(c2ws)), file, "frames.transform_matrix")
+    w2c = opengl_c2w_to_w2c(np.stack(c2ws))
     K = make_intrinsics(*torch.tensor(Ks, dtype=torch.float64).unbind(-1))  # [N, 3, 3]
     rgb = np.stack(images)  # [N, H, W, 3]
     extra: dict[str, Any] = {}
