@@ -278,16 +278,10 @@ def test_video_metrics_command(tmp_path, capsys):
                     d / f"{t:03d}.png",
                     np.clip(g.integers(0, 196, (8, 8, 3)) + shift, 0, 255).astype(np.uint8),
                 )
-    args = [
-        "video",
-        "--fake",
-        str(tmp_path / "fake"),
-        "--real",
-        str(tmp_path / "real"),
-        "--i3d",
-        str(tmp_path / "i3d.pt"),
-    ]
-    res = eval_main(args)["fake"]
+    i3d = str(tmp_path / "i3d.pt")
+    args = ["--fake", str(tmp_path / "fake"), "--real", str(tmp_path / "real"), "--i3d", i3d]
+    assert "| sequence | FVD | CLIP-F | CLIP-V |" in _run_script("eval_video.py", args, capsys)
+    res = eval_main(["video", *args])["fake"]
     same = eval_main(
         [
             "video",
