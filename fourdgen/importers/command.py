@@ -35,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--frames", type=int, default=None, help="import at most this many timesteps")
         s.add_argument("--frame_format", choices=("png", "jpg", "mp4"), default="png")
         s.add_argument("--overwrite", action="store_true", help="replace files in dst")
+        s.add_argument("--fps", type=float, default=None, help="frame rate (default: the dataset's, else 30)")
         mod.add_arguments(s)
     return p
 
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> list:
     fmt, src, dst = opts.pop("format"), opts.pop("src"), opts.pop("dst")
     opts["downscale_factor"] = opts.pop("downscale")
     opts["max_frames"] = opts.pop("frames")
+    if opts["fps"] is None:
+        del opts["fps"]  # each format's own default (the videos', extra.json's, or 30)
     mod = importlib.import_module(FORMATS[fmt])
     out = mod.import_scene(src, dst, **opts)
     for path in out:

@@ -89,6 +89,10 @@ def import_scene(
                         frame = np.asarray(Image.fromarray(frame[..., :3]).resize((w, h), Image.BOX))
                     rgb[v, t] = frame[..., :3]
                 got = min(got, t + 1 if t < T else T)
+        if got == 0:
+            raise SceneFormatError(
+                src, "<videos>", "decodable frames in every camNN.mp4", "a video without any"
+            )
         names = [p.stem for p in videos]
         extra = {"bounds": bounds.tolist()}
         if holdout in names:
