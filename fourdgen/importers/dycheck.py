@@ -25,6 +25,7 @@ covisibility masks as ``covisible/<view>.npy`` (uint8 ``[T, H, W]``, 1 = covisib
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,9 @@ def read_camera(file: Path) -> tuple[Tensor, Tensor, tuple[int, int]]:
     skew = number(c.get("skew", 0.0), file, "skew")
     aspect = number(c.get("pixel_aspect_ratio", 1.0), file, "pixel_aspect_ratio", positive=True)
     size = array(field(c, "image_size", file, "[W, H]"), file, "image_size", (2,))
+    dist = [*c.get("radial_distortion", []), *c.get("tangential_distortion", [])]
+    if any(isinstance(d, (int, float)) and d for d in dist):
+        warnings.warn(f"{file}: lens distortion {dist} is not undone by the import", stacklevel=2)
     Rt = torch.as_tensor(R)
     w2c = rigid_w2c(make_rigid(Rt, -Rt @ torch.as_tensor(pos))[None], file, "orientation")[0]
     K = torch.tensor([[f, skew, pp[0]], [0.0, f * aspect, pp[1]], [0.0, 0.0, 1.0]], dtype=torch.float64)

@@ -133,10 +133,10 @@ def import_scene(
         img = read_image(path, file, pre + "file_path", background)
         H, W = img.shape[:2]
         for key, size in (("w", W), ("h", H)):
-            if fm.get(key, meta.get(key)) not in (None, size):
-                raise SceneFormatError(
-                    file, key, f"the size of {path.name} ({W}x{H})", fm.get(key, meta[key])
-                )
+            stated = fm.get(key, meta.get(key))
+            if stated not in (None, size):
+                where = pre + key if key in fm else key
+                raise SceneFormatError(file, where, f"the size of {path.name} ({W}x{H})", stated)
         if images and img.shape != images[0].shape:
             raise SceneFormatError(
                 file, pre + "file_path", f"images of one size {images[0].shape[:2]}", img.shape[:2]
