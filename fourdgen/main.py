@@ -1,5 +1,7 @@
 """The ``fourdgen`` console script: ``generate`` chains the stages (:mod:`fourdgen.generate`),
-every other subcommand is LightningCLI (:class:`fourdgen.cli.FourDGenCLI`).
+``import`` converts datasets to scenes (:mod:`fourdgen.importers`), ``eval`` scores predictions on
+the papers' protocols (:mod:`fourdgen.evaluation`); every other subcommand is LightningCLI
+(:class:`fourdgen.cli.FourDGenCLI`).
 
 It sits above both so that :mod:`fourdgen.generate`, which runs each step through
 ``FourDGenCLI``, and the CLI do not import each other.
@@ -19,6 +21,14 @@ def _dispatch(argv: list[str] | None) -> Any:
         from fourdgen.generate.command import main as generate
 
         return generate(argv[1:])
+    if argv[:1] == ["import"]:
+        from fourdgen.importers.command import main as import_data
+
+        return import_data(argv[1:])
+    if argv[:1] == ["eval"]:
+        from fourdgen.evaluation.command import main as evaluate
+
+        return evaluate(argv[1:])
     from fourdgen.cli import FourDGenCLI
 
     return FourDGenCLI(args=argv)
