@@ -139,7 +139,7 @@ def test_tiny_reconstructor_learns_a_synthetic_scene(tmp_path):
     }
     frozen = {k: v.clone() for k, v in model.model.vggt.state_dict().items()}
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb")
-    trainer = _trainer(tmp_path, 80, enable_checkpointing=False, logger=logger)
+    trainer = _trainer(tmp_path, 160, enable_checkpointing=False, logger=logger)
     before = trainer.validate(model, dm, verbose=False)[0]["val/psnr"]
     trainer.fit(model, dm)
     after = trainer.validate(model, dm, verbose=False)[0]["val/psnr"]
