@@ -152,7 +152,7 @@ class GridDataset(Dataset):
         (``on_bad_sample: skip``), so a worker never dies on a bad file."""
         for attempt in range(len(self.scenes)):
             try:
-                return self._sample(idx + attempt * self.samples_per_scene if attempt else idx)
+                return self._sample(idx + attempt)  # scene (idx + attempt) % n: the next one
             except SceneFormatError as e:
                 self._skip(e)
         raise SceneFormatError(
