@@ -145,11 +145,3 @@ class HeadlessChromium:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def settled(image: np.ndarray, previous: list, tol: float = 0.5) -> bool:
-    """Whether ``image`` is the same as the screenshot before it (mean abs difference <= ``tol``
-    grey levels): the page has stopped changing. Keeps the last image in ``previous``."""
-    same = bool(previous) and float(np.abs(image.astype(np.int16) - previous[-1].astype(np.int16)).mean()) <= tol
-    previous[:] = [image]
-    return same

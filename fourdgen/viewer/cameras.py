@@ -105,7 +105,9 @@ def _tensor(value, file: Path, field: str, *shapes: tuple[int, ...]) -> Tensor:
     ok = any(t.ndim == len(s) and all(a in (b, -1) for b, a in zip(t.shape, s, strict=True)) for s in shapes)
     if not ok or not torch.isfinite(t).all():
         want = " or ".join(str(list(s)).replace("-1", "N") for s in shapes)
-        raise ViewerInputError(f"{file}: field '{field}': expected finite numbers of shape {want}, got {list(t.shape)}")
+        raise ViewerInputError(
+            f"{file}: field '{field}': expected finite numbers of shape {want}, got {list(t.shape)}"
+        )
     return t
 
 
@@ -124,7 +126,9 @@ def read_cameras_json(file: Path) -> ViewCameras:
         names = [f"view_{v:02d}" for v in range(len(K))]
     elif isinstance(views, list) and views:  # the reconstructor's
         K = torch.stack([_tensor(v.get("K"), file, f"views[{i}].K", (3, 3)) for i, v in enumerate(views)])
-        poses = [_tensor(v.get("w2c"), file, f"views[{i}].w2c", (4, 4), (-1, 4, 4)) for i, v in enumerate(views)]
+        poses = [
+            _tensor(v.get("w2c"), file, f"views[{i}].w2c", (4, 4), (-1, 4, 4)) for i, v in enumerate(views)
+        ]
         w2c = torch.stack([p if p.ndim == 3 else p[None] for p in poses])
         H, W = (d.get("image_size") or [None, None])[:2]
         train, names = list(range(len(K))), [f"view_{int(v.get('view', i)):02d}" for i, v in enumerate(views)]

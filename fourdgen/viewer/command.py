@@ -43,12 +43,22 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="send the browser at most this many Gaussians a frame, the most opaque (the mp4 uses all)",
     )
-    p.add_argument("--max-points", type=int, default=300_000, help="the same for point clouds (an even subset)")
-    p.add_argument("--fps", type=float, default=None, help="playback rate (default: the scene's, PLY folders 8)")
-    p.add_argument("--out", default=None, help="folder for flythrough.mp4 (default: <input>_view beside the input)")
+    p.add_argument(
+        "--max-points", type=int, default=300_000, help="the same for point clouds (an even subset)"
+    )
+    p.add_argument(
+        "--fps", type=float, default=None, help="playback rate (default: the scene's, PLY folders 8)"
+    )
+    p.add_argument(
+        "--out", default=None, help="folder for flythrough.mp4 (default: <input>_view beside the input)"
+    )
     p.add_argument("--path-frames", type=int, default=120, help="frames of the fly-through (Full-4D: 120)")
-    p.add_argument("--scene", default=None, help="the scene folder of a checkpoint that does not hold its cameras")
-    p.add_argument("--device", default="auto", help="where the field and the mp4 renders run (auto: CUDA if any)")
+    p.add_argument(
+        "--scene", default=None, help="the scene folder of a checkpoint that does not hold its cameras"
+    )
+    p.add_argument(
+        "--device", default="auto", help="where the field and the mp4 renders run (auto: CUDA if any)"
+    )
     return p
 
 
@@ -63,7 +73,9 @@ def main(argv: list[str] | None = None, block: bool = True) -> ViewerApp:
     args = parser().parse_args(argv)
     for name in ("max_gaussians", "max_points", "path_frames"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(args, name)}")
+            raise ValueError(
+                f"--{name.replace('_', '-')}: expected a positive number, got {getattr(args, name)}"
+            )
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     source = load_source(args.path, scene=args.scene, fps=args.fps, device=device, max_points=args.max_points)
     out = Path(args.out) if args.out else default_out(Path(args.path))

@@ -21,7 +21,9 @@ from fourdgen.viewer.sources import Source
 
 
 @torch.no_grad()
-def render_frame(source: Source, t: float, K: Tensor, w2c: Tensor, device: str | torch.device = "cpu") -> Tensor:
+def render_frame(
+    source: Source, t: float, K: Tensor, w2c: Tensor, device: str | torch.device = "cpu"
+) -> Tensor:
     """``source`` at time ``t`` seen by ``K [3, 3]``, ``w2c [4, 4]`` at the cameras' image size:
     ``[H, W, 3]`` in [0, 1]."""
     cams, frame = source.cameras, source.frame(t)
@@ -29,7 +31,9 @@ def render_frame(source: Source, t: float, K: Tensor, w2c: Tensor, device: str |
     bg = source.background.to(device)
     K, w2c = K.to(device).float(), w2c.to(device).float()
     if frame.gaussians is not None:
-        out = rasterize(frame.gaussians.to(device), K[None], w2c[None], W, H, background=bg, render_depth=False)
+        out = rasterize(
+            frame.gaussians.to(device), K[None], w2c[None], W, H, background=bg, render_depth=False
+        )
         return out.rgb[0].clamp(0, 1)
     image, _, _ = render_points(
         frame.points.to(device), frame.colors.to(device), K, w2c, H, W, radius_px=1, background=bg

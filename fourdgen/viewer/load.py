@@ -54,7 +54,9 @@ def load_source(
         folder = next((f for f in [path, *(path / s for s in PLY_SUBFOLDERS)] if ply_frames(f)), None)
         if folder is None:
             raise ViewerInputError(f"{path}: a folder without scene.json or frame_XXXX.ply files; {EXPECTED}")
-        cams = next((f for f in (folder / "cameras.json", folder.parent / "cameras.json") if f.is_file()), None)
+        cams = next(
+            (f for f in (folder / "cameras.json", folder.parent / "cameras.json") if f.is_file()), None
+        )
         source = PlyFolderSource(
             folder, ply_frames(folder), read_cameras_json(cams) if cams else None, DEFAULT_FPS
         )
@@ -89,8 +91,9 @@ def load_checkpoint(path: Path, scene: str | Path | None = None, device: str = "
 
 
 def _scene_info(path: Path, ckpt: dict, scene: str | Path | None) -> SceneInfo:
-    """The cameras and times the fit used: stored in the checkpoint (:func:`~fourdgen.data.protocols.camera_record`), else
-    read from the scene folder (``scene``, or the checkpoint's DataModule's, at its resolution)."""
+    """The cameras and times the fit used: those the checkpoint holds
+    (:func:`~fourdgen.data.protocols.camera_record`), else the scene folder's (``scene``, or the
+    checkpoint's DataModule's, at its resolution)."""
     stored = ckpt.get(CAMERAS_KEY)
     if stored is not None and scene is None:
         return SceneInfo(points=None, colors=None, **stored)
@@ -102,7 +105,11 @@ def _scene_info(path: Path, ckpt: dict, scene: str | Path | None) -> SceneInfo:
             f"({folder or 'not recorded'}) is not there: give it with --scene"
         )
     s = read_scene(folder, check_files=False)
-    hw = (dm.get("height"), dm.get("width")) if dm.get("height") and dm.get("width") and scene is None else None
+    hw = (
+        (dm.get("height"), dm.get("width"))
+        if dm.get("height") and dm.get("width") and scene is None
+        else None
+    )
     size, top_left = resize_crop_plan((s.height, s.width), hw, "center", None)
     holdout = list(dm.get("holdout_views") or [])
     H, W = hw or (s.height, s.width)

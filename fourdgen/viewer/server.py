@@ -27,7 +27,7 @@ from fourdgen.gaussians.container import knn_mean_distance
 from fourdgen.geometry.cameras import focus_point
 from fourdgen.viewer.cameras import pose_wxyz_position
 from fourdgen.viewer.flythrough import write_flythrough
-from fourdgen.viewer.sources import Frame, Source, _LRU
+from fourdgen.viewer.sources import LRU, Frame, Source
 from fourdgen.viewer.splats import even_subset, top_opacity, viser_splats
 
 CONTINUOUS_STEP = 0.05  # slider step (in frames) for a fitted scene: the field is smooth in time
@@ -64,7 +64,7 @@ class ViewerApp:
         self.source, self.max_gaussians, self.max_points = source, max_gaussians, max_points
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device, self.verbose = device, verbose
-        self._cache = _LRU(32)
+        self._cache = LRU(32)
         self._cv = threading.Condition()
         self._want: float | None = None
         self._busy = False
@@ -131,7 +131,9 @@ class ViewerApp:
             if i % 10 == 0 or i == n:
                 self._video_status.content = f"rendering {i}/{n} frames ..."
 
-        path = write_flythrough(self.source, out, n, fps=self._fps.value, device=self.device, progress=progress)
+        path = write_flythrough(
+            self.source, out, n, fps=self._fps.value, device=self.device, progress=progress
+        )
         self.last_video = path
         self._video_status.content = f"wrote `{path}`"
         if self.verbose:
@@ -160,7 +162,11 @@ class ViewerApp:
         with gui.add_folder("Time"):
             step = CONTINUOUS_STEP if src.continuous else 1.0
             self._slider = gui.add_slider(
-                "frame", min=0.0, max=float(max(last, 1)), step=step, initial_value=float(min(max(frame, 0), last))
+                "frame",
+                min=0.0,
+                max=float(max(last, 1)),
+                step=step,
+                initial_value=float(min(max(frame, 0), last)),
             )
             self._slider.disabled = last == 0
             self._play = gui.add_button("Play", icon=viser.Icon.PLAYER_PLAY, disabled=last == 0)

@@ -45,7 +45,7 @@ class Frame:
         return len(self.gaussians) if self.gaussians is not None else len(self.points)
 
 
-class _LRU:
+class LRU:
     """A few decoded frames (a PLY at 120k Gaussians is ~28 MB with SH degree 3: not all of them)."""
 
     def __init__(self, size: int):
@@ -126,7 +126,8 @@ def ply_frames(folder: Path) -> list[Path]:
 
 
 def ply_kind(path: Path) -> str:
-    """"gaussians" (3DGS properties) or "points" (x y z red green blue), from the PLY header."""
+    """The kind of a per-frame PLY: ``gaussians`` (3DGS properties) or ``points`` (x y z red green
+    blue), from its header."""
     try:
         ply = PlyData.read(str(path), mmap=True)
         names = {p.name for p in ply["vertex"].properties}
@@ -161,7 +162,7 @@ class PlyFolderSource(Source):
         self.path, self.files, self.cameras, self.fps = folder, files, cameras, fps
         self.num_frames, self.points = len(files), kinds == {"points"}
         self.kind = "point-ply" if self.points else "gaussian-ply"
-        self._cache = _LRU(8)
+        self._cache = LRU(8)
 
     def frame(self, t: float) -> Frame:
         i = self.index(t)
@@ -191,7 +192,7 @@ class SceneFolderSource(Source):
             names=[v.name for v in scene.views],
             path_views=list(range(scene.num_views)),
         )
-        self._cache, self._images = _LRU(8), _LRU(8)
+        self._cache, self._images = LRU(8), LRU(8)
 
     def frame(self, t: float) -> Frame:
         i = self.index(t)
