@@ -31,8 +31,9 @@ from fourdgen.viewer.sources import LRU, Frame, Source
 from fourdgen.viewer.splats import even_subset, top_opacity, viser_splats
 
 CONTINUOUS_STEP = 0.05  # slider step (in frames) for a fitted scene: the field is smooth in time
-FRUSTUM_IMAGE_PX = 160
-INITIAL_FOV = np.deg2rad(50.0)  # longest side of the images on the frusta (sent on every time change)
+FRUSTUM_IMAGE_PX = 160  # longest side of the images on the frusta (sent on every time change)
+INITIAL_FOV = np.deg2rad(50.0)  # vertical: a little wider than the input cameras, for context
+POINT_KINDS = ("point-ply", "scene")  # sources whose frames are point clouds
 
 
 class ViewerApp:
@@ -187,7 +188,7 @@ class ViewerApp:
         self._show_cams.on_update(lambda _: self._set_visible(self._frusta, self._show_cams.value))
         self._show_path.on_update(lambda _: self._set_visible(self._path_nodes, self._show_path.value))
         self._render_btn.on_click(lambda _: self._render_clicked())
-        with gui.add_folder("Display"):
+        with gui.add_folder("Display", visible=src.kind in POINT_KINDS):
             self._size = gui.add_slider("point size", min=0.1, max=5.0, step=0.1, initial_value=1.0)
         self._size.on_update(lambda _: self._request(self.frame, force=True))
         self._playing = False
@@ -219,7 +220,7 @@ class ViewerApp:
             return []
         up = cams.up().numpy()
         scene.set_up_direction(tuple(float(x) for x in up))
-        self._frustum_scale = 0.08 * cams.extent()
+        self._frustum_scale = 0.05 * cams.extent()
         handles = []
         for v in range(cams.num_views):
             wxyz, pos = pose_wxyz_position(cams.at(0)[v])
@@ -228,21 +229,21 @@ class ViewerApp:
                 fov=cams.fov_y(v),
                 aspect=cams.width / cams.height,
                 scale=self._frustum_scale,
-                thickness=0.06 * self._frustum_scale,
+                thickness=0.03 * self._frustum_scale,
                 color=(40, 90, 200) if v in cams.path_views else (200, 90, 40),
                 wxyz=wxyz,
                 position=pos,
             )
             h.on_click(lambda event, v=v: self._fly_to(event.client, v))
             handles.append(h)
-        # Start behind and above the first path camera, looking where the cameras look: the scene
-        # as it was filmed, with the cameras and the path in view.
+        # Start at the first path camera, drawn back a little and raised, looking where the cameras
+        # look: the scene as it was filmed. (Farther out can be outside a background dome.)
         w2c0 = cams.at(0)
         look = focus_point(w2c0[cams.path_views]).double().numpy()
         _, pos = pose_wxyz_position(w2c0[cams.path_views[0]])
         dist = max(float(np.linalg.norm(pos - look)), 1e-3)
         self.server.initial_camera.look_at = tuple(look)
-        self.server.initial_camera.position = tuple(look + (pos - look) * 1.6 + up * 0.5 * dist)
+        self.server.initial_camera.position = tuple(look + (pos - look) * 1.15 + up * 0.15 * dist)
         self.server.initial_camera.up = tuple(float(x) for x in up)
         self.server.initial_camera.fov = INITIAL_FOV
         return handles
