@@ -4,8 +4,11 @@ nobody looks, and headless Chromium sees the scene move when the time slider mov
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import time
 import urllib.request
+from types import SimpleNamespace
 
 import imageio.v2 as iio
 import lightning as L
@@ -21,6 +24,7 @@ from fourdgen.data.protocols import CAMERAS_KEY
 from fourdgen.data.scene import read_scene
 from fourdgen.gaussians.container import Gaussians
 from fourdgen.gaussians.ply import load_ply
+from fourdgen.geometry.rotations import quaternion_to_matrix
 from fourdgen.main import main as fourdgen_main
 from fourdgen.models.gaussian_recon import ReconPrediction
 from fourdgen.viewer import ViewerApp, ViewerInputError, load_source
@@ -176,6 +180,16 @@ def _closed(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
+class _FakeClient:
+    """Stands in for viser's ClientHandle: records what the viewer sets on its camera."""
+
+    def __init__(self):
+        self.camera = SimpleNamespace(fov=None, wxyz=None, position=None)
+
+    def atomic(self):
+        return contextlib.nullcontext()
+
+
 def test_server_starts_on_a_free_port_renders_the_flythrough_and_stops(fitted, pointmaps, tmp_path):
     _, ckpt, _ = fitted
     app = ViewerApp(load_source(ckpt), port=0, out_dir=tmp_path / "gauss", path_samples=5, verbose=False)
@@ -186,12 +200,33 @@ def test_server_starts_on_a_free_port_renders_the_flythrough_and_stops(fitted, p
         assert "<html" in page.lower()
         app.set_frame(2.5, wait=20)  # between frames 2 and 3: a fitted scene takes any time
         assert app.frame == 2.5 and app._splats is not None
+        client = _FakeClient()
+        app._fly_to(client, 1)  # what clicking frustum 1 does to the clicking browser's camera
+        c2w = torch.linalg.inv(app.source.cameras.at(0)[1].double())
+        torch.testing.assert_close(torch.from_numpy(client.camera.position), c2w[:3, 3])
+        R = quaternion_to_matrix(torch.from_numpy(client.camera.wxyz))
+        torch.testing.assert_close(R, c2w[:3, :3])
+        assert client.camera.fov == pytest.approx(app.source.cameras.fov_y(1))
         video = app.render_flythrough()
         assert video == tmp_path / "gauss" / "flythrough.mp4"
         assert len(iio.mimread(video)) == 5
     finally:
         app.stop()
     assert _closed(port)
+    with ViewerApp(load_source(pointmaps / "points"), port=0, verbose=False) as play:
+        assert play._play_event.is_set() is False  # paused: the playback thread sleeps
+        play._fps.value = 20.0
+        play._toggle_play()
+        seen, deadline = {play.frame}, time.monotonic() + 10
+        while len(seen) < 3 and time.monotonic() < deadline:
+            seen.add(play.frame)
+            time.sleep(0.02)
+        play._toggle_play()
+        assert len(seen) >= 3 and play._play.label == "Play"  # it played through frames, then paused
+        time.sleep(0.2)  # a tick already under way
+        paused_at = play.frame
+        time.sleep(0.3)
+        assert play.frame == paused_at
     with ViewerApp(
         load_source(pointmaps), port=0, out_dir=tmp_path / "pts", path_samples=4, verbose=False
     ) as pts:

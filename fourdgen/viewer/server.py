@@ -72,9 +72,11 @@ class ViewerApp:
         self._shown: float | None = None
         self._version = 0  # bumped by refresh(): cached frames of an older scene are stale
         self._stopping = threading.Event()
+        self._play_event = threading.Event()
         self._splats = self._points = None
         self._point_size: float | None = None
         self.last_video: Path | None = None
+        self._playing = False
         self.server = viser.ViserServer(host=host, port=port, verbose=verbose)
         self.server.gui.configure_theme(control_width="medium")
         self._frusta = self._add_cameras()
@@ -143,6 +145,7 @@ class ViewerApp:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._play_event.set()
         with self._cv:
             self._cv.notify_all()
         for th in self._threads:
@@ -191,10 +194,13 @@ class ViewerApp:
         with gui.add_folder("Display", visible=src.kind in POINT_KINDS):
             self._size = gui.add_slider("point size", min=0.1, max=5.0, step=0.1, initial_value=1.0)
         self._size.on_update(lambda _: self._request(self.frame, force=True))
-        self._playing = False
 
     def _toggle_play(self) -> None:
         self._playing = not self._playing
+        if self._playing:
+            self._play_event.set()
+        else:
+            self._play_event.clear()
         self._play.label = "Pause" if self._playing else "Play"
         self._play.icon = viser.Icon.PLAYER_PAUSE if self._playing else viser.Icon.PLAYER_PLAY
 
@@ -293,7 +299,7 @@ class ViewerApp:
         while not self._stopping.is_set():
             with self._cv:
                 while self._want is None and not self._stopping.is_set():
-                    self._cv.wait(0.5)
+                    self._cv.wait()  # no polling: an idle viewer must not wake (the live fit's cores)
                 if self._stopping.is_set():
                     return
                 frame, self._want, self._busy = self._want, None, True
@@ -367,14 +373,14 @@ class ViewerApp:
 
     # ------------------------------------------------------------------------------- playback
     def _play_loop(self) -> None:
-        last = time.monotonic()
         while not self._stopping.is_set():
-            fps = max(float(self._fps.value), 0.5)
-            time.sleep(max(0.0, 1.0 / fps - (time.monotonic() - last)))
+            self._play_event.wait()  # paused: asleep until Play (or stop)
             last = time.monotonic()
-            if not self._playing or self.source.num_frames < 2:
-                continue
-            if not self.wait_shown(timeout=5.0):  # slower than fps: play as fast as frames come
-                continue
-            # One frame a tick: the playback speed is fps in the scene's own frames.
-            self._slider.value = (round(self.frame) + 1) % self.source.num_frames
+            while self._playing and not self._stopping.is_set():
+                fps = max(float(self._fps.value), 0.5)
+                time.sleep(max(0.0, 1.0 / fps - (time.monotonic() - last)))
+                last = time.monotonic()
+                if self.source.num_frames < 2 or not self.wait_shown(timeout=5.0):
+                    continue  # slower than fps: play as fast as frames come
+                # One frame a tick: the playback speed is fps in the scene's own frames.
+                self._slider.value = (round(self.frame) + 1) % self.source.num_frames
