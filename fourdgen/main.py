@@ -1,6 +1,7 @@
 """The ``fourdgen`` console script: ``generate`` chains the stages (:mod:`fourdgen.generate`),
 ``import`` converts datasets to scenes (:mod:`fourdgen.importers`), ``eval`` scores predictions on
-the papers' protocols (:mod:`fourdgen.evaluation`); every other subcommand is LightningCLI
+the papers' protocols (:mod:`fourdgen.evaluation`), ``view`` shows a 4D scene in the browser
+(:mod:`fourdgen.viewer`); every other subcommand is LightningCLI
 (:class:`fourdgen.cli.FourDGenCLI`).
 
 It sits above both so that :mod:`fourdgen.generate`, which runs each step through
@@ -29,6 +30,10 @@ def _dispatch(argv: list[str] | None) -> Any:
         from fourdgen.evaluation.command import main as evaluate
 
         return evaluate(argv[1:])
+    if argv[:1] == ["view"]:
+        from fourdgen.viewer.command import main as view
+
+        return view(argv[1:])
     from fourdgen.cli import FourDGenCLI
 
     return FourDGenCLI(args=argv)

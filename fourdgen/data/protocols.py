@@ -49,6 +49,29 @@ class SceneInfo:
     point_static: Tensor | None = None
 
 
+# Checkpoint key of :func:`camera_record`: a stage-3 checkpoint then shows without its data folder.
+CAMERAS_KEY = "fourdgen_scene_cameras"
+
+
+def camera_record(info: SceneInfo) -> dict:
+    """The cameras, times and size of ``info`` as plain values (what a checkpoint can hold and
+    ``torch.load(weights_only=True)`` reads); ``SceneInfo(points=None, colors=None, **record)``
+    rebuilds a SceneInfo without the initial points."""
+    return {
+        "K": info.K.detach().float().cpu(),
+        "w2c": info.w2c.detach().float().cpu(),
+        "times": info.times.detach().float().cpu(),
+        "height": int(info.height),
+        "width": int(info.width),
+        "train_views": [int(v) for v in info.train_views],
+        "holdout_views": [int(v) for v in info.holdout_views],
+        "fps": float(info.fps),
+        "cameras_known": bool(info.cameras_known),
+        "source_view": info.source_view,
+        "caption": info.caption,
+    }
+
+
 @runtime_checkable
 class GridBatchSource(Protocol):
     """A DataModule whose training loader yields :class:`~fourdgen.batch.GridBatch`."""

@@ -22,7 +22,14 @@ from torch import Tensor, nn
 
 from fourdgen.batch import GridBatch
 from fourdgen.callbacks.media import log_images, log_video
-from fourdgen.data.protocols import SceneInfo, SceneSource, SourceClipSource, check_datamodule
+from fourdgen.data.protocols import (
+    CAMERAS_KEY,
+    SceneInfo,
+    SceneSource,
+    SourceClipSource,
+    camera_record,
+    check_datamodule,
+)
 from fourdgen.errors import ConfigError
 from fourdgen.gaussians.bounds import camera_extent, foreground_bounds
 from fourdgen.gaussians.container import Gaussians
@@ -244,6 +251,8 @@ class Gaussian4DFitter(NonFiniteGuard, L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["fourdgen_strategy_state"] = {k: v for k, v in self.strategy_state.items()}
+        if self.info is not None:  # `fourdgen view` shows the checkpoint without its data folder
+            checkpoint[CAMERAS_KEY] = camera_record(self.info)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # The number of Gaussians changes during training: size the parameters like the checkpoint's
