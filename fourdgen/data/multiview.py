@@ -12,13 +12,14 @@ schedule (:mod:`fourdgen.data.clip_schedule`).
 
 from __future__ import annotations
 
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader.sampler import RandomSampler
 
 from fourdgen.backbones.image import CLIPImageEncoder, HashImageEncoder
 from fourdgen.backbones.text import HashTextEncoder, UMT5TextEncoder
 from fourdgen.batch import GridBatch
 from fourdgen.data.clip_schedule import ClipLengths, ScheduledBatchSampler, check_schedule
-from fourdgen.data.datamodules import GridDataModule
+from fourdgen.data.datamodules import GridDataModule, resumable_loader
 from fourdgen.data.embeddings import ConditionEmbedder
 from fourdgen.data.grid_augment import (
     HomographyGridDataset,
@@ -196,7 +197,7 @@ class MultiViewDataModule(GridDataModule):
         ds = ClipLengths({T: self._dataset("train", T) for T in lengths})
         trainer = self.trainer
         sampler = ScheduledBatchSampler(
-            RandomSampler(ds),
+            RandomSampler(ds),  # torchdata's: its order is part of the loader's state (exact resume)
             self.batch_size,
             drop_last=False,
             schedule=schedule,
@@ -204,7 +205,7 @@ class MultiViewDataModule(GridDataModule):
             start_step=lambda: trainer.global_step if trainer is not None else 0,
             accumulate=trainer.accumulate_grad_batches if trainer is not None else 1,
         )
-        return DataLoader(
+        return resumable_loader(
             ds,
             batch_sampler=sampler,
             num_workers=self.num_workers,
