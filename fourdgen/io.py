@@ -52,6 +52,34 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def read_cache(path: str | os.PathLike, keys: tuple[str, ...] = ()) -> dict | None:
+    """The tensors of a cache file fourdgen wrote (safetensors), or None when it is missing or
+    unreadable (truncated, corrupted on disk, another layout, non-finite values): the caller then
+    recomputes and rewrites it, so a damaged cache costs time, not the run. Unreadable ones warn."""
+    import warnings
+
+    import torch
+    from safetensors.torch import load_file
+
+    from fourdgen.errors import short_error
+
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        d = load_file(str(p))
+        missing = [k for k in keys if k not in d]
+        if missing:
+            raise KeyError(f"no tensor {missing[0]!r}")
+        bad = [k for k, v in d.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"non-finite values in {bad[0]!r}")
+    except Exception as e:  # safetensors' SafetensorError derives from Exception only
+        warnings.warn(f"{p}: unreadable cache file ({short_error(e)}); recomputing it", stacklevel=2)
+        return None
+    return d
+
+
 # ----------------------------------------------------------------------------- output folders
 MANIFEST = ".fourdgen.json"
 

@@ -12,6 +12,8 @@ schedule (:mod:`fourdgen.data.clip_schedule`).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader.sampler import RandomSampler
 
@@ -95,6 +97,7 @@ class MultiViewDataModule(GridDataModule):
         crop: str = "random",
         load_depth: bool = True,
         samples_per_scene: int = 1,
+        on_bad_sample: Literal["skip", "error"] = "skip",
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         seed: int = 0,
@@ -116,6 +119,7 @@ class MultiViewDataModule(GridDataModule):
             load_xyz=False,
             load_mask=False,
             samples_per_scene=samples_per_scene,
+            on_bad_sample=on_bad_sample,
             val_fraction=val_fraction,
             test_fraction=test_fraction,
             seed=seed,
