@@ -15,10 +15,10 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image
 
 from fourdgen.backbones.image import CLIPImageEncoder, HashImageEncoder
 from fourdgen.backbones.text import HashTextEncoder, UMT5TextEncoder
@@ -48,19 +48,32 @@ def list_images(images: str | list[str]) -> list[Path]:
     return out
 
 
-def load_image(path: Path, height: int, width: int) -> Tensor:
-    """``[3, height, width]`` in [-1, 1]: resized to cover, centre-cropped. A file that does not
-    decode is a :class:`~fourdgen.errors.FileFormatError` naming it (not torchvision's error)."""
+def read_rgb(path: Path) -> Tensor:
+    """An image file's pixels ``[3, H, W]`` uint8, through PIL: torchvision's ``decode_image``
+    crashed the process (a segfault, no exception) on some damaged files. 16-bit images keep their
+    high byte; palette, gray and alpha images become RGB. A file that does not decode is one
+    :class:`~fourdgen.errors.FileFormatError` naming it."""
+    from PIL import Image
+
+    expected = f"a readable {'/'.join(IMAGE_SUFFIXES)} image"
     try:
-        img = decode_image(str(path), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError, OSError) as e:  # torchvision: RuntimeError; a folder: OSError
-        raise FileFormatError(
-            path, "<image>", f"a readable {'/'.join(IMAGE_SUFFIXES)} image", short_error(e)
-        ) from e
-    if img.dtype != torch.uint8:  # 16-bit PNGs decode to uint16
-        img = (img.float() / torch.iinfo(img.dtype).max * 255).round().to(torch.uint8)
-    if min(img.shape[-2:]) < 1:
-        raise FileFormatError(path, "<image>", "an image of at least 1x1 pixels", list(img.shape[-2:]))
+        with Image.open(path) as im:
+            im.load()  # decodes now: a truncated file raises here
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = (np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+                arr = np.repeat(arr[..., None], 3, axis=-1)
+            else:
+                arr = np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's errors
+        raise FileFormatError(path, "<image>", expected, short_error(e)) from None
+    if arr.ndim != 3 or min(arr.shape[:2]) < 1:
+        raise FileFormatError(path, "<image>", "an image of at least 1x1 pixels", list(arr.shape))
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+
+
+def load_image(path: Path, height: int, width: int) -> Tensor:
+    """``[3, height, width]`` in [-1, 1]: resized to cover, centre-cropped (see :func:`read_rgb`)."""
+    img = read_rgb(path)
     size, top_left = resize_crop_plan(tuple(img.shape[-2:]), (height, width), "center", random.Random(0))
     img = _resize(img[None].float() / 255, size, top_left, (height, width), "bilinear")[0]
     return img.clamp(0, 1) * 2 - 1
