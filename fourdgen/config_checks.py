@@ -33,6 +33,12 @@ WEIGHT_KEYS = (
     "lpips_loss_weights",
     "ckpt_path",
 )
+# A weight key its stage never reads while the sibling keys say so: LPIPS weights without an LPIPS
+# network (``lpips_net: null``, as prediction steps set), or an LPIPS loss of weight 0.
+UNUSED_WHEN = {
+    "lpips_weights": lambda c: c.get("lpips_net", "") is None,
+    "lpips_loss_weights": lambda c: c.get("lpips_loss_net", "") is None or c.get("lpips_weight") == 0,
+}
 # Read only when training starts (the reconstructor's setup("fit")): other subcommands never open them.
 FIT_ONLY_WEIGHTS = ("init_checkpoint", "vggt_checkpoint")
 
@@ -44,7 +50,8 @@ def weight_paths(cfg: Any, prefix: str = "") -> list[tuple[str, str]]:
         for k, v in cfg.items():
             key = f"{prefix}.{k}" if prefix else k
             if k in WEIGHT_KEYS and isinstance(v, str) and v:
-                found.append((key, v))
+                if not (k in UNUSED_WHEN and UNUSED_WHEN[k](cfg)):
+                    found.append((key, v))
             else:
                 found += weight_paths(v, key)
     elif isinstance(cfg, list):

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# Two-core CI machine: keep torch from oversubscribing.
-THREADS = min(2, os.cpu_count() or 1)
+# Two-core CI machine: keep torch from oversubscribing (one thread per xdist worker).
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1)
 torch.set_num_threads(THREADS)
 
 

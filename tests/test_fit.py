@@ -176,7 +176,8 @@ def _refine(strategy, params, grads, step=100):
 
 def test_compiled_deformation_does_not_recompile_when_gaussians_change():
     """Densification changes the number of Gaussians (an nn.Parameter): one dynamic graph serves
-    all sizes. Plain ``torch.compile(dynamic=True)`` recompiles per size on a Parameter input."""
+    all sizes, and all times. Plain ``torch.compile(dynamic=True)`` recompiles per size on a
+    Parameter input (and per value of a float time: 81 recompiles at export on the device)."""
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
@@ -189,14 +190,19 @@ def test_compiled_deformation_does_not_recompile_when_gaussians_change():
     ):
         counter = CompileCounter()
         fn = make(field.forward, backend=counter)
-        for n in sizes:
+        for n, t in zip(sizes, (0.5, 0.3, 0.7, 0.1), strict=True):  # a new time per call, too
             means = nn.Parameter(torch.rand(n, 3))
-            out = fn(means, 0.5)
+            out = fn(means, t)
             out.d_means.sum().backward()
             assert means.grad is not None and means.grad.shape == (n, 3)
-            ref = field(means, 0.5)
+            ref = field(means, t)
             torch.testing.assert_close(out.d_means, ref.d_means)
         counters[name] = counter.frame_count
+        if name == "ours":  # export: no grad, 81 float times; one more graph, not one per time
+            with torch.no_grad():
+                for t in torch.linspace(0, 1, 9).tolist():
+                    torch.testing.assert_close(fn(means, t).d_means, field(means, t).d_means)
+            assert counter.frame_count == 2, counter.frame_count
         torch._dynamo.reset()
     assert counters["ours"] == 1
     assert counters["plain"] > 1  # the failure mode compile_dynamic exists for

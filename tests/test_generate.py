@@ -298,3 +298,21 @@ def test_every_pipeline_file_parses_and_its_recipes_exist(pipeline):
     assert pipe.steps and pipe.steps[0].run == "import"
     for step in pipe.steps:
         assert not step.is_lightning or Path(step.config).is_file(), step.config
+
+
+def test_weight_paths_skip_lpips_weights_a_stage_never_reads():
+    """A prediction step sets ``lpips_net: null``; the recipe's LPIPS weights path is then unused
+    and must not fail the pre-flight check (it did on the device: checkpoints/lpips/alexnet.pth)."""
+    from fourdgen.generate.stages import weight_paths
+
+    cfg = {
+        "model": {"init_args": {"lpips_net": None, "lpips_weights": "no/alex.pth", "checkpoint": "a.ckpt"}},
+        "fit": {"lpips_net": "alex", "lpips_weights": "w/alex.pth"},
+        "recon": {"lpips_weight": 0, "lpips_loss_net": "vgg", "lpips_loss_weights": "w/vgg.pth"},
+        "recon2": {"lpips_weight": 0.5, "lpips_loss_net": "vgg", "lpips_loss_weights": "w/vgg.pth"},
+    }
+    assert weight_paths(cfg) == [
+        ("model.init_args.checkpoint", "a.ckpt"),
+        ("fit.lpips_weights", "w/alex.pth"),
+        ("recon2.lpips_loss_weights", "w/vgg.pth"),
+    ]

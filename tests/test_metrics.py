@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 
 import imageio.v2 as iio2
@@ -345,3 +346,34 @@ def test_save_video_mp4(tmp_path):
         frames = [f for f in reader]  # not list(): the reader reports an infinite len
     assert len(frames) == 4 and frames[0].shape == (18, 22, 3)
     assert os.listdir(path.parent) == ["video.mp4"]
+
+
+def test_save_video_mp4_opencv_fallback(tmp_path, monkeypatch):
+    """Without an ffmpeg binary the mp4 comes from OpenCV (the GPU machine has cv2 and no
+    imageio-ffmpeg); the frames read back close to what went in."""
+    cv2 = pytest.importorskip("cv2", reason="OpenCV is not installed here (the fallback's only user)")
+    import fourdgen.callbacks.media as media
+
+    monkeypatch.setattr(media, "_has_ffmpeg", lambda: False)
+    video = torch.linspace(0, 1, 5).view(5, 1, 1, 1).expand(5, 24, 32, 3).contiguous()
+    path = tmp_path / "v.mp4"
+    save_video_mp4(path, video, fps=5)
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while (ok := cap.read())[0]:
+        frames.append(ok[1])
+    cap.release()
+    assert len(frames) == 5 and frames[0].shape == (24, 32, 3)
+    means = [f.mean() / 255 for f in frames]
+    assert max(abs(m - t) for m, t in zip(means, torch.linspace(0, 1, 5).tolist(), strict=True)) < 0.05
+    assert os.listdir(tmp_path) == ["v.mp4"]
+
+
+def test_save_video_mp4_without_any_encoder(tmp_path, monkeypatch):
+    import fourdgen.callbacks.media as media
+
+    monkeypatch.setattr(media, "_has_ffmpeg", lambda: False)
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 raises ImportError
+    with pytest.raises(RuntimeError, match="no ffmpeg binary.*imageio-ffmpeg.*no OpenCV"):
+        save_video_mp4(tmp_path / "v.mp4", torch.rand(2, 8, 8, 3))
+    assert os.listdir(tmp_path) == []

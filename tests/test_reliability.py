@@ -114,21 +114,36 @@ def _fit_cmd(recipe: str, out: Path, steps: int, every: int, extra: list[str]) -
 def test_sigkill_mid_fit_resumes_with_the_same_losses(tmp_path, recipe, steps, every, extra):
     """A run killed after its first checkpoint and resumed from ``last.ckpt`` logs, step for step,
     the losses of an uninterrupted run of the same recipe."""
-    data = (
-        [f"--data.init_args.scene={tmp_path / 'scene'}"]
-        if "fit" in recipe
-        else [
-            f"--data.init_args.root={tmp_path / 'scenes'}",
-            f"--data.init_args.cache_dir={tmp_path / 'cache'}",
-        ]
-    )
+
+    def data(d: Path) -> list[str]:  # each run its own copy of the (seeded, identical) data
+        if "fit" in recipe:
+            return [f"--data.init_args.scene={d / 'scene'}"]
+        return [f"--data.init_args.root={d / 'scenes'}", f"--data.init_args.cache_dir={d / 'cache'}"]
+
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    _run(_fit_cmd(recipe, ref, steps, every, [*extra, *data]))
-    step = _kill_at_first_checkpoint(
-        _fit_cmd(recipe, cut, steps, every, [*extra, *data]), cut / "ck" / "last.ckpt"
-    )
+    # The uninterrupted reference runs beside the one to be killed (one thread each: two cores).
+    ref.mkdir()
+    with (ref / "stderr.txt").open("w+") as log:  # a file, not a pipe nobody reads while it runs
+        reference = subprocess.Popen(
+            _fit_cmd(recipe, ref, steps, every, [*extra, *data(ref)]),
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        try:
+            step = _kill_at_first_checkpoint(
+                _fit_cmd(recipe, cut, steps, every, [*extra, *data(cut)]), cut / "ck" / "last.ckpt"
+            )
+            reference.wait(timeout=600)
+        finally:
+            if reference.poll() is None:
+                reference.kill()
+        log.seek(0)
+        assert reference.returncode == 0, log.read()[-3000:]
     assert 0 < step < steps
-    _run([*_fit_cmd(recipe, cut, steps, every, [*extra, *data]), f"--ckpt_path={cut / 'ck' / 'last.ckpt'}"])
+    resume = f"--ckpt_path={cut / 'ck' / 'last.ckpt'}"
+    _run([*_fit_cmd(recipe, cut, steps, every, [*extra, *data(cut)]), resume])
     want, got = _losses(ref), _losses(cut)
     assert checkpoint_step(cut / "ck" / "last.ckpt") == steps == checkpoint_step(ref / "ck" / "last.ckpt")
     after = sorted(s for s in want if s >= step)

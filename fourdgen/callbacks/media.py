@@ -137,6 +137,8 @@ def save_video_mp4(
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
 
     path = os.fspath(path)
+    if not _has_ffmpeg():
+        return _save_mp4_opencv(path, frames, fps)
     # Temp file + rename with the mode a plain open() gives (mkstemp's 0600 made mp4s private);
     # the .mp4 suffix tells ffmpeg the format.
     with (
@@ -154,4 +156,38 @@ def save_video_mp4(
     ):
         for frame in frames:
             writer.append_data(frame)
+    return path
+
+
+def _has_ffmpeg() -> bool:
+    """Whether imageio can find an ffmpeg binary (imageio-ffmpeg's wheel, or IMAGEIO_FFMPEG_EXE)."""
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
+def _save_mp4_opencv(path: str, frames: np.ndarray, fps: float) -> str:
+    """The fallback where no ffmpeg binary is installed but OpenCV is (clusters and containers
+    often ship opencv-python-headless alone): MPEG-4 Part 2 ('mp4v'), which every player and
+    imageio read, though larger than H.264. ``frames``: ``[T, H, W, 3]`` uint8 RGB."""
+    try:
+        import cv2
+    except ImportError as e:
+        raise RuntimeError(
+            f"cannot write {path}: no ffmpeg binary (pip install imageio-ffmpeg) and no OpenCV"
+        ) from e
+    with atomic_path(path, suffix=".mp4") as tmp:
+        h, w = frames.shape[1:3]
+        writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h))
+        if not writer.isOpened():
+            raise RuntimeError(f"cannot write {path}: OpenCV's VideoWriter did not open (mp4v, {w}x{h})")
+        try:
+            for frame in frames:
+                writer.write(np.ascontiguousarray(frame[..., ::-1]))  # OpenCV wants BGR
+        finally:
+            writer.release()
     return path

@@ -6,14 +6,11 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
 
 from tqdm import tqdm
 
 from fourdgen.diffusion.flow import sampling_callback
-
-T = TypeVar("T")
 
 
 class Bar:
@@ -40,18 +37,6 @@ class Bar:
     def close(self) -> None:
         if self._tqdm is not None:
             self._tqdm.close()
-
-
-def progress(items: Iterable[T], desc: str, unit: str = "it", total: int | None = None) -> Iterator[T]:
-    """Iterate ``items`` with a :class:`Bar`."""
-    items = list(items) if total is None else items
-    bar = Bar(desc, total if total is not None else len(items), unit)
-    try:
-        for x in items:
-            yield x
-            bar.update()
-    finally:
-        bar.close()
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import ArgumentParser
 
 from fourdgen.entry import condense_parse_error
@@ -323,6 +324,8 @@ class Run:
             }
             self._save()
             t0 = time.monotonic()
+            if torch.cuda.is_available():  # steps run in this process: their peaks are separable
+                torch.cuda.reset_peak_memory_stats()
             partial = self._partial(name)
             shutil.rmtree(partial, ignore_errors=True)
             try:
@@ -335,6 +338,8 @@ class Run:
                 raise
             self._commit(partial, final)
             rec.update(status="done", finished=_now(), seconds=round(time.monotonic() - t0, 2))
+            if torch.cuda.is_available():
+                rec["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             rec["output_digest"] = folder_digest(final)
             upstream.append(rec["output_digest"])
             self._save()

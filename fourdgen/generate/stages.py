@@ -19,7 +19,7 @@ from typing import Any
 from jsonargparse import Namespace
 
 from fourdgen.cli import FourDGenCLI
-from fourdgen.config_checks import WEIGHT_KEYS, weight_paths  # noqa: F401 (this module's API)
+from fourdgen.config_checks import UNUSED_WHEN, WEIGHT_KEYS, weight_paths  # noqa: F401 (this module's API)
 from fourdgen.entry import condense_parse_error, is_own_error
 from fourdgen.errors import ConfigError, FourDGenError
 

@@ -23,7 +23,7 @@ from fourdgen.data.scene import read_scene
 from fourdgen.data.scene_writer import write_scene
 from fourdgen.errors import ConfigError
 from fourdgen.generate import media
-from fourdgen.generate.progress import progress
+from fourdgen.generate.progress import Bar
 from fourdgen.geometry.cameras import intrinsics_from_fov
 from fourdgen.geometry.orbit import orbit_cameras, subject_center
 
@@ -220,7 +220,11 @@ class Depth:
             depth, how = scene.load_depth(0), "from the scene"
         else:
             est = DepthEstimator(self.model, self.device, self.dtype, self.batch_size)
-            preds = [est(chunk).cpu() for chunk in progress(rgb.split(self.batch_size), "depth", "frames")]
+            bar, preds = Bar("depth", rgb.shape[0], "frames"), []
+            for chunk in rgb.split(self.batch_size):  # counted in frames, not batches
+                preds.append(est(chunk).cpu())
+                bar.update(chunk.shape[0])
+            bar.close()
             pred = torch.cat(preds)
             depth = torch.where(pred > 0, 1.0 / pred, 0.0) if est.space == "disparity" else pred.clamp_min(0)
             valid = depth > 0

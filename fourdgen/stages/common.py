@@ -216,10 +216,23 @@ def compile_dynamic(fn, backend="inductor"):
     Dynamo treats ``nn.Parameter`` inputs as static-shaped (``force_parameter_static_shapes``) and
     recompiles on every new number of Gaussians until its recompile limit, then runs eagerly. A
     view of a parameter is a plain tensor with the same autograd path, so it gets dynamic sizes.
+    Python floats (the fitter's time ``t`` at export and along camera paths) become 0-d tensors on
+    the first tensor argument's device: Dynamo specialises on each float's value, so 81 export
+    times meant 81 recompiles (the recompile limit, then eager) at Full-4D's size.
     """
     compiled = torch.compile(fn, dynamic=True, backend=backend)
 
     def call(*args):
-        return compiled(*(a.view_as(a) if isinstance(a, nn.Parameter) else a for a in args))
+        device = next((a.device for a in args if isinstance(a, Tensor)), None)
+        return compiled(
+            *(
+                a.view_as(a)
+                if isinstance(a, nn.Parameter)
+                else torch.tensor(a, dtype=torch.float32, device=device)
+                if isinstance(a, float)
+                else a
+                for a in args
+            )
+        )
 
     return call
