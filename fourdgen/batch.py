@@ -169,8 +169,16 @@ class GridBatch:
         unknown = set(batch) - names
         if unknown:
             raise ValueError(f"GridBatch: unknown fields {sorted(unknown)}; known: {sorted(names)}")
+        missing = [k for k in ("rgb", "K", "w2c") if batch.get(k) is None]
+        if missing:
+            raise ValueError(
+                f"GridBatch: required fields {missing} are missing (rgb, K and w2c are required)"
+            )
         b = dict(batch)
         rgb = b["rgb"]
+        if not isinstance(rgb, Tensor) or rgb.ndim != 6:
+            shape = list(rgb.shape) if isinstance(rgb, Tensor) else type(rgb).__name__
+            raise ValueError(f"GridBatch.rgb: expected a [B, V, T, 3, H, W] tensor, got {shape}")
         B, V, T = rgb.shape[:3]
         b.setdefault("observed", torch.zeros(B, V, T, dtype=torch.bool, device=rgb.device))
         b.setdefault(

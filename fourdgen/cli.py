@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from fourdgen.callbacks.guard import GuardedOutput
 from fourdgen.callbacks.progress import FinalMetrics, LineProgress, StepProgressBar
+from fourdgen.config_checks import check_config
 from fourdgen.entry import condense_parse_error, env_flag
 from fourdgen.errors import ConfigError
 from fourdgen.io import check_checkpoint_file
@@ -300,7 +301,11 @@ class FourDGenCLI(LightningCLI):
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
     def before_instantiate_classes(self) -> None:
-        threads = (self.config[self.subcommand] if self.subcommand else self.config).get("num_threads")
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        # After the checkpoint's hyper-parameters are merged, before any class is built: weights that
+        # are not there, unknown presets, mask terms and clip sizes fail here, naming the key.
+        check_config(cfg.as_dict(), self.subcommand)
+        threads = cfg.get("num_threads")
         if threads:
             torch.set_num_threads(threads)
 

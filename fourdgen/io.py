@@ -52,6 +52,67 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def read_tensors(path: str | os.PathLike) -> dict:
+    """The tensors of a user's ``.safetensors`` file; a file that does not read (missing, empty,
+    truncated, not safetensors) is one :class:`~fourdgen.errors.FileFormatError` naming it, not
+    safetensors' own error."""
+    from safetensors.torch import load_file
+
+    from fourdgen.errors import FileFormatError, short_error
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileFormatError(p, "<file>", "an existing .safetensors file", "missing")
+    try:
+        return load_file(str(p))
+    except Exception as e:  # SafetensorError (header too small, incomplete metadata ...), OSError
+        raise FileFormatError(p, "<file>", "a complete .safetensors file", short_error(e)) from None
+
+
+def check_tensor(file, key: str, t, shape: tuple[int, ...] | None = None) -> None:
+    """``t`` is a floating-point tensor of ``shape`` (None: any) with finite values, or one
+    :class:`~fourdgen.errors.FileFormatError` naming ``file`` and the tensor ``key``."""
+    import torch
+
+    from fourdgen.errors import FileFormatError
+
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise FileFormatError(file, key, "a floating-point tensor", got)
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise FileFormatError(file, key, f"shape {list(shape)}", list(t.shape))
+    if not torch.isfinite(t).all():
+        raise FileFormatError(file, key, "finite values", "NaN or inf")
+
+
+def read_cache(path: str | os.PathLike, keys: tuple[str, ...] = ()) -> dict | None:
+    """The tensors of a cache file fourdgen wrote (safetensors), or None when it is missing or
+    unreadable (truncated, corrupted on disk, another layout, non-finite values): the caller then
+    recomputes and rewrites it, so a damaged cache costs time, not the run. Unreadable ones warn."""
+    import warnings
+
+    import torch
+    from safetensors.torch import load_file
+
+    from fourdgen.errors import short_error
+
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        d = load_file(str(p))
+        missing = [k for k in keys if k not in d]
+        if missing:
+            raise KeyError(f"no tensor {missing[0]!r}")
+        bad = [k for k, v in d.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"non-finite values in {bad[0]!r}")
+    except Exception as e:  # safetensors' SafetensorError derives from Exception only
+        warnings.warn(f"{p}: unreadable cache file ({short_error(e)}); recomputing it", stacklevel=2)
+        return None
+    return d
+
+
 # ----------------------------------------------------------------------------- output folders
 MANIFEST = ".fourdgen.json"
 

@@ -101,3 +101,70 @@ def test_datamodule_schedule_switches_clip_length_on_the_step(tmp_path, accumula
     steps = [s for s in range(5) for _ in range(accumulate)]
     assert model.seen == [(s, 1 if s < 3 else 5) for s in steps]
     assert GridBatch.coerce(next(iter(dm.val_dataloader()))).shape[2] == 5
+
+
+@pytest.mark.filterwarnings("ignore:.*only 1 scene", "ignore:.*does not have many workers")
+def test_scheduled_loader_resumes_mid_epoch_with_the_same_samples_and_lengths(tmp_path, monkeypatch):
+    """A fit checkpointed mid-epoch (step 2 of 4-batch epochs) and resumed under another global seed
+    trains the very samples, at the very clip lengths, of the uninterrupted run: across the
+    schedule's switch (step 3) and into the next epoch. The loader and its batch sampler are
+    stateful (torchdata), so Lightning's checkpoint holds their position and shuffled order."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    drawn: list[tuple[int, int]] = []  # (sample index, frames) in the order the loader fetched them
+    get = ClipLengths.__getitem__
+    monkeypatch.setattr(ClipLengths, "__getitem__", lambda self, key: (drawn.append(key), get(self, key))[1])
+
+    def fit(seed: int, ckpt_path=None) -> list[tuple[int, int, int]]:
+        L.seed_everything(seed)
+        drawn.clear()
+        dm = MultiViewDataModule(
+            root=str(tmp_path / "scenes"),
+            num_views=2,
+            num_frames=5,
+            height=16,
+            width=16,
+            crop="center",
+            clip_schedule={0: 1, 3: 5},
+            text_encoder=HashTextEncoder(dim=8, length=4),
+            synthetic=dataclasses.replace(SYN),
+            samples_per_scene=4,
+        )
+        model = _Recorder()
+        every = ModelCheckpoint(
+            dirpath=tmp_path / "ck", every_n_train_steps=2, save_top_k=-1, filename="{step}"
+        )
+        trainer = L.Trainer(
+            max_steps=7,
+            accelerator="cpu",
+            logger=False,
+            callbacks=[every],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(model, dm, ckpt_path=ckpt_path)
+        return [(step, idx, frames) for (step, frames), (idx, _) in zip(model.seen, drawn, strict=True)]
+
+    ref = fit(0)
+    assert [s for s, _, _ in ref] == list(range(7)) and {f for s, _, f in ref if s >= 3} == {5}
+    resumed = fit(1, ckpt_path=tmp_path / "ck" / "step=2.ckpt")
+    assert resumed == ref[2:]
+
+
+def test_batch_sampler_state_without_a_stateful_index_sampler_skips_what_was_drawn():
+    """A deterministic index sampler without state (a DistributedSampler, here a sequential one):
+    the restored epoch skips the batches drawn and keeps the saved epoch's start step."""
+    sampler = ScheduledBatchSampler(
+        SequentialSampler(range(10)), 3, False, {0: 1, 2: 5}, start_step=lambda: 1
+    )
+    it = iter(sampler)
+    head = [next(it)]
+    state = it.state_dict()
+    assert state == {"start": 1, "yielded": 1, "indices": None}
+    tail = list(it)
+    later = ScheduledBatchSampler(SequentialSampler(range(10)), 3, False, {0: 1, 2: 5}, start_step=lambda: 7)
+    restored = iter(later)
+    restored.load_state_dict(state)
+    assert list(restored) == tail and [b[0][1] for b in head + tail] == [1, 5, 5, 5]

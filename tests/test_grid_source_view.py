@@ -184,6 +184,37 @@ def test_random_order_is_applied_in_training_steps_only(monkeypatch):
     assert b.view_ids.tolist() == identity  # the caller's batch is not modified
 
 
+def test_training_view_orders_repeat_per_step_and_rank_whatever_the_global_rng(monkeypatch):
+    """The view order of a training clip comes from its own generator of (seed, step, rank, clip):
+    a resumed run (a fresh module at the same step) and every DDP rank draw what the uninterrupted
+    run did, whatever else consumed the global RNG (loader workers, dropout, other components)."""
+    seen: list[list] = []
+    step, rank = {"now": 0}, {"now": 0}
+    monkeypatch.setattr(GridDiffusion, "global_step", property(lambda self: step["now"]))
+    monkeypatch.setattr(GridDiffusion, "global_rank", property(lambda self: rank["now"]))
+
+    def orders(b, drawn_before: int) -> list:
+        model = _model(ProjectionGrid(source_view=1))  # a fresh module: a resumed run
+        prepare = model.prepare
+        monkeypatch.setattr(model, "prepare", lambda x: (seen.append(x.view_ids.tolist()), prepare(x))[1])
+        torch.manual_seed(0)  # the run's seed (seed_everything)...
+        torch.rand(drawn_before)  # ...and whatever else drew from the global RNG since
+        before = torch.get_rng_state()
+        model.training_step(b, 0)
+        assert torch.equal(torch.get_rng_state(), before)  # the global RNG is not drawn from
+        return seen[-1]
+
+    b = _batch(B=4)
+    first = orders(b, 0)
+    assert orders(b, 123) == first and any(r != list(range(V)) for r in first)
+    assert orders(_batch(B=1), 7) == first[:1]  # per clip: independent of the batch size
+    rank["now"] = 1
+    assert orders(b, 0) != first  # another rank draws other orders...
+    step["now"], rank["now"] = 1, 0
+    assert orders(b, 0) != first  # ...and so does the next step
+    assert all(sorted(r) == list(range(V)) for ids in seen for r in ids)
+
+
 # --- outputs keep the source row as given -----------------------------------------------------
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
-from fourdgen.io import atomic_path
+from fourdgen.io import atomic_path, read_cache
 
 
 class HashImageEncoder:
@@ -135,7 +135,7 @@ def embed_images_cached(encoder, images: Tensor, keys: list[str], cache_dir: str
     for key, img in zip(keys, images, strict=True):
         name = hashlib.sha1(f"{encoder.id}\n{key}\n{_checksum(img)}".encode()).hexdigest()[:20]
         paths.append(Path(cache_dir) / "image" / f"{name}.safetensors")
-    out: list[Tensor | None] = [load_file(str(p))["embeds"] if p.is_file() else None for p in paths]
+    out: list[Tensor | None] = [(read_cache(p, ("embeds",)) or {}).get("embeds") for p in paths]
     missing = [i for i, e in enumerate(out) if e is None]
     if missing:
         embs = encoder(images[missing]).float().cpu()

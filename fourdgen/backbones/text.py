@@ -14,10 +14,10 @@ import hashlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
-from fourdgen.io import atomic_path
+from fourdgen.io import atomic_path, read_cache
 
 
 class HashTextEncoder:
@@ -102,8 +102,9 @@ def embed_cached(encoder, prompts: list[str], cache_dir: str | Path | None) -> T
     for prompt in prompts:
         key = hashlib.sha1(f"{encoder.id}\n{prompt}".encode()).hexdigest()[:20]
         path = Path(cache_dir) / "text" / f"{key}.safetensors"
-        if path.is_file():
-            out.append(load_file(str(path))["embeds"])
+        cached = read_cache(path, ("embeds",))
+        if cached is not None:
+            out.append(cached["embeds"])
             continue
         emb = encoder([prompt])[0].contiguous()
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 
 from fourdgen.backbones.vggt import VGGT
+from fourdgen.errors import FileFormatError, short_error
+from fourdgen.io import read_tensors
 
 _DINO = "aggregator.patch_embed."
 _ADDED = ("aggregator.temporal_blocks.",)  # 4Real-Video-V2 layers: not in official checkpoints
@@ -66,11 +68,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"VGGT checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    return sd.get("model", sd) if isinstance(sd, dict) else sd
+        return read_tensors(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a pickle of other objects than tensors
+        raise FileFormatError(path, "<file>", "a torch.save'd VGGT state dict", short_error(e)) from None
+    sd = sd.get("model", sd) if isinstance(sd, dict) else sd
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise FileFormatError(path, "<file>", "a state dict (names -> tensors)", type(sd).__name__)
+    return sd
 
 
 def load_official(

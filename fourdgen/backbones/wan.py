@@ -124,6 +124,39 @@ def _local_dir(path: str | Path, subfolder: str, what: str) -> Path:
     return root
 
 
+def _from_pretrained(cls, root: Path, subfolder: str, dtype: torch.dtype):
+    """``cls.from_pretrained`` of a local folder, every weight accounted for. diffusers fills weights
+    the checkpoint lacks with random ones (and drops those the model has no place for) with only a
+    log line: a renamed or missing key would train on noise. Here each is one
+    :class:`~fourdgen.errors.FileFormatError` naming the folder and the key, as are unreadable files
+    and shape mismatches (diffusers' own ``OSError``/``ValueError``)."""
+    from fourdgen.errors import FileFormatError, short_error
+
+    folder = root / subfolder if subfolder else root
+    what = f"a diffusers {cls.__name__} checkpoint"
+    try:
+        model, info = cls.from_pretrained(
+            root,
+            subfolder=subfolder or None,
+            torch_dtype=dtype,
+            local_files_only=True,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, RuntimeError, TypeError) as e:  # unreadable file, shape mismatch, bad config
+        raise FileFormatError(folder, "<weights>", what, short_error(e)) from None
+    for kind, expected in (
+        ("missing_keys", "a tensor of the checkpoint (the model has this weight)"),
+        ("unexpected_keys", "only weights the model has (the checkpoint is of another architecture?)"),
+        ("mismatched_keys", "the model's shape"),
+    ):
+        keys = info.get(kind) or []
+        if keys:
+            key = keys[0][0] if isinstance(keys[0], tuple) else keys[0]
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise FileFormatError(folder, str(key), expected, kind.replace("_keys", "") + more)
+    return model
+
+
 def build_transformer(
     path: str | None = None,
     preset: str | None = "tiny",
@@ -140,9 +173,7 @@ def build_transformer(
     """
     if path is not None:
         root = _local_dir(path, subfolder, "build_transformer")
-        return WanTransformer3DModel.from_pretrained(
-            root, subfolder=subfolder or None, torch_dtype=dtype, local_files_only=True
-        )
+        return _from_pretrained(WanTransformer3DModel, root, subfolder, dtype)
     if preset not in TRANSFORMER_PRESETS:
         raise ValueError(
             f"build_transformer: preset must be one of {sorted(TRANSFORMER_PRESETS)}, got {preset!r}"
@@ -166,9 +197,7 @@ def build_vae(
     so the DataModule's latent cache and the model build the same VAE)."""
     if path is not None:
         root = _local_dir(path, subfolder, "build_vae")
-        return AutoencoderKLWan.from_pretrained(
-            root, subfolder=subfolder or None, torch_dtype=dtype, local_files_only=True
-        )
+        return _from_pretrained(AutoencoderKLWan, root, subfolder, dtype)
     if preset not in VAE_PRESETS:
         raise ValueError(f"build_vae: preset must be one of {sorted(VAE_PRESETS)}, got {preset!r}")
     # On CPU explicitly: Lightning calls configure_model under `with <cuda device>`, where the

@@ -7,6 +7,7 @@ the diffusion stage."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from torch.utils.data import DataLoader
 
@@ -83,6 +84,7 @@ class AugmentedGridDataModule(GridDataModule):
         load_xyz: bool = True,
         load_mask: bool = True,
         samples_per_scene: int = 1,
+        on_bad_sample: Literal["skip", "error"] = "skip",
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         seed: int = 0,

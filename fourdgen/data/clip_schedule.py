@@ -13,7 +13,9 @@ the scheduled step exactly: batch ``n`` of an epoch trains step ``start + n // a
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from torch.utils.data import BatchSampler, Dataset, Sampler
 
@@ -58,6 +60,12 @@ class ScheduledBatchSampler(BatchSampler):
     ``start_step`` is read when an epoch starts (the trainer's ``global_step``, which also holds
     a resumed run's step). Subclasses ``BatchSampler`` with ``sampler`` first so Lightning can
     rebuild it around a distributed sampler.
+
+    Its epoch iterator is stateful (``state_dict``/``load_state_dict``, what torchdata's
+    ``StatefulDataLoader`` saves in Lightning's checkpoints): the epoch's start step and the batches
+    drawn, with the index sampler's own state when it has one (torchdata's ``RandomSampler``), else
+    by skipping what was drawn (a deterministic sampler, e.g. ``DistributedSampler``). A run resumed
+    mid-epoch then draws the very batches, at the very clip lengths, that it would have.
     """
 
     def __init__(
@@ -76,8 +84,42 @@ class ScheduledBatchSampler(BatchSampler):
         self.schedule, self.default = check_schedule(schedule), default
         self.start_step, self.accumulate = start_step, accumulate
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        start = self.start_step()
-        for n, batch in enumerate(super().__iter__()):
-            frames = frames_at(self.schedule, start + n // self.accumulate, self.default)
-            yield [(idx, frames) for idx in batch]
+    def __iter__(self) -> _ScheduledBatches:
+        return _ScheduledBatches(self, self.start_step())
+
+
+class _ScheduledBatches(Iterator[list[tuple[int, int]]]):
+    """One epoch of :class:`ScheduledBatchSampler` (torchdata's ``Stateful`` protocol)."""
+
+    def __init__(self, owner: ScheduledBatchSampler, start: int):
+        self.owner, self.start, self.yielded = owner, start, 0
+        self.indices = iter(owner.sampler)
+
+    def __iter__(self) -> _ScheduledBatches:
+        return self
+
+    def __next__(self) -> list[tuple[int, int]]:
+        o = self.owner
+        batch = list(itertools.islice(self.indices, o.batch_size))
+        if not batch or (o.drop_last and len(batch) < o.batch_size):
+            raise StopIteration
+        frames = frames_at(o.schedule, self.start + self.yielded // o.accumulate, o.default)
+        self.yielded += 1
+        return [(idx, frames) for idx in batch]
+
+    def state_dict(self) -> dict[str, Any]:
+        stateful = callable(getattr(self.indices, "state_dict", None))
+        return {
+            "start": self.start,
+            "yielded": self.yielded,
+            "indices": self.indices.state_dict() if stateful else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.start, self.yielded = int(state["start"]), int(state["yielded"])
+        self.indices = iter(self.owner.sampler)
+        if state.get("indices") is not None and callable(getattr(self.indices, "load_state_dict", None)):
+            self.indices.load_state_dict(state["indices"])
+        else:  # a sampler without state repeats its epoch's order: skip what was drawn
+            for _ in itertools.islice(self.indices, self.yielded * self.owner.batch_size):
+                pass

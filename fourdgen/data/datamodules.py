@@ -11,6 +11,7 @@ import random
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -287,7 +288,7 @@ class GridDataModule(BaseDataModule):
         load_xyz: bool = True,
         load_mask: bool = True,
         samples_per_scene: int = 1,
-        on_bad_sample: str = "skip",
+        on_bad_sample: Literal["skip", "error"] = "skip",
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         seed: int = 0,

@@ -34,6 +34,11 @@ class PredictedDepth(DepthProvider):
     def __init__(self, root: str):
         self.root = Path(root)
 
+    def batch_needs(self) -> list[tuple[tuple[str, ...], str]]:
+        return [
+            (("scene_id",), f"the clip names its depth file <root>/<scene_id>/depth.npz (root {self.root})")
+        ]
+
     def load(self, scene_id: str, T: int, H: int, W: int) -> Tensor:
         path = self.root / scene_id / "depth.npz"
         if not path.is_file():

@@ -11,18 +11,21 @@ stage recovers real ones from the generated pointmaps.
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image
 
 from fourdgen.backbones.image import CLIPImageEncoder, HashImageEncoder
 from fourdgen.backbones.text import HashTextEncoder, UMT5TextEncoder
 from fourdgen.batch import GridBatch
 from fourdgen.data.datamodules import BaseDataModule, _resize, resize_crop_plan
 from fourdgen.data.embeddings import ConditionEmbedder
+from fourdgen.errors import FileFormatError, short_error
 from fourdgen.geometry.cameras import intrinsics_from_fov
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -45,12 +48,32 @@ def list_images(images: str | list[str]) -> list[Path]:
     return out
 
 
-def load_image(path: Path, height: int, width: int) -> Tensor:
-    """``[3, height, width]`` in [-1, 1]: resized to cover, centre-cropped."""
+def read_rgb(path: Path) -> Tensor:
+    """An image file's pixels ``[3, H, W]`` uint8, through PIL: torchvision's ``decode_image``
+    crashed the process (a segfault, no exception) on some damaged files. 16-bit images keep their
+    high byte; palette, gray and alpha images become RGB. A file that does not decode is one
+    :class:`~fourdgen.errors.FileFormatError` naming it."""
+    from PIL import Image
+
+    expected = f"a readable {'/'.join(IMAGE_SUFFIXES)} image"
     try:
-        img = decode_image(str(path), mode=ImageReadMode.RGB)
-    except RuntimeError as e:
-        raise ValueError(f"data.images: cannot decode {path} as an image ({e})") from e
+        with Image.open(path) as im:
+            im.load()  # decodes now: a truncated file raises here
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = (np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+                arr = np.repeat(arr[..., None], 3, axis=-1)
+            else:
+                arr = np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's errors
+        raise FileFormatError(path, "<image>", expected, short_error(e)) from None
+    if arr.ndim != 3 or min(arr.shape[:2]) < 1:
+        raise FileFormatError(path, "<image>", "an image of at least 1x1 pixels", list(arr.shape))
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+
+
+def load_image(path: Path, height: int, width: int) -> Tensor:
+    """``[3, height, width]`` in [-1, 1]: resized to cover, centre-cropped (see :func:`read_rgb`)."""
+    img = read_rgb(path)
     size, top_left = resize_crop_plan(tuple(img.shape[-2:]), (height, width), "center", random.Random(0))
     img = _resize(img[None].float() / 255, size, top_left, (height, width), "bilinear")[0]
     return img.clamp(0, 1) * 2 - 1
@@ -96,6 +119,8 @@ class ImagePromptDataModule(BaseDataModule):
         fov_deg: horizontal field of view of the placeholder intrinsics.
         text_encoder / image_encoder / prompt_suffix / negative_prompt / cache_dir: as the
             training DataModule's (:class:`ConditionEmbedder`); use the same ones.
+        on_bad_sample: an image that does not decode: ``skip`` it (a warning naming the file, counted
+            in :attr:`skipped`; the others are still generated) or ``error`` (stop before generating).
     """
 
     def __init__(
@@ -111,6 +136,7 @@ class ImagePromptDataModule(BaseDataModule):
         prompt_suffix: str = "POINTMAP_STYLE.",
         negative_prompt: str = "",
         cache_dir: str | None = None,
+        on_bad_sample: Literal["skip", "error"] = "skip",
         batch_size: int = 1,
         num_workers: int = 0,
     ):
@@ -124,18 +150,36 @@ class ImagePromptDataModule(BaseDataModule):
         )
         self.images: list[Path] = []
         self.prompts: list[str] = []
+        self.skipped = 0
+
+    def _readable(self, path: Path) -> bool:
+        """Decoded once here, before any generation: a bad image is skipped (warned, counted) or,
+        with ``on_bad_sample: error``, stops the run; no loader worker meets it later."""
+        try:
+            load_image(path, 1, 1)
+        except FileFormatError as e:
+            if self.hparams.on_bad_sample == "error":
+                raise
+            self.skipped += 1
+            warnings.warn(f"skipping a bad sample ({self.skipped} so far): {e}", stacklevel=2)
+            return False
+        return True
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
-        self.images = list_images(h.images)
+        found = list_images(h.images)
+        keep = [self._readable(p) for p in found]
+        self.images = [p for p, ok in zip(found, keep, strict=True) if ok]
+        if not self.images:
+            raise FileFormatError(found[0], "<image>", "at least one readable image", f"{len(found)} skipped")
         if isinstance(h.prompts, str):
             self.prompts = [h.prompts] * len(self.images)
         elif h.prompts is not None:
-            if len(h.prompts) != len(self.images):
+            if len(h.prompts) != len(found):
                 raise ValueError(
-                    f"data.prompts: expected one prompt per image ({len(self.images)}), got {len(h.prompts)}"
+                    f"data.prompts: expected one prompt per image ({len(found)}), got {len(h.prompts)}"
                 )
-            self.prompts = list(h.prompts)
+            self.prompts = [p for p, ok in zip(h.prompts, keep, strict=True) if ok]
         else:
             self.prompts = [
                 p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else ""

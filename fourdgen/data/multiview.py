@@ -12,13 +12,16 @@ schedule (:mod:`fourdgen.data.clip_schedule`).
 
 from __future__ import annotations
 
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from typing import Literal
+
+from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader.sampler import RandomSampler
 
 from fourdgen.backbones.image import CLIPImageEncoder, HashImageEncoder
 from fourdgen.backbones.text import HashTextEncoder, UMT5TextEncoder
 from fourdgen.batch import GridBatch
 from fourdgen.data.clip_schedule import ClipLengths, ScheduledBatchSampler, check_schedule
-from fourdgen.data.datamodules import GridDataModule
+from fourdgen.data.datamodules import GridDataModule, resumable_loader
 from fourdgen.data.embeddings import ConditionEmbedder
 from fourdgen.data.grid_augment import (
     HomographyGridDataset,
@@ -94,6 +97,7 @@ class MultiViewDataModule(GridDataModule):
         crop: str = "random",
         load_depth: bool = True,
         samples_per_scene: int = 1,
+        on_bad_sample: Literal["skip", "error"] = "skip",
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         seed: int = 0,
@@ -115,6 +119,7 @@ class MultiViewDataModule(GridDataModule):
             load_xyz=False,
             load_mask=False,
             samples_per_scene=samples_per_scene,
+            on_bad_sample=on_bad_sample,
             val_fraction=val_fraction,
             test_fraction=test_fraction,
             seed=seed,
@@ -196,7 +201,7 @@ class MultiViewDataModule(GridDataModule):
         ds = ClipLengths({T: self._dataset("train", T) for T in lengths})
         trainer = self.trainer
         sampler = ScheduledBatchSampler(
-            RandomSampler(ds),
+            RandomSampler(ds),  # torchdata's: its order is part of the loader's state (exact resume)
             self.batch_size,
             drop_last=False,
             schedule=schedule,
@@ -204,7 +209,7 @@ class MultiViewDataModule(GridDataModule):
             start_step=lambda: trainer.global_step if trainer is not None else 0,
             accumulate=trainer.accumulate_grad_batches if trainer is not None else 1,
         )
-        return DataLoader(
+        return resumable_loader(
             ds,
             batch_sampler=sampler,
             num_workers=self.num_workers,

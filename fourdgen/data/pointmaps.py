@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import Dataset, get_worker_info
 
 from fourdgen.backbones.image import CLIPImageEncoder, HashImageEncoder
@@ -35,7 +36,7 @@ from fourdgen.geometry.pointmaps import (
     latent_stats,
     world_pointmaps,
 )
-from fourdgen.io import atomic_path
+from fourdgen.io import atomic_path, read_cache
 
 
 class _PointmapClips(Dataset):
@@ -102,6 +103,7 @@ class PointmapDataModule(GridDataModule):
         observe: str | list[int] = "first",
         crop: str = "center",
         samples_per_scene: int = 1,
+        on_bad_sample: Literal["skip", "error"] = "skip",
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         seed: int = 0,
@@ -123,6 +125,7 @@ class PointmapDataModule(GridDataModule):
             if isinstance(observe, str)
             else list(observe),
             samples_per_scene=samples_per_scene,
+            on_bad_sample=on_bad_sample,
             val_fraction=val_fraction,
             test_fraction=test_fraction,
             seed=seed,
@@ -192,9 +195,9 @@ class PointmapDataModule(GridDataModule):
         if not self._vae_ready():
             return None
         path = self._latent_path(b)
-        if path.is_file():
-            d = load_file(str(path))
-        else:
+        keys = ("rgb_latents", "xyz_latents", "xyz_center", "xyz_scale")
+        d = read_cache(path, keys + (("cond_latents",) if self._cond_id is not None else ()))
+        if d is None:  # not cached yet, or a damaged file (warned): encode and write it
             d = self._encode(b)
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:

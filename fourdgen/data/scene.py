@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from fourdgen.errors import FourDGenError
+from fourdgen.errors import FileFormatError
 from fourdgen.geometry.cameras import is_rigid
 
 FORMAT_NAME = "fourdgen-scene"
@@ -51,15 +51,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VIDEO_SUFFIXES = (".mp4",)
 
 
-class SceneFormatError(FourDGenError, ValueError):
+class SceneFormatError(FileFormatError):
     """A scene on disk does not follow the format. Names the file, the field and the expectation."""
-
-    def __init__(self, file: str | Path, field: str, expected: str, got: Any = None):
-        self.file, self.field, self.expected, self.got = str(file), field, expected, got
-        msg = f"{file}: field '{field}': expected {expected}"
-        if got is not None:
-            msg += f", got {got}"
-        super().__init__(msg)
 
 
 @dataclass

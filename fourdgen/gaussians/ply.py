@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from plyfile import PlyData, PlyElement
+from plyfile import PlyData, PlyElement, PlyListProperty
 
+from fourdgen.errors import FileFormatError, short_error
 from fourdgen.gaussians.container import Gaussians, sh_degree_from_bases
 from fourdgen.io import atomic_path
 
@@ -60,43 +61,86 @@ def save_ply(path: str | os.PathLike, gaussians: Gaussians) -> Path:
 
 
 def load_ply(path: str | os.PathLike, device: str | torch.device = "cpu") -> Gaussians:
-    """Read a 3DGS PLY file. Raises ValueError naming the file for anything missing or malformed."""
+    """Read a 3DGS PLY file. Anything missing or malformed (not a PLY, truncated, a vertex count
+    that does not match the data, a missing or list-typed property, NaN/inf values) raises one
+    :class:`~fourdgen.errors.FileFormatError` naming the file and the property."""
     path = Path(path)
+
+    def bad(field: str, expected: str, got=None) -> FileFormatError:
+        return FileFormatError(path, field, expected, got)
+
     try:
-        ply = PlyData.read(str(path))
+        # Not memory-mapped: a file replaced or truncated while mapped faults (SIGBUS), not raises.
+        ply = PlyData.read(str(path), mmap=False)
     except Exception as e:  # plyfile raises assorted errors on truncated/garbled files
-        raise ValueError(f"{path}: not a readable PLY file ({e})") from e
+        raise bad("<file>", "a readable PLY file", short_error(e)) from None
     if "vertex" not in [el.name for el in ply.elements]:
-        raise ValueError(f"{path}: PLY file has no 'vertex' element")
+        raise bad("vertex", "a 'vertex' element", [el.name for el in ply.elements])
     v = ply["vertex"]
+    _check_size(path, ply)
     names = [p.name for p in v.properties]
     for name in _REQUIRED:
         if name not in names:
-            raise ValueError(f"{path}: PLY vertex element is missing property '{name}'")
+            raise bad(f"vertex.{name}", "a float property (the 3DGS layout)", "missing")
+    lists = [p.name for p in v.properties if isinstance(p, PlyListProperty)]
+    if lists:
+        raise bad(f"vertex.{lists[0]}", "a scalar property", "a list property")
     rest = sorted((n for n in names if re.fullmatch(r"f_rest_\d+", n)), key=lambda n: int(n[7:]))
     if rest != [f"f_rest_{i}" for i in range(len(rest))] or len(rest) % 3:
-        raise ValueError(f"{path}: f_rest properties must be f_rest_0..f_rest_{{3(K-1)-1}}, got {len(rest)}")
+        raise bad("vertex.f_rest_*", "f_rest_0..f_rest_{3(K-1)-1}", f"{len(rest)} f_rest properties")
     try:
         sh_degree_from_bases(len(rest) // 3 + 1)
-    except ValueError as e:
-        raise ValueError(f"{path}: {len(rest)} f_rest properties is not a whole SH degree") from e
+    except ValueError:
+        raise bad("vertex.f_rest_*", "a whole SH degree (9, 24 or 45 f_rest properties)", len(rest)) from None
 
     n = v.count
 
     def cols(keys: list[str]) -> torch.Tensor:
         if not keys:
             return torch.zeros(n, 0)
-        return torch.from_numpy(np.stack([np.asarray(v[k], dtype=np.float32) for k in keys], axis=1))
+        out = np.stack([np.asarray(v[k], dtype=np.float32) for k in keys], axis=1)
+        finite = np.isfinite(out)
+        if not finite.all():
+            row, col = np.argwhere(~finite)[0]
+            raise bad(f"vertex.{keys[col]}", "finite values", f"{out[row, col]} at vertex {row}")
+        return torch.from_numpy(out)
 
+    quats = cols([f"rot_{i}" for i in range(4)])
+    zero = (quats.abs().sum(1) == 0).nonzero()
+    if len(zero):
+        raise bad("vertex.rot_0..3", "a non-zero quaternion (w, x, y, z)", f"0 at vertex {int(zero[0])}")
     g = Gaussians(
         means=cols(["x", "y", "z"]),
         log_scales=cols([f"scale_{i}" for i in range(3)]),
-        quats=cols([f"rot_{i}" for i in range(4)]),
+        quats=quats,
         opacity_logits=cols(["opacity"])[:, 0].contiguous(),
         sh0=cols(["f_dc_0", "f_dc_1", "f_dc_2"])[:, None, :],
         shN=cols(rest).reshape(n, 3, len(rest) // 3).transpose(1, 2).contiguous(),
     )
     return g.to(device)
+
+
+def _check_size(path: Path, ply: PlyData) -> None:
+    """Binary data longer than the header's element counts say: a vertex count too small for the
+    data (plyfile reads the first rows and ignores the rest). Shorter data fails to read already."""
+    if ply.text or any(isinstance(p, PlyListProperty) for el in ply.elements for p in el.properties):
+        return
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    end = head.find(b"end_header")
+    if end < 0:
+        return
+    start = end + len(b"end_header") + (2 if head[end + 10 : end + 12] == b"\r\n" else 1)
+    expected = start + sum(el.count * el.data.dtype.itemsize for el in ply.elements)
+    size = path.stat().st_size
+    if size > expected:
+        v = ply["vertex"]
+        raise FileFormatError(
+            path,
+            "vertex",
+            f"{v.count} vertices (the header's count) and nothing after them",
+            f"{size - expected} more bytes",
+        )
 
 
 def save_ply_sequence(

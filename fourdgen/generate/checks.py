@@ -4,13 +4,11 @@ step and the key."""
 
 from __future__ import annotations
 
-import inspect
-import json
 from pathlib import Path
 from typing import Any
 
+from fourdgen.config_checks import vae_factors, weight_paths
 from fourdgen.errors import ConfigError
-from fourdgen.generate.stages import weight_paths
 
 
 def check_weights(cfg: dict[str, Any], where: str, step: str) -> None:
@@ -21,30 +19,6 @@ def check_weights(cfg: dict[str, Any], where: str, step: str) -> None:
                 f"{where}: {key}: {path} does not exist (weights are read from local paths, nothing is "
                 f"downloaded; point it at your copy with --set {step}.{key}=PATH)"
             )
-
-
-def vae_factors(spec: dict[str, Any] | None) -> tuple[int, int] | None:
-    """(temporal, spatial) down-sampling of a ``build_vae`` spec, from its config alone (no weights
-    are loaded); None when the spec says nothing we can read."""
-    from diffusers import AutoencoderKLWan
-
-    from fourdgen.backbones.wan import VAE_PRESETS
-
-    if not spec:
-        return None
-    if spec.get("path"):
-        file = Path(spec["path"]) / spec.get("subfolder", "vae") / "config.json"
-        if not file.is_file():
-            return None  # check_weights names the missing checkpoint
-        cfg = json.loads(file.read_text())
-    elif spec.get("preset") in VAE_PRESETS:
-        cfg = dict(VAE_PRESETS[spec["preset"]])
-    else:
-        return None
-    defaults = inspect.signature(AutoencoderKLWan.__init__).parameters
-    down = cfg.get("temperal_downsample", defaults["temperal_downsample"].default)
-    patch = cfg.get("patch_size", defaults["patch_size"].default) or 1
-    return 2 ** sum(bool(d) for d in down), 2 ** len(down) * patch
 
 
 def check_clip_size(cfg: dict[str, Any], where: str) -> None:

@@ -110,9 +110,18 @@ def _read_image(path: Path) -> np.ndarray:
         img = iio.imread(path)
     except Exception as e:
         raise ConfigError(f"--input {path}: cannot read as an image ({type(e).__name__}: {e})") from None
+    if img.ndim == 3 and img.shape[-1] == 2:  # gray + alpha
+        img = img[..., 0]
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=-1)
-    return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
+    if img.ndim != 3 or img.shape[-1] < 3 or img.dtype not in (np.uint8, np.uint16) or min(img.shape[:2]) < 1:
+        raise ConfigError(
+            f"--input {path}: expected an 8- or 16-bit RGB(A) or gray image, got {img.dtype} {img.shape}"
+        )
+    img = img[..., :3]
+    if img.dtype == np.uint16:  # 16-bit PNG: keep the high byte (astype would wrap around)
+        img = img >> 8
+    return np.ascontiguousarray(img).astype(np.uint8)
 
 
 def plan_times(
@@ -164,12 +173,19 @@ def read_frames(p: Probe, indices: list[int]) -> np.ndarray:
         return np.stack([cache[i] for i in indices])
     if p.kind == "video":
         want, got = set(indices), {}
-        with _open_video(p.path) as reader:
-            for i, frame in enumerate(reader):  # sequential decoding: seeking is slow and inexact
-                if i in want:
-                    got[i] = np.ascontiguousarray(frame[..., :3])
-                if len(got) == len(want):
-                    break
+        try:
+            with _open_video(p.path) as reader:
+                for i, frame in enumerate(reader):  # sequential decoding: seeking is slow and inexact
+                    if i in want:
+                        got[i] = np.ascontiguousarray(frame[..., :3])
+                    if len(got) == len(want):
+                        break
+        except ConfigError:
+            raise
+        except Exception as e:  # a stream that breaks mid-way: imageio-ffmpeg's OSError/RuntimeError
+            raise ConfigError(
+                f"--input {p.path}: decoding stopped at frame {len(got)} ({type(e).__name__}: {e})"
+            ) from None
         missing = sorted(want - set(got))
         if missing:
             raise ConfigError(f"--input {p.path}: frames {missing[:5]} could not be decoded")

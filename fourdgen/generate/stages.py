@@ -19,27 +19,9 @@ from typing import Any
 from jsonargparse import Namespace
 
 from fourdgen.cli import FourDGenCLI
+from fourdgen.config_checks import UNUSED_WHEN, WEIGHT_KEYS, weight_paths  # noqa: F401 (this module's API)
 from fourdgen.entry import condense_parse_error, is_own_error
 from fourdgen.errors import ConfigError, FourDGenError
-
-# Config keys that name weights to load (local files or folders); output folders are not among them.
-WEIGHT_KEYS = (
-    "path",
-    "checkpoint",
-    "vggt_checkpoint",
-    "init_checkpoint",
-    "init_lora",
-    "depth_model",
-    "lpips_weights",
-    "lpips_loss_weights",
-    "ckpt_path",
-)
-# A weight key its stage never reads while the sibling keys say so: LPIPS weights without an LPIPS
-# network (``lpips_net: null``, as prediction steps set), or an LPIPS loss of weight 0.
-UNUSED_WHEN = {
-    "lpips_weights": lambda c: c.get("lpips_net", "") is None,
-    "lpips_loss_weights": lambda c: c.get("lpips_loss_net", "") is None or c.get("lpips_weight") == 0,
-}
 
 
 def cli_args(run: str, config: str, ckpt_path: str | None, args: dict[str, Any], logs: Path) -> list[str]:
@@ -107,23 +89,6 @@ def as_dict(ns: Any) -> Any:
     if isinstance(ns, str | int | float | bool) or ns is None:
         return ns
     return str(ns)
-
-
-def weight_paths(cfg: Any, prefix: str = "") -> list[tuple[str, str]]:
-    """``(key, path)`` of every weight the config names (keys in :data:`WEIGHT_KEYS`, string values)."""
-    found: list[tuple[str, str]] = []
-    if isinstance(cfg, dict):
-        for k, v in cfg.items():
-            key = f"{prefix}.{k}" if prefix else k
-            if k in WEIGHT_KEYS and isinstance(v, str) and v:
-                if not (k in UNUSED_WHEN and UNUSED_WHEN[k](cfg)):
-                    found.append((key, v))
-            else:
-                found += weight_paths(v, key)
-    elif isinstance(cfg, list):
-        for i, v in enumerate(cfg):
-            found += weight_paths(v, f"{prefix}[{i}]")
-    return found
 
 
 def data_args(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from fourdgen.nn.adapters import Adapter, trainables_to_float32
@@ -266,29 +266,32 @@ def save_dlc(transformer: nn.Module, out_dir: str | os.PathLike, write: bool = T
 @torch.no_grad()
 def load_dlc(transformer: nn.Module, lora_dir: str | os.PathLike) -> nn.Module:
     """Load a :func:`save_dlc` export into a transformer with DLC installed (same targets/links)."""
-    from fourdgen.nn.lora import EXTRA_FILE, LORA_FILE
+    from fourdgen.errors import FileFormatError
+    from fourdgen.io import read_tensors
+    from fourdgen.nn.lora import EXTRA_FILE, LORA_FILE, _lora_modules, load_extra
 
     d = Path(lora_dir)
     modules = dict(transformer.named_modules())
-    params = dict(transformer.named_parameters())
+    # Every tensor of every file is checked before any is copied: a half-loaded adapter would train on.
+    branches = {}
     for b in BRANCHES:
         f = d / b / LORA_FILE
         if not f.is_file():
             raise FileNotFoundError(f"{f}: missing (expected a fourdgen DLC export with rgb/ and xyz/)")
-        for k, v in load_file(str(f)).items():
-            name, kind = k.removeprefix("transformer.").rsplit(".", 2)[0], k.rsplit(".", 2)[1]
-            lora = getattr(modules.get(name), "dlc", None)
+        branches[b] = _lora_modules(f, read_tensors(f), transformer, "transformer.")
+        for name, (a, _) in branches[b].items():
+            lora, key = getattr(modules[name], "dlc", None), f"transformer.{name}.lora_A.weight"
             if not isinstance(lora, BranchLoRA):
-                raise KeyError(
-                    f"{f}: {k} has no DLC layer '{name}' in the model (install the same DLC first)"
-                )
-            w = getattr(lora, f"{kind}_{b}").weight
-            w.copy_(v / lora.scale if kind == "lora_B" else v)
-    links = load_file(str(d / EXTRA_FILE)) if (d / EXTRA_FILE).is_file() else {}
-    for k, v in links.items():
-        if k not in params:
-            raise KeyError(f"{d / EXTRA_FILE}: {k} has no control link in the model (same link_layers?)")
-        params[k].copy_(v)
+                raise FileFormatError(f, key, "a layer with DLC installed (the same targets)", "none")
+            if a.shape[0] != lora.rank:
+                raise FileFormatError(f, key, f"rank {lora.rank} (the DLC installed)", a.shape[0])
+    if (d / EXTRA_FILE).is_file():
+        load_extra(transformer, d / EXTRA_FILE, what="control link (same link_layers?)")
+    for b, pairs in branches.items():
+        for name, (a, up) in pairs.items():
+            lora = modules[name].dlc
+            getattr(lora, f"lora_A_{b}").weight.copy_(a)
+            getattr(lora, f"lora_B_{b}").weight.copy_(up / lora.scale)
     return transformer
 
 

@@ -29,7 +29,7 @@ from fourdgen.nn.coupling import DiTCoupling, call_dit
 from fourdgen.nn.fused_attention import GridAttentionState
 from fourdgen.nn.grid_layout import GridLayout, grid_to_sequence, sequence_to_grid
 from fourdgen.nn.multiview import install_grid, relative_cameras
-from fourdgen.nn.view_time_mask import ViewTimeMask
+from fourdgen.nn.view_time_mask import CONDITION_TERMS, PREDICATES, ViewTimeMask
 
 Encoder = Callable[[Tensor], Tensor]  # pixel grid [B, V, T, 3, H, W] -> latents [B, V, C, F, h, w]
 
@@ -37,12 +37,20 @@ Encoder = Callable[[Tensor], Tensor]  # pixel grid [B, V, T, 3, H, W] -> latents
 class DepthProvider(Recorded):
     """``__call__(b, view) -> depth [B, T, H, W]`` (camera z, 0 = unknown) of one view of the batch."""
 
+    def batch_needs(self) -> list[tuple[tuple[str, ...], str]]:
+        """GridBatch fields it reads (see :meth:`fourdgen.stages.common.BatchContract.batch_needs`)."""
+        return []
+
     def __call__(self, b: GridBatch, view: int) -> Tensor:
         raise NotImplementedError
 
 
 class BatchDepth(DepthProvider):
     """Ground-truth depth from the scene files (``GridBatch.depth``)."""
+
+    def batch_needs(self) -> list[tuple[tuple[str, ...], str]]:
+        why = "the source view's depth for the projection: scenes with depth files and load_depth: true"
+        return [(("depth",), why + ", or depth: PredictedDepth / MonocularDepth")]
 
     def __call__(self, b: GridBatch, view: int) -> Tensor:
         if b.depth is None:
@@ -108,10 +116,24 @@ def permute_views(b: GridBatch, perm: Tensor) -> GridBatch:
     return dataclasses.replace(b, **moved)
 
 
-def random_view_order(B: int, V: int) -> Tensor:
-    """``[B, V]`` long: an independent uniform permutation per clip, drawn from torch's global CPU RNG
-    (seeded by Lightning's ``seed_everything``: runs repeat)."""
-    return torch.stack([torch.randperm(V) for _ in range(B)]) if B else torch.zeros(0, V, dtype=torch.long)
+def random_view_order(B: int, V: int, generators: list[torch.Generator] | None = None) -> Tensor:
+    """``[B, V]`` long: an independent uniform permutation per clip, clip ``i`` drawn from
+    ``generators[i]`` (the stage's per-sample generators, :func:`~fourdgen.stages.common.sample_generators`,
+    so DDP ranks and resumed runs repeat), or from torch's global CPU RNG without them."""
+    gens = _per_clip(generators, B)
+    return (
+        torch.stack([torch.randperm(V, generator=g) for g in gens])
+        if B
+        else torch.zeros(0, V, dtype=torch.long)
+    )
+
+
+def _per_clip(generators: list[torch.Generator] | None, B: int) -> list[torch.Generator | None]:
+    if generators is None:
+        return [None] * B
+    if len(generators) != B:
+        raise ValueError(f"expected one generator per clip ({B}), got {len(generators)}")
+    return list(generators)
 
 
 def reversal_order(flip: Tensor, views: int) -> Tensor:
@@ -154,12 +176,34 @@ class GridCoupling(DiTCoupling):
         backend: ``auto`` / ``flex`` / ``dense`` (see :func:`~fourdgen.nn.fused_attention.grid_attention`).
     """
 
+    # Whether the layout has condition frames after each view's targets (what CONDITION_TERMS read).
+    condition_frames = False
+
     def __init__(self, mask: list[str] | None = None, t_max: int = 21, backend: str = "auto"):
+        problem = type(self).mask_problem(mask) if mask is not None else None
+        if problem:
+            raise ValueError(f"{type(self).__name__}.mask: {problem}")
         self.mask = ViewTimeMask(mask or ["same_view", "same_time"])
         self.t_max = t_max
         self.state = GridAttentionState(self.mask, backend)
 
     uses_cameras = False  # whether the batch's cameras mean anything to the model
+
+    @classmethod
+    def mask_problem(cls, terms) -> str | None:
+        """Why the mask ``terms`` do not fit this coupling (None: they do). Also run on the config,
+        before anything is built (:mod:`fourdgen.config_checks`)."""
+        if isinstance(terms, str) or not isinstance(terms, list | tuple) or not terms:
+            return f"expected a non-empty list of {', '.join(PREDICATES)}, got {terms!r}"
+        for t in terms:
+            if t not in PREDICATES:
+                return f"{t!r} is not one of {', '.join(PREDICATES)}"
+            if t in CONDITION_TERMS and not cls.condition_frames:
+                return (
+                    f"{t!r} attends to condition frames, which the {cls.__name__} layout does not have "
+                    "(only ProjectionGrid's does); use same_view/same_time"
+                )
+        return None
 
     def channels(self, vae) -> int:
         """Extra DiT input channels (none: conditions enter as tokens)."""
@@ -178,8 +222,13 @@ class GridCoupling(DiTCoupling):
         """The row holding the input video (kept as given in outputs), or None (no such row)."""
         return None
 
-    def training_batch(self, b: GridBatch) -> GridBatch:
-        """The batch as a training step sees it (validation and prediction use ``b`` as is)."""
+    def batch_needs(self) -> list[tuple[tuple[str, ...], str]]:
+        """Optional GridBatch fields it reads (``[(fields, why)]``, as the stage's ``batch_needs``)."""
+        return []
+
+    def training_batch(self, b: GridBatch, generators: list[torch.Generator] | None = None) -> GridBatch:
+        """The batch as a training step sees it (validation and prediction use ``b`` as is). Random
+        choices for clip ``i`` come from ``generators[i]`` (None: torch's global RNG)."""
         return b
 
     def guidance_scale(self, observed: Tensor, scale: float) -> float:
@@ -242,13 +291,16 @@ class ReferenceGrid(GridCoupling):
             raise ValueError(f"ReferenceGrid: reverse_views is a probability, got {reverse_views}")
         self.reverse_views, self.cfg_with_both_references = reverse_views, cfg_with_both_references
 
-    def training_batch(self, b: GridBatch) -> GridBatch:
-        """Each clip's views reversed with probability ``reverse_views`` (torch's global RNG, seeded
-        by ``seed_everything``); ``observed`` is kept, so the references stay in place."""
+    def training_batch(self, b: GridBatch, generators: list[torch.Generator] | None = None) -> GridBatch:
+        """Each clip's views reversed with probability ``reverse_views`` (clip ``i`` draws from
+        ``generators[i]``, else torch's global RNG); ``observed`` is kept, so the references stay in place."""
         if self.reverse_views == 0.0:
             return b
         B, V = b.shape[:2]
-        flip = torch.rand(B) < self.reverse_views
+        flip = (
+            torch.stack([torch.rand((), generator=g) for g in _per_clip(generators, B)]) < self.reverse_views
+        )
+        flip = flip.reshape(B)
         return dataclasses.replace(permute_views(b, reversal_order(flip, V)), observed=b.observed)
 
     def guidance_scale(self, observed: Tensor, scale: float) -> float:
@@ -307,6 +359,7 @@ class ProjectionGrid(GridCoupling):
 
     trainable = ("fused_attn", "fused_proj", "camera_encoder")
     uses_cameras = True
+    condition_frames = True
 
     def __init__(
         self,
@@ -331,16 +384,20 @@ class ProjectionGrid(GridCoupling):
     def source(self) -> int:
         return self.source_view
 
+    def batch_needs(self) -> list[tuple[tuple[str, ...], str]]:
+        return self.depth.batch_needs()
+
     def _check_views(self, V: int) -> None:
         if self.source_view >= V:
             raise ValueError(f"ProjectionGrid: source_view={self.source_view}, but the grid has {V} views")
 
-    def training_batch(self, b: GridBatch) -> GridBatch:
-        """A random view order per clip (``random_order``), else ``b``."""
+    def training_batch(self, b: GridBatch, generators: list[torch.Generator] | None = None) -> GridBatch:
+        """A random view order per clip (``random_order``; clip ``i`` draws from ``generators[i]``),
+        else ``b``."""
         if not self.random_order:
             return b
         B, V = b.shape[:2]
-        return permute_views(b, random_view_order(B, V))
+        return permute_views(b, random_view_order(B, V, generators))
 
     def install(self, transformer: nn.Module) -> nn.Module:
         return install_grid(transformer, self.state, branch=True)

@@ -12,14 +12,18 @@ embeddings were lost, so both files are always written together.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from fourdgen.errors import FileFormatError, short_error
+from fourdgen.io import check_tensor, read_tensors
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EXTRA_FILE = "fourdgen_extra.safetensors"
@@ -112,6 +116,38 @@ def write_diffusers_lora(folder: str | os.PathLike, lora: dict[str, Tensor], met
     )
 
 
+def _lora_modules(file: Path, sd: dict[str, Tensor], transformer: nn.Module, prefix: str) -> dict:
+    """Check a diffusers LoRA state dict against ``transformer`` before anything is loaded (peft
+    would ignore unknown keys and missing halves with a log line, and cast integer tensors):
+    ``{module name: (lora_A, lora_B)}``. Every key is ``<prefix><linear>.lora_A/B.weight`` of a
+    linear layer of the DiT, both halves are there, A is ``[r, in]``, B ``[out, r]``, floats, finite."""
+    if not sd:
+        raise FileFormatError(file, "<tensors>", "LoRA weights (<module>.lora_A/B.weight)", "no tensors")
+    linears = {n: m for n, m in transformer.named_modules() if isinstance(m, nn.Linear)}
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, t in sd.items():
+        m = re.fullmatch(rf"{re.escape(prefix)}(.+)\.(lora_[AB])\.weight", key)
+        if m is None or m.group(1) not in linears:
+            example = f"{prefix}{next(iter(linears), 'blocks.0.attn1.to_q')}.lora_A.weight"
+            raise FileFormatError(
+                file, key, f"a LoRA weight of a linear layer of this DiT (e.g. {example})", "no such layer"
+            )
+        pairs.setdefault(m.group(1), {})[m.group(2)] = t
+    out = {}
+    for name, halves in pairs.items():
+        for half in ("lora_A", "lora_B"):
+            if half not in halves:
+                raise FileFormatError(
+                    file, f"{prefix}{name}.{half}.weight", "both lora_A and lora_B of the layer", "missing"
+                )
+        lin, a, b = linears[name], halves["lora_A"], halves["lora_B"]
+        rank = a.shape[0] if a.ndim == 2 else -1
+        check_tensor(file, f"{prefix}{name}.lora_A.weight", a, (max(rank, 1), lin.in_features))
+        check_tensor(file, f"{prefix}{name}.lora_B.weight", b, (lin.out_features, rank))
+        out[name] = (a, b)
+    return out
+
+
 def load_lora(
     transformer: nn.Module,
     lora_dir: str | os.PathLike,
@@ -125,24 +161,37 @@ def load_lora(
         raise FileNotFoundError(f"{d}: no {LORA_FILE} (expected a fourdgen/diffusers LoRA export)")
     if (d / DOMAIN_FILE_4DNEX).is_file() and not (d / EXTRA_FILE).is_file():
         return load_4dnex_release(transformer, d, adapter_name=adapter_name)
-    # directory + weight_name: the path form skips the file's adapter metadata (rank/alpha)
-    transformer.load_lora_adapter(
-        str(d), weight_name=LORA_FILE, adapter_name=adapter_name, prefix="transformer"
-    )
+    sd = read_tensors(d / LORA_FILE)
+    _lora_modules(d / LORA_FILE, sd, transformer, "transformer.")
+    # A state dict, not the file: the file's adapter metadata (rank/alpha) is skipped either way,
+    # alpha is baked into B
+    transformer.load_lora_adapter(sd, adapter_name=adapter_name, prefix="transformer")
     if (d / EXTRA_FILE).is_file():
-        extra = load_file(str(d / EXTRA_FILE))
-        params = dict(transformer.named_parameters())
-        missing = [k for k in extra if k not in params]
-        if missing and strict_extra:
-            raise KeyError(
-                f"{d / EXTRA_FILE}: tensors {missing} have no matching parameter; install the "
-                "same components (e.g. width fusion) before loading"
-            )
-        with torch.no_grad():
-            for k, v in extra.items():
-                if k in params:
-                    params[k].copy_(v)
+        load_extra(transformer, d / EXTRA_FILE, strict=strict_extra)
     return transformer
+
+
+def load_extra(transformer: nn.Module, file: Path, strict: bool = True, what: str = "parameter") -> None:
+    """Copy the tensors of ``fourdgen_extra.safetensors`` into the parameters of the same names,
+    each checked first (a name without a parameter, another shape or dtype, NaN: one error naming it)."""
+    extra = read_tensors(file)
+    params = dict(transformer.named_parameters())
+    missing = [k for k in extra if k not in params]
+    if missing and strict:
+        raise FileFormatError(
+            file,
+            missing[0],
+            f"the name of a {what} of the model (install the same components, e.g. width "
+            "fusion or the same link_layers, before loading)",
+            "no such parameter",
+        )
+    for k, v in extra.items():
+        if k in params:
+            check_tensor(file, k, v, tuple(params[k].shape))
+    with torch.no_grad():
+        for k, v in extra.items():
+            if k in params:
+                params[k].copy_(v)
 
 
 def load_4dnex_release(
@@ -162,9 +211,17 @@ def load_4dnex_release(
     to ``patch_embedding.domain_embedding``.
     """
     d = Path(folder)
-    lora = {k: v * lora_scale if "lora_B" in k else v for k, v in load_file(str(d / LORA_FILE)).items()}
+    sd = read_tensors(d / LORA_FILE)
+    _lora_modules(d / LORA_FILE, sd, transformer, "transformer.")
+    lora = {k: v * lora_scale if "lora_B" in k else v for k, v in sd.items()}
     transformer.load_lora_adapter(lora, adapter_name=adapter_name, prefix="transformer")
-    emb = torch.load(d / DOMAIN_FILE_4DNEX, map_location="cpu", weights_only=True)
+    try:
+        emb = torch.load(d / DOMAIN_FILE_4DNEX, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a pickle of other objects
+        raise FileFormatError(
+            d / DOMAIN_FILE_4DNEX, "<file>", "a torch.save'd [2, dim] tensor", short_error(e)
+        ) from None
+    check_tensor(d / DOMAIN_FILE_4DNEX, "<tensor>", emb)
     target = getattr(transformer.patch_embedding, "domain_embedding", None)
     if target is None or tuple(target.shape) != tuple(emb.shape):
         raise ValueError(

@@ -56,6 +56,9 @@ PREDICATES: dict[str, Predicate] = {
     "same_frame": same_frame,
     "cross_half": cross_half,
 }
+# Terms that attend to condition frames (``f >= target_frames``): on a layout without them they never
+# hold, so the term would silently do nothing.
+CONDITION_TERMS = ("cross_half",)
 
 
 class ViewTimeMask:

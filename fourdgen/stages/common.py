@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import Tensor, nn
+
+from fourdgen.batch import GridBatch
+from fourdgen.errors import ConfigError
 
 
 def check_finite(value: Tensor | float, name: str, step: int) -> None:
@@ -94,6 +99,52 @@ class NonFiniteGuard:
             self._skip("non-finite gradients")
 
 
+class BatchContract:
+    """Mixin of the stage modules: the first batch of each loop (train, validation, test, predict) is
+    checked against the :class:`~fourdgen.batch.GridBatch` contract and the optional fields this stage
+    reads (:meth:`batch_needs`). A DataModule that does not provide one fails on that batch, in one
+    :class:`ConfigError` naming the field and the DataModule class, not as a ``KeyError`` or a
+    ``None`` dereference deep inside the model."""
+
+    def batch_needs(self, loop: str) -> list[tuple[tuple[str, ...], str]]:
+        """``[(fields, why)]``: optional GridBatch fields the ``loop`` reads; any one of ``fields``
+        satisfies an entry, ``why`` says what it is for and how to get it."""
+        return []
+
+    def check_batch(self, batch, loop: str) -> None:
+        checked = self.__dict__.setdefault("_checked_loops", set())
+        if loop in checked:
+            return
+        dm = self._trainer.datamodule if getattr(self, "_trainer", None) is not None else None
+        source = "the dataloader" if dm is None else f"data {type(dm).__module__}.{type(dm).__qualname__}"
+        try:
+            b = GridBatch.coerce(batch)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(
+                f"{source}: its {loop} batches break the GridBatch contract (fourdgen/batch.py): {e}"
+            ) from None
+        for fields, why in self.batch_needs(loop):
+            if all(getattr(b, f) is None or getattr(b, f) == [] for f in fields):
+                have = sorted(k for k, v in vars(b).items() if v is not None and v != [])
+                raise ConfigError(
+                    f"{source}: its {loop} batches have no {' or '.join(f'GridBatch.{f}' for f in fields)}, "
+                    f"which {type(self).__name__} needs ({why}); the batch has {', '.join(have)}"
+                )
+        checked.add(loop)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.check_batch(batch, "train")
+
+    def on_validation_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.check_batch(batch, "validation")
+
+    def on_test_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.check_batch(batch, "test")
+
+    def on_predict_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.check_batch(batch, "predict")
+
+
 def _all_finite(tensors: list[Tensor]) -> bool:
     local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # DTensor shards
     return bool(torch.stack([torch.isfinite(t).all() for t in local]).all())
@@ -144,6 +195,19 @@ def step_generator(step: int, stream: int = 0) -> torch.Generator:
     touch the global RNG (the data order stays put) and repeat when a fit resumes at ``step``."""
     seed = (torch.initial_seed() * 1_000_003 + step) * 31 + stream
     return torch.Generator().manual_seed(seed % 2**63)
+
+
+def sample_generators(step: int, count: int, stream: int = 0, purpose: str = "") -> list[torch.Generator]:
+    """One CPU generator per sample of a batch, seeded from (the run's seed, ``step``, ``stream`` (the
+    rank), the sample's index, ``purpose``): a sample's draws do not depend on the global RNG (which
+    the data order, the DataLoader workers and other layers share), so each DDP rank and a resumed
+    fit draw exactly what the uninterrupted run did. Hashed, so no two keys share a seed."""
+    gens = []
+    for i in range(count):
+        key = repr((torch.initial_seed(), int(step), int(stream), i, purpose)).encode()
+        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % 2**63
+        gens.append(torch.Generator().manual_seed(seed))
+    return gens
 
 
 def compile_dynamic(fn, backend="inductor"):

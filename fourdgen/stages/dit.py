@@ -23,12 +23,18 @@ from fourdgen.diffusion.latents import vae_id
 from fourdgen.nn.adapters import Adapter, default_adapter
 from fourdgen.nn.coupling import DiTCoupling
 from fourdgen.nn.lora import ATTN_TARGETS
-from fourdgen.stages.common import NonFiniteGuard, adamw_with_warmup, clip_grad_norm, fsdp_mesh
+from fourdgen.stages.common import (
+    BatchContract,
+    NonFiniteGuard,
+    adamw_with_warmup,
+    clip_grad_norm,
+    fsdp_mesh,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class DiTFinetune(NonFiniteGuard, L.LightningModule):
+class DiTFinetune(NonFiniteGuard, BatchContract, L.LightningModule):
     """Fine-tuning of a Wan DiT (abstract: subclasses give :meth:`input_channels` and the steps).
 
     Args:
@@ -53,6 +59,8 @@ class DiTFinetune(NonFiniteGuard, L.LightningModule):
             term) or ``skip`` the batch (warned and counted; one process only). See
             :class:`~fourdgen.stages.common.NonFiniteGuard`.
     """
+
+    wan_vae = True  # clip sizes are checked against the VAE before anything is built (config_checks)
 
     def __init__(
         self,
@@ -168,6 +176,18 @@ class DiTFinetune(NonFiniteGuard, L.LightningModule):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------------- shared checks
+    def batch_needs(self, loop: str) -> list[tuple[tuple[str, ...], str]]:
+        needs = [(("text_embeds",), "the DiT's text conditioning: give the DataModule a text_encoder")]
+        image_dim = None if self.transformer is None else self.transformer.config.image_dim
+        if image_dim is not None:
+            needs.append(
+                (
+                    ("image_embeds",),
+                    f"CLIP image tokens (image_dim={image_dim}): give the DataModule an image_encoder",
+                )
+            )
+        return needs
+
     def _text(self, b, negative: bool = False) -> Tensor:
         t = b.neg_text_embeds if negative else b.text_embeds
         if t is None:

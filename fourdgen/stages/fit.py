@@ -43,14 +43,14 @@ from fourdgen.gaussians.temporal import faded_logits, initial_log_scale
 from fourdgen.geometry.interpolation import interpolate_loop
 from fourdgen.geometry.projection import unproject
 from fourdgen.metrics.image import ImageMetrics, pooled_psnr
-from fourdgen.stages.common import NonFiniteGuard, compile_dynamic, step_generator
+from fourdgen.stages.common import BatchContract, NonFiniteGuard, compile_dynamic, step_generator
 
 SPLAT_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")
 TEMPORAL_KEYS = ("t_mean", "t_scale")  # with temporal_opacity: time centre, log temporal std
 STATIC_KEY = "static"  # 1 for Gaussians of points the scene classified static (not trainable)
 
 
-class Gaussian4DFitter(NonFiniteGuard, L.LightningModule):
+class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
     """Per-scene 4D Gaussian Splatting.
 
     Args:
@@ -278,6 +278,7 @@ class Gaussian4DFitter(NonFiniteGuard, L.LightningModule):
         return f"{int(self.trained_steps)} fitted steps" if int(self.trained_steps) > 0 else None
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)  # the batch contract
         self.trained_steps.fill_(self.global_step)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

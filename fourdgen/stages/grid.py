@@ -28,7 +28,7 @@ from fourdgen.diffusion.latents import decode_video, encode_video, scale_factors
 from fourdgen.metrics.image import ImageMetrics
 from fourdgen.nn.grid_coupling import GridCoupling, GridInputs, ReferenceGrid
 from fourdgen.nn.grid_layout import sequence_to_grid
-from fourdgen.stages.common import step_generator
+from fourdgen.stages.common import sample_generators, step_generator
 from fourdgen.stages.dit import DiTFinetune
 
 
@@ -65,6 +65,9 @@ class GridDiffusion(DiTFinetune):
 
     def input_channels(self, vae) -> int:
         return self.coupling.channels(vae)
+
+    def batch_needs(self, loop: str) -> list[tuple[tuple[str, ...], str]]:
+        return super().batch_needs(loop) + self.coupling.batch_needs()
 
     def velocity(self, x: Tensor, inp: GridInputs, timestep: Tensor, text: Tensor, image) -> Tensor:
         """DiT velocity for noisy grid latents ``x [B, C, V F, h, w]`` of the problem ``inp``."""
@@ -113,7 +116,10 @@ class GridDiffusion(DiTFinetune):
     # ------------------------------------------------------------------------------- training
     def training_step(self, batch: GridBatch, batch_idx: int) -> Tensor:
         b = self.crop(GridBatch.coerce(batch), self.clip_frames(self.global_step))
-        b = self.coupling.training_batch(b)
+        # Per-clip generators of (seed, step, rank): the global RNG would make each rank's and a
+        # resumed run's view orders depend on what else drew from it (loader workers, other layers).
+        gens = sample_generators(self.global_step, b.shape[0], stream=self.global_rank, purpose="views")
+        b = self.coupling.training_batch(b, gens)
         h = self.hparams
         inp = self.prepare(b)
         x0 = inp.x0

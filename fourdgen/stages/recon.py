@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fourdgen.backbones.vggt import PRESETS
 from fourdgen.batch import GridBatch
 from fourdgen.callbacks.media import log_images
 from fourdgen.gaussians.rasterize import rasterize
 from fourdgen.metrics.image import LPIPS, ImageMetrics
 from fourdgen.models.gaussian_recon import GaussianReconstructor, ReconPrediction, shard_reconstructor
-from fourdgen.stages.common import NonFiniteGuard, adamw_with_warmup, fsdp_mesh
+from fourdgen.stages.common import BatchContract, NonFiniteGuard, adamw_with_warmup, fsdp_mesh
 
 DEFAULT_TRAIN_MODULES = {
     "static": ["gaussian_head"],
@@ -48,7 +49,7 @@ def fit_to_patches(rgb: Tensor, patch: int, max_width: int | None = None) -> Ten
     return out.reshape(*rgb.shape[:-2], h, w).to(rgb.dtype)
 
 
-class FeedForwardReconstruction(NonFiniteGuard, L.LightningModule):
+class FeedForwardReconstruction(NonFiniteGuard, BatchContract, L.LightningModule):
     """Feed-forward 4D Gaussian reconstructor (stage 2).
 
     Args:
@@ -76,6 +77,8 @@ class FeedForwardReconstruction(NonFiniteGuard, L.LightningModule):
             term) or ``skip`` the batch (warned and counted; one process only). See
             :class:`~fourdgen.stages.common.NonFiniteGuard`.
     """
+
+    config_presets = {"preset": tuple(PRESETS)}  # checked before anything is built (config_checks)
 
     def __init__(
         self,

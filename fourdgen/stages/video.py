@@ -101,6 +101,13 @@ class VideoDiffusion(DiTFinetune):
         self.hparams.pointmap_norm = self.pointmap_norm.spec()
         self.hparams.postopt = self.postopt.spec()
 
+    def batch_needs(self, loop: str) -> list[tuple[tuple[str, ...], str]]:
+        needs = super().batch_needs(loop)
+        if loop != "predict":  # prediction generates the pointmaps; training and validation read them
+            why = "the pointmaps it learns and scores: scenes with xyz or depth files, or a latent cache"
+            needs.append((("xyz", "depth", "xyz_latents"), why))
+        return needs
+
     def input_channels(self, vae) -> int:
         """DiT input channels next to the noisy latents (the conditioning's)."""
         return self.conditioning.channels(vae)
