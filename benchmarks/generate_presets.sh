@@ -6,6 +6,7 @@
 #   bash benchmarks/generate_presets.sh full4d     # random 5B grid checkpoint, then the pipeline
 # Shorter runs for one 10-minute device call (per-step times scale): SAMPLE_STEPS (sampler steps),
 # FIT_STEPS and FMD_START (the fit's steps, and the step FMD starts at).
+# The random checkpoint and depth model are built once and reused; RESUME=1 passes --resume.
 # Needs imageio-ffmpeg (the writers write mp4); text/image encoders are the weight-free hash
 # stand-ins; the depth model is the tiny random one (its step time is not Depth Anything V2's).
 set -euo pipefail
@@ -33,14 +34,14 @@ case "${1:-}" in
     --set "video.model.init_args.sample_steps=${SAMPLE_STEPS:-50}"
   ;;
 full4d)
-  python tools/tiny_depth_model.py outputs/random/depth
-  python tools/random_checkpoint.py --config lightning_configs/video/full4d.yaml \
+  [ -d outputs/random/depth ] || python tools/tiny_depth_model.py outputs/random/depth
+  [ -f outputs/random/full4d.ckpt ] || python tools/random_checkpoint.py --config lightning_configs/video/full4d.yaml \
     --model.init_args.transformer '{preset: 5b}' --model.init_args.vae '{preset: wan2.2}' \
     --model.init_args.lpips_net null --data.init_args.text_encoder "$HASH_T" \
     --trainer.devices 1 --trainer.strategy auto --out outputs/random/full4d.ckpt
   PRIOR='[{class_path: fourdgen.gaussians.fmd.FlowMatchingDistillation, init_args: {prior: {class_path: fourdgen.stages.grid_prior.GridPrior, init_args: {checkpoint: outputs/random/full4d.ckpt, transformer: {preset: 5b}, vae: {preset: wan2.2}, text_encoder: '"$HASH_T"', dtype: bfloat16}}, weight: 0.1, start_step: '"${FMD_START:-3000}"', every: 1, guidance_scale: 5.0, prior_device: null}}]'
   fourdgen generate --pipeline lightning_configs/pipelines/video_to_4d_gaussians.yaml --input runs/inputs/frames \
-    --out runs/full4d_random --weights grid=outputs/random/full4d.ckpt --weights depth=outputs/random/depth \
+    --out runs/full4d_random ${RESUME:+--resume} --weights grid=outputs/random/full4d.ckpt --weights depth=outputs/random/depth \
     --set "grid.model.init_args.transformer={preset: 5b}" --set "grid.model.init_args.vae={preset: wan2.2}" \
     --set "grid.data.init_args.text_encoder=$HASH_T" --set "grid.model.init_args.sample_steps=${SAMPLE_STEPS:-10}" \
     --set "fit.model.init_args.regularizers=$PRIOR" --set "fit.trainer.max_steps=${FIT_STEPS:-3020}"
