@@ -66,8 +66,8 @@ def run(args: argparse.Namespace, points: int, dynamic: bool, compile: bool, wor
     synth = {
         "num_views": args.views,
         "num_frames": args.frames,
-        "height": args.size,
-        "width": args.size,
+        "height": getattr(args, "height", None) or args.size,
+        "width": getattr(args, "width", None) or args.size,
         "layout": "orbit",
         "elevation_deg": 25,
     }
@@ -78,8 +78,10 @@ def run(args: argparse.Namespace, points: int, dynamic: bool, compile: bool, wor
             f"--model.init_args.deform={str(dynamic).lower()}",
             f"--model.init_args.compile={str(compile).lower()}",
             "--model.init_args.coarse_steps=0",
+            "--model.init_args.regularizers=[]",  # no FMD: the recipe's prior needs real Wan weights
             "--model.init_args.densify.refine_stop_iter=0",  # keep N fixed
             f"--data.init_args.scene={args.scene_dir}",
+            "--data.init_args.depth_model=null",  # the synthetic scene has exact depth
             f"--data.init_args.synthetic={json.dumps(synth)}",
             "--data.init_args.holdout_views=[]",
             f"--data.init_args.init_points={points}",

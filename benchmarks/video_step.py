@@ -8,6 +8,10 @@ RGB|XYZ width-wise, as one bf16-mixed step (autocast) of LoRA training with Adam
 
     python benchmarks/video_step.py --preset 1.3b 14b-i2v --frames 49 --height 480 --width 720
     python benchmarks/video_step.py --preset 14b-i2v --coupling dlc
+
+MFU (issue 21's convention, ``fourdgen.metrics.flops``): model FLOPs of a step over its time, over the
+bf16 8192^3 matmul rate measured in the same run. The frozen base's linear layers count 2x forward
+(forward + input gradients), attention 3x forward; gradient-checkpoint recompute is not counted.
 """
 
 from __future__ import annotations
@@ -17,64 +21,89 @@ import time
 
 import torch
 
+from fourdgen.backbones.wan import DEFAULT_VAE
 from fourdgen.diffusion.conditioning import MaskedFrames
 from fourdgen.diffusion.flow import add_noise, flow_loss, sample_sigmas, velocity_target
+from fourdgen.diffusion.latents import scale_factors
+from fourdgen.metrics.flops import count_flops, matmul_rate, mfu
 from fourdgen.nn.decoupled_lora import DecoupledLoRAControl
 from fourdgen.stages.video import VideoDiffusion
 
 
-def bench(preset: str, args: argparse.Namespace) -> dict:
-    torch.cuda.reset_peak_memory_stats()
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def bench(preset: str, args: argparse.Namespace, peak_flops: float | None = None) -> dict:
+    """One preset's step: time, memory and (given the matmul rate ``peak_flops``) MFU.
+    ``args.device`` (default cuda) lets the tests run it tiny on the CPU."""
+    dev = torch.device(getattr(args, "device", "cuda"))
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     extra = {}
     if args.coupling == "dlc":
         extra = {"coupling": DecoupledLoRAControl(rank=args.rank), "conditioning": MaskedFrames()}
     model = VideoDiffusion(
         **extra,
         transformer={"preset": preset},
-        vae={"preset": "wan2.1"},
+        vae={"preset": DEFAULT_VAE[preset]},
         lora_rank=args.rank,
         lora_alpha=args.rank / 2,
         base_dtype="bfloat16",
         gradient_checkpointing=not args.no_checkpointing,
-    ).cuda()
+    ).to(dev)
     t0 = time.perf_counter()
     model.configure_model()
     build_s = time.perf_counter() - t0
     tr = model.transformer
-    F, h, w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
+    ft, fs = scale_factors(model.vae)  # Wan2.1: 4 in time, 8 in space
+    F, h, w = (args.frames - 1) // ft + 1, args.height // fs, args.width // fs
     if args.coupling == "dlc":  # channel-fused RGB|XYZ, UMC channels of the RGB branch
-        x0 = torch.randn(1, 32, F, h, w, device="cuda")
-        obs = torch.ones(1, args.frames, dtype=torch.bool, device="cuda")
-        cond = model.conditioning(torch.randn(1, 16, F, h, w, device="cuda"), model.vae, obs)
+        x0 = torch.randn(1, 32, F, h, w, device=dev)
+        obs = torch.ones(1, args.frames, dtype=torch.bool, device=dev)
+        cond = model.conditioning(torch.randn(1, 16, F, h, w, device=dev), model.vae, obs)
     else:  # width-fused RGB|XYZ
-        x0 = torch.randn(1, 16, F, h, 2 * w, device="cuda")
-        cond = model.conditioning(torch.randn(1, 16, F, h, 2 * w, device="cuda"), model.vae)
-    text = torch.randn(1, 512, tr.config.text_dim, device="cuda")
-    image = torch.randn(1, 257, tr.config.image_dim, device="cuda") if tr.config.image_dim else None
+        x0 = torch.randn(1, 16, F, h, 2 * w, device=dev)
+        cond = model.conditioning(torch.randn(1, 16, F, h, 2 * w, device=dev), model.vae)
+    text = torch.randn(1, 512, tr.config.text_dim, device=dev)
+    image = torch.randn(1, 257, tr.config.image_dim, device=dev) if tr.config.image_dim else None
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16)
+
+    def forward():
+        with amp:
+            sigma = sample_sigmas(1, device=dev)
+            noise = torch.randn_like(x0)
+            v = model.velocity(add_noise(x0, noise, sigma), cond, sigma * 1000, text, image)
+        return v, noise, sigma
+
+    flops = count_flops(forward)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     times = []
     for i in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
+        _sync(dev)
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            sigma = sample_sigmas(1, device="cuda")
-            noise = torch.randn_like(x0)
-            v = model.velocity(add_noise(x0, noise, sigma), cond, sigma * 1000, text, image)
+        v, noise, sigma = forward()
+        with amp:
             loss = flow_loss(v, velocity_target(x0, noise), sigma)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        _sync(dev)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     tokens = F * (h // 2) * (2 * w // 2)  # both layouts: two clips' worth of tokens per step
+    step_s = sorted(times)[len(times) // 2]
     return {
         "preset": preset,
         "params_b": sum(p.numel() for p in tr.parameters()) / 1e9,
         "trainable_m": sum(p.numel() for p in tr.parameters() if p.requires_grad) / 1e6,
         "tokens": tokens,
-        "s_per_step": sorted(times)[len(times) // 2],
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "s_per_step": step_s,
+        "tflop_per_step": flops.lora_step() / 1e12,
+        "attention_share": flops.attention / max(flops.total, 1),
+        "mfu": mfu(flops.lora_step(), step_s, peak_flops) if peak_flops else float("nan"),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan"),
         "build_s": build_s,
     }
 
@@ -91,14 +120,22 @@ def main() -> None:
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--coupling", choices=["width", "dlc"], default="width")
     args = p.parse_args()
-    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, coupling {args.coupling}")
-    print("| preset | params (B) | LoRA+new (M) | tokens | s/step | peak GiB | build s |")
-    print("|---|---|---|---|---|---|---|")
+    peak = matmul_rate("cuda")
+    print(
+        f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, coupling {args.coupling}; "
+        f"bf16 8192^3 matmul {peak / 1e12:.0f} TFLOP/s"
+    )
+    print(
+        "| preset | params (B) | LoRA+new (M) | tokens | s/step | model TFLOP/step | MFU | peak GiB "
+        "| build s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for preset in args.preset:
-        r = bench(preset, args)
+        r = bench(preset, args, peak)
         print(
             f"| {r['preset']} | {r['params_b']:.2f} | {r['trainable_m']:.1f} | {r['tokens']} | "
-            f"{r['s_per_step']:.2f} | {r['peak_gib']:.1f} | {r['build_s']:.1f} |",
+            f"{r['s_per_step']:.2f} | {r['tflop_per_step']:.0f} | {r['mfu']:.1%} | {r['peak_gib']:.1f} | "
+            f"{r['build_s']:.1f} |",
             flush=True,
         )
         torch.cuda.empty_cache()

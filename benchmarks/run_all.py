@@ -1,0 +1,307 @@
+"""Every performance figure of issue 21 at its paper size on one GPU, in one table.
+
+Each figure is measured beside its reference in the same run (machines are noisy: ratios, not
+absolute times, are what compare across runs):
+
+- P1: fused view-OR-time attention (the library path), fwd and fwd+bwd, against the ideal = dense
+  SDPA x the share of blocks the fused path computes. Target <= 1.10x / 1.15x.
+- P1b: Full-4D's view-OR-time-OR-cross-half attention, fwd+bwd, same ideal. Target: below 1.52x.
+- P2: 14B I2V LoRA training step, 4DNeX width fusion and One4D DLC (49 x 480 x 720), against the
+  bf16 8192^3 matmul rate (MFU, ``fourdgen.metrics.flops``). Target MFU >= 50%.
+- P3: Full-4D 4DGS fit, 6 views x 81 frames at 384x672, 120k Gaussians, 17k steps, against the static
+  step at the same count. Target <= 5 min.
+- P4: reconstructor inference, 8 x 8 grid at 350x518 (VGGT-1B + 4Real additions), against plain
+  VGGT on the same frames. Target <= 1.0 s.
+
+P3 is projected from the compiled fine-stage step time at a fixed count of 120k Gaussians (no
+densification), times 17k steps; gsplat's first-use build and the fit's data preparation are not in it.
+
+    python benchmarks/run_all.py                 # paper sizes, one GPU (about 10 minutes)
+    python benchmarks/run_all.py --only P1 P4
+    python benchmarks/run_all.py --tiny          # every figure at toy sizes on the CPU (a smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+
+from fourdgen.metrics.flops import matmul_rate  # noqa: E402
+from fourdgen.nn.fused_attention import grid_attention  # noqa: E402
+from fourdgen.nn.grid_layout import GridLayout  # noqa: E402
+from fourdgen.nn.view_time_mask import ViewTimeMask, computed_fraction  # noqa: E402
+
+
+@dataclass
+class Figure:
+    id: str
+    what: str
+    value: float
+    unit: str
+    reference: float  # the same-run reference, in the same unit (nan where the figure is a ratio itself)
+    reference_what: str
+    ratio: float
+    target: str
+    met: bool | None
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(fn: Callable[[], object], dev: torch.device, iters: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn()`` over ``iters`` runs after ``warmup`` (synchronised)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def attention_figures(cfg: dict, dev: torch.device, iters: int) -> list[Figure]:
+    """P1 (view OR time) and P1b (plus Full-4D's cross-half term): library path vs its ideal."""
+    return [f for spec in cfg["attention"] for f in _attention_grid(*spec, cfg, dev, iters)]
+
+
+def _attention_grid(
+    fid: str, layout: GridLayout, heads: int, terms: tuple[str, ...], cfg: dict, dev: torch.device, iters: int
+) -> list[Figure]:
+    mask = ViewTimeMask(terms)
+    try:
+        frac = computed_fraction(mask.block_mask(layout, dev))
+    except Exception:  # no block mask on this device (a CPU without flex): the exact density
+        frac = mask.density(layout)
+    g = torch.Generator(device=dev).manual_seed(0)
+    shape = (1, heads, layout.num_tokens, cfg["head_dim"])
+    q, k, v = (
+        torch.randn(shape, device=dev, dtype=cfg["dtype"], generator=g).requires_grad_() for _ in range(3)
+    )
+
+    def fwd_bwd(attn):
+        def run():
+            attn().sum().backward()
+            q.grad = k.grad = v.grad = None
+
+        return run
+
+    def dense():
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def fused():
+        return grid_attention(q, k, v, layout, mask, "auto")
+
+    with torch.no_grad():
+        dense_f, fused_f = timed(dense, dev, iters), timed(fused, dev, iters)
+    dense_fb, fused_fb = timed(fwd_bwd(dense), dev, iters), timed(fwd_bwd(fused), dev, iters)
+    name = f"{layout.views}v x {layout.frames}f x {layout.frame_tokens} tok, {heads} heads, {'|'.join(terms)}"
+    out = []
+    for what, val, ideal, target in (
+        ("fwd", fused_f, dense_f * frac, 1.10),
+        ("fwd+bwd", fused_fb, dense_fb * frac, 1.15),
+    ):
+        if fid == "P1b" and what == "fwd":
+            continue
+        ratio = val / ideal
+        bound = target if fid == "P1" else 1.52
+        out.append(
+            Figure(
+                fid,
+                f"attention {what}, {name}",
+                val * 1e3,
+                "ms",
+                ideal * 1e3,
+                f"ideal (dense x {frac:.3f} blocks)",
+                ratio,
+                f"<= {bound:.2f}x" if fid == "P1" else f"< {bound:.2f}x",
+                ratio <= bound if fid == "P1" else ratio < bound,
+            )
+        )
+    return out
+
+
+def video_figures(cfg: dict, dev: torch.device, peak: float) -> list[Figure]:
+    """P2: MFU of the 14B LoRA training step, both stage-1 couplings (``benchmarks/video_step.py``)."""
+    import video_step
+
+    out = []
+    for coupling in ("width", "dlc"):
+        args = argparse.Namespace(**cfg["video"], coupling=coupling, device=str(dev), no_checkpointing=False)
+        r = video_step.bench(cfg["video_preset"], args, peak)
+        out.append(
+            Figure(
+                "P2",
+                f"{cfg['video_preset']} LoRA step, {'4DNeX width' if coupling == 'width' else 'One4D DLC'}, "
+                f"{r['s_per_step']:.2f} s, {r['tflop_per_step']:.1f} TFLOP",
+                r["mfu"] * 100,
+                "% MFU",
+                peak / 1e12,
+                "bf16 matmul TFLOP/s",
+                r["mfu"],
+                ">= 50%",
+                r["mfu"] >= 0.5,
+            )
+        )
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def fit_figures(cfg: dict, dev: torch.device) -> list[Figure]:
+    """P3: the 4DGS fit's step at a fixed Gaussian count (``benchmarks/fit_speed.py``), projected."""
+    import fit_speed
+
+    fit = cfg["fit"]
+    with tempfile.TemporaryDirectory() as tmp:
+        args = argparse.Namespace(
+            config="lightning_configs/fit/full4d.yaml",
+            views=fit["views"],
+            frames=fit["frames"],
+            size=fit["height"],
+            height=fit["height"],
+            width=fit["width"],
+            steps=fit["timed_steps"],
+            warmup=fit["warmup"],
+            profile=False,
+            scene_dir=f"{tmp}/scene",
+        )
+        dyn = fit_speed.run(args, fit["points"], True, dev.type == "cuda", f"{tmp}/dyn")
+        static = fit_speed.run(args, fit["points"], False, False, f"{tmp}/static")
+    minutes = dyn["ms_per_step"] * fit["steps"] / 60e3
+    return [
+        Figure(
+            "P3",
+            f"4DGS fit, {fit['views']} views x {fit['frames']} frames at {fit['height']}x{fit['width']}, "
+            f"{dyn['gaussians']:,} Gaussians: {dyn['ms_per_step']:.1f} ms/step x {fit['steps']} steps",
+            minutes,
+            "min",
+            static["ms_per_step"] * fit["steps"] / 60e3,
+            "static step at the same count (min)",
+            dyn["ms_per_step"] / static["ms_per_step"],
+            "<= 5 min",
+            minutes <= 5.0,
+        )
+    ]
+
+
+def recon_figures(cfg: dict, dev: torch.device, iters: int) -> list[Figure]:
+    """P4: feed-forward reconstruction of a V x T grid, inference (``benchmarks/recon_speed.py``'s setup)."""
+    from fourdgen.models.gaussian_recon import GaussianReconstructor
+
+    V, T, H, W = cfg["recon"]
+    x = torch.rand(1, V, T, 3, H, W, device=dev)
+    secs = {}
+    for name, kw in (("full", {}), ("plain", {"temporal": False, "camera_token_replacement": False})):
+        model = GaussianReconstructor(cfg["recon_preset"], **kw).to(dev).eval()
+        run = model if name == "full" else model.vggt
+
+        def step(run=run):
+            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
+                run(x)
+
+        secs[name] = timed(step, dev, iters, warmup=1)
+        del model, run
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return [
+        Figure(
+            "P4",
+            f"reconstructor ({cfg['recon_preset']}), {V} x {T} grid at {H}x{W}, inference",
+            secs["full"],
+            "s",
+            secs["plain"],
+            "plain VGGT, same frames (s)",
+            secs["full"] / secs["plain"],
+            "<= 1.0 s",
+            secs["full"] <= 1.0,
+        )
+    ]
+
+
+PAPER = dict(
+    attention=[
+        ("P1", GridLayout(8, 8, 30, 52), 40, ("same_view", "same_time")),
+        ("P1b", GridLayout(6, 42, 24, 42, target_frames=21), 24, ("same_view", "same_time", "cross_half")),
+    ],
+    head_dim=128,
+    dtype=torch.bfloat16,
+    video_preset="14b-i2v",
+    video=dict(frames=49, height=480, width=720, rank=64, steps=3, warmup=1),
+    fit=dict(
+        views=6, frames=81, height=384, width=672, points=120_000, steps=17_000, timed_steps=50, warmup=10
+    ),
+    recon_preset="1b",
+    recon=(8, 8, 350, 518),
+    matmul=8192,
+    iters=10,
+)
+TINY = dict(
+    attention=[
+        ("P1", GridLayout(2, 3, 2, 3), 2, ("same_view", "same_time")),
+        ("P1b", GridLayout(2, 4, 2, 3, target_frames=2), 2, ("same_view", "same_time", "cross_half")),
+    ],
+    head_dim=16,
+    dtype=torch.float32,
+    video_preset="tiny",
+    video=dict(frames=5, height=32, width=48, rank=4, steps=1, warmup=1),
+    fit=dict(views=2, frames=2, height=24, width=32, points=200, steps=17_000, timed_steps=2, warmup=1),
+    recon_preset="tiny",
+    recon=(2, 2, 28, 28),
+    matmul=128,
+    iters=2,
+)
+
+
+def table(figures: list[Figure], dev: str, peak: float) -> str:
+    lines = [
+        f"device: {dev}, torch {torch.__version__}; bf16 matmul reference {peak / 1e12:.1f} TFLOP/s",
+        "| id | figure | value | reference (same run) | ratio | target | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for f in figures:
+        ref = f"{f.reference:.4g} ({f.reference_what})"
+        met = "-" if f.met is None else ("yes" if f.met else "no")
+        value = f"{f.value:.4g} {f.unit}"
+        lines.append(f"| {f.id} | {f.what} | {value} | {ref} | {f.ratio:.2f} | {f.target} | {met} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[Figure]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU: checks every figure runs")
+    p.add_argument("--only", nargs="+", choices=["P1", "P2", "P3", "P4"], default=["P1", "P2", "P3", "P4"])
+    args = p.parse_args(argv)
+    cfg = TINY if args.tiny else PAPER
+    dev = torch.device("cpu" if args.tiny else "cuda")
+    name = "cpu" if dev.type == "cpu" else torch.cuda.get_device_name(dev)
+    peak = matmul_rate(dev, n=cfg["matmul"], dtype=torch.bfloat16)
+    figures: list[Figure] = []
+    if "P1" in args.only:
+        figures += attention_figures(cfg, dev, cfg["iters"])
+    if "P2" in args.only:
+        figures += video_figures(cfg, dev, peak)
+    if "P3" in args.only:
+        figures += fit_figures(cfg, dev)
+    if "P4" in args.only:
+        figures += recon_figures(cfg, dev, cfg["iters"])
+    print(table(figures, name, peak), flush=True)
+    return figures
+
+
+if __name__ == "__main__":
+    main()
