@@ -61,6 +61,8 @@ def run(args: argparse.Namespace, deform: bool, workdir: str) -> dict:
             f"--data.init_args.scene={args.scene_dir}",
             f"--data.init_args.synthetic={json.dumps(synth)}",
             f"--data.init_args.holdout_views=[{args.holdout}]",
+            "--data.init_args.depth_model=null",  # the synthetic scene has exact depth
+            "--model.init_args.regularizers=[]",  # FMD needs real Wan weights (--set to put it back)
         ]
     if args.no_export:
         cli_args += ["--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"]
