@@ -9,6 +9,8 @@ frozen base costs, per the convention the benchmarks report (issue 21):
 - gradient-checkpoint recompute is not counted (it is overhead, not model work).
 
 MFU = model FLOPs / step time / the bf16 matmul rate measured on the same device in the same run.
+Attention is recognised by its fused kernels (flash, cuDNN, efficient, flex, CPU flash); SDPA's math
+fallback (meta tensors, some masks) runs as ``bmm`` and counts as matrix products.
 """
 
 from __future__ import annotations
