@@ -1,6 +1,7 @@
 """``fourdgen view``: each input kind loads, bad paths get one clear error, the server starts on a
 free port and stops, the fly-through button writes an mp4, the live viewer costs nothing while
-nobody looks, and headless Chromium sees the scene move when the time slider moves."""
+nobody looks, and headless Chromium sees the scene move when the time slider moves and flies its
+camera to an input camera when a mouse click lands on that camera's frustum."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import viser.transforms as tf
 
 from fourdgen.callbacks.export import Export4DGS
 from fourdgen.callbacks.pointmaps import PointmapVideoWriter
@@ -298,3 +300,116 @@ def test_chromium_sees_the_scene_move_with_the_time_slider(moving_gaussians):
         later = browser.wait_for_image(_steady(lambda im: _drawn(im) > 0.3 and moved(im)), timeout=30)
         assert moved(later), "the scene did not change when the time slider moved"
         assert _drawn(later) > 0.3
+
+
+def _image_centre(frustum) -> np.ndarray:
+    """The world point at the centre of a frustum's image plane, where viser's client draws it
+    (``CameraFrustumVariants.tsx``: the half-extents tan(fov/2) x aspect, 1 are divided by the cube
+    root of their volume / 3, then scaled; the image sits at that depth on the frustum's +Z)."""
+    y = np.tan(frustum.fov / 2)
+    depth = frustum.scale / np.cbrt(y * y * frustum.aspect / 3)
+    return frustum.position + tf.SO3(frustum.wxyz).as_matrix()[:, 2] * depth
+
+
+def _project(camera, point: np.ndarray) -> tuple[float, float]:
+    """``point``'s pixel in a client's camera (viser's: OpenCV axes, +Z forward, +Y down; the
+    vertical fov; the browser's canvas size)."""
+    x, y, z = tf.SO3(camera.wxyz).as_matrix().T @ (point - camera.position)
+    assert z > 0, "the point is behind the camera"
+    f = camera.image_height / 2 / np.tan(camera.fov / 2)
+    return camera.image_width / 2 + f * x / z, camera.image_height / 2 + f * y / z
+
+
+def _wait(predicate, timeout: float, what: str):
+    """Poll ``predicate()`` until it is truthy; its value. Fails saying ``what`` did not happen."""
+    end = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < end, f"{what} (after {timeout:g} s)"
+        time.sleep(0.02)
+    return value
+
+
+CANVAS_RECT = """(() => {
+  const area = (c) => c.width * c.height;
+  const c = [...document.querySelectorAll('canvas')].sort((a, b) => area(b) - area(a))[0];
+  const r = c.getBoundingClientRect();
+  return [r.left, r.top, r.width, r.height];
+})()"""
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="no Chromium on PATH (Debian: apt-get install chromium)")
+def test_chromium_click_on_a_frustum_flies_the_camera_there(tiny_scene_dir):
+    """Issue 23, "click one to fly to it", as a person does it: a mouse click on an input camera's
+    frustum in the page flies that browser's camera to the input camera."""
+    view = 1
+    with (
+        ViewerApp(load_source(tiny_scene_dir), port=0, verbose=False) as app,
+        HeadlessChromium(width=960, height=640) as browser,
+    ):
+        frustum = app._frusta[view]
+        clicks = []
+        frustum.on_click(clicks.append)  # besides the viewer's own handler
+        browser.goto(app.url)
+        client = _wait(
+            lambda: next(iter(app.server.get_clients().values()), None), 30, "no browser connected"
+        )
+        reports = []  # the camera as the browser sends it
+        client.camera.on_update(lambda cam: reports.append((cam.position.copy(), cam.wxyz.copy(), cam.fov)))
+        assert app.wait_shown(20)  # the frusta have their images
+        # The page settled in the initial view first: viser's client resets its camera to the initial
+        # one in a React effect (InitialCameraSetter) that can run after a camera set right at connect.
+        start = app.server.initial_camera.position
+        _wait(lambda: np.allclose(client.camera.position, start, atol=1e-4), 20, "no initial camera")
+        first = browser.wait_for_image(_steady(lambda im: _drawn(im) > 0.3), timeout=30, interval=0.2)
+        assert _drawn(first) > 0.3, f"the viewer's page shows no scene ({_drawn(first):.0%} drawn)"
+
+        # A known camera: in front of the frustum, looking back at its image's centre.
+        target = _image_centre(frustum)
+        forward = tf.SO3(frustum.wxyz).as_matrix()[:, 2]
+        eye = target + forward * 2.5 * np.linalg.norm(target - frustum.position)
+        n = len(reports)
+        with client.atomic():
+            client.camera.up_direction = app.source.cameras.up().numpy()
+            client.camera.position = eye
+            client.camera.look_at = target
+        _wait(lambda: any(np.allclose(p, eye, atol=1e-4) for p, _, _ in reports[n:]), 20, "camera not set")
+        u, v = _project(client.camera, target)  # the canvas centre, here; computed all the same
+        left, top, width, height = browser.evaluate(CANVAS_RECT)
+        x, y = left + u * width / client.camera.image_width, top + v * height / client.camera.image_height
+        assert browser.evaluate(f"document.elementFromPoint({x}, {y}).tagName") == "CANVAS"
+
+        def frustum_at_the_point(image):  # its image plane covers the pixels around it (not white)
+            patch = image[int(y) - 5 : int(y) + 6, int(x) - 5 : int(x) + 6].astype(np.int16)
+            return bool((np.abs(patch - 255).max(-1) > 40).all())
+
+        before = browser.wait_for_image(_steady(frustum_at_the_point), timeout=20, interval=0.2)
+        assert frustum_at_the_point(before), f"the frustum is not drawn at ({x:.0f}, {y:.0f})"
+
+        np.testing.assert_allclose(client.camera.position, eye, atol=1e-4, err_msg="the camera moved away")
+        looked = tf.SO3(client.camera.wxyz).as_matrix()[:, 2]
+        assert float(looked @ forward) < -0.99  # facing the input camera, not looking along it
+
+        n = len(reports)
+        browser.click(x, y)
+        _wait(lambda: clicks, 10, "the click on the frustum did not reach the server")
+        assert clicks[0].client is client
+        np.testing.assert_allclose(
+            clicks[0].screen_pos[0],
+            (u / client.camera.image_width, v / client.camera.image_height),
+            atol=0.01,
+        )
+        _, wxyz, fov = _wait(
+            lambda: next((r for r in reports[n:] if np.allclose(r[0], frustum.position, atol=1e-4)), None),
+            10,
+            f"the browser's camera did not fly to the frustum at {frustum.position}",
+        )
+        # the browser's camera is the input camera: where it is, looking where it looks
+        assert float(tf.SO3(wxyz).as_matrix()[:, 2] @ forward) > 1 - 1e-6
+        assert fov == pytest.approx(app.source.cameras.fov_y(view))
+        np.testing.assert_allclose(client.camera.position, frustum.position, atol=1e-4)
+
+        def changed(image):
+            return float(np.abs(image.astype(np.int16) - before).mean()) > 10
+
+        after = browser.wait_for_image(_steady(changed), timeout=10, interval=0.2)
+        assert changed(after), "the page looks the same after the fly-to"

@@ -114,6 +114,15 @@ class HeadlessChromium:
         """A JavaScript expression's value in the page."""
         return self.send("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
 
+    def click(self, x: float, y: float) -> None:
+        """A left click at page pixel ``(x, y)``, as a mouse makes it: it moves there, presses and
+        releases (the page gets pointermove/over, pointerdown, pointerup and click)."""
+        self.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+        for kind, buttons in (("mousePressed", 1), ("mouseReleased", 0)):  # buttons: held after it
+            self.send(
+                "Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", buttons=buttons, clickCount=1
+            )
+
     def screenshot(self) -> np.ndarray:
         """The page now, ``[H, W, 3]`` uint8."""
         png = base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"])
@@ -138,7 +147,21 @@ class HeadlessChromium:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
-        self._profile.cleanup()
+        self._remove_profile()
+
+    def _remove_profile(self, timeout: float = 10.0) -> None:
+        """Chromium's helper processes can still write to the profile for a moment after the browser
+        process has exited (``rmtree``: "Directory not empty"): retry until the folder is gone."""
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                self._profile.cleanup()
+                return
+            except OSError:
+                if time.monotonic() > end:
+                    shutil.rmtree(self._profile.name, ignore_errors=True)  # a leftover temp folder at worst
+                    return
+                time.sleep(0.05)
 
     def __enter__(self) -> HeadlessChromium:
         return self
