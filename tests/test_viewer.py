@@ -186,7 +186,9 @@ class _FakeClient:
     """Stands in for viser's ClientHandle: records what the viewer sets on its camera."""
 
     def __init__(self):
-        self.camera = SimpleNamespace(fov=None, wxyz=None, position=None)
+        self.client_id = -1
+        self.moved = []  # the viewer's camera-update callbacks
+        self.camera = SimpleNamespace(fov=None, wxyz=None, position=None, on_update=self.moved.append)
 
     def atomic(self):
         return contextlib.nullcontext()
@@ -209,6 +211,14 @@ def test_server_starts_on_a_free_port_renders_the_flythrough_and_stops(fitted, p
         R = quaternion_to_matrix(torch.from_numpy(client.camera.wxyz))
         torch.testing.assert_close(R, c2w[:3, :3])
         assert client.camera.fov == pytest.approx(app.source.cameras.fov_y(1))
+        # standing in camera 1, its frustum would fill the view: hidden until the camera leaves it
+        assert [h.visible for h in app._frusta] == [v != 1 for v in range(len(app._frusta))]
+        (moved,) = client.moved
+        moved(SimpleNamespace(position=c2w[:3, 3].numpy() + 10.0))  # sent before the fly-to arrived
+        assert not app._frusta[1].visible
+        moved(client.camera)  # arrived
+        moved(SimpleNamespace(position=c2w[:3, 3].numpy() + 10.0))  # and left
+        assert all(h.visible for h in app._frusta)
         video = app.render_flythrough()
         assert video == tmp_path / "gauss" / "flythrough.mp4"
         assert len(iio.mimread(video)) == 5
@@ -413,3 +423,4 @@ def test_chromium_click_on_a_frustum_flies_the_camera_there(tiny_scene_dir):
 
         after = browser.wait_for_image(_steady(changed), timeout=10, interval=0.2)
         assert changed(after), "the page looks the same after the fly-to"
+        assert not app._frusta[view].visible  # the camera it stands in is hidden: the scene shows

@@ -79,6 +79,11 @@ class ViewerApp:
         self._playing = False
         self.server = viser.ViserServer(host=host, port=port, verbose=verbose)
         self.server.gui.configure_theme(control_width="medium")
+        # The frustum of the input camera a browser stands in after a fly-to: hidden (its image plane
+        # would fill that browser's view) until the camera leaves it. ``_arrived``: seen there once.
+        self._inside: int | None = None
+        self._arrived = False
+        self._watched: set[int] = set()
         self._frusta = self._add_cameras()
         self._add_gui(frame, path_samples)
         self._add_path()
@@ -188,7 +193,7 @@ class ViewerApp:
             h.disabled = not has_cams
         if not has_cams:
             self._video_status.content = "no cameras.json found: no camera path"
-        self._show_cams.on_update(lambda _: self._set_visible(self._frusta, self._show_cams.value))
+        self._show_cams.on_update(lambda _: self._show_frusta())
         self._show_path.on_update(lambda _: self._set_visible(self._path_nodes, self._show_path.value))
         self._render_btn.on_click(lambda _: self._render_clicked())
         with gui.add_folder("Display", visible=src.kind in POINT_KINDS):
@@ -218,6 +223,10 @@ class ViewerApp:
     def _set_visible(handles, visible: bool) -> None:
         for h in handles:
             h.visible = visible
+
+    def _show_frusta(self) -> None:
+        for v, h in enumerate(self._frusta):
+            h.visible = self._show_cams.value and v != self._inside
 
     # ---------------------------------------------------------------------------- cameras/path
     def _add_cameras(self) -> list:
@@ -260,10 +269,29 @@ class ViewerApp:
             return
         cams = self.source.cameras
         wxyz, pos = pose_wxyz_position(cams.at(self.source.index(self._t()))[view])
+        self._inside, self._arrived = view, False
+        self._show_frusta()
+        if client.client_id not in self._watched:
+            self._watched.add(client.client_id)
+            client.camera.on_update(self._camera_moved)
         with client.atomic():
             client.camera.fov = cams.fov_y(view)
             client.camera.wxyz = wxyz
             client.camera.position = pos
+
+    def _camera_moved(self, camera: viser.CameraHandle) -> None:
+        """Show the hidden frustum again once the browser that flew into it has left it (updates sent
+        before the fly-to arrived are ignored: only leaving after arriving counts)."""
+        view = self._inside
+        if view is None:
+            return
+        _, pos = pose_wxyz_position(self.source.cameras.at(self.source.index(self._t()))[view])
+        near = float(np.linalg.norm(np.asarray(camera.position) - pos)) < 0.5 * self._frustum_scale
+        if near:
+            self._arrived = True
+        elif self._arrived:
+            self._inside = None
+            self._show_frusta()
 
     def _add_path(self) -> None:
         self._path_nodes = []
