@@ -135,13 +135,17 @@ KERNEL_FNS = {
 def fused_kernel(q: Tensor) -> str | None:
     """The fused kernel for ``q [B, H, N, D]``, or None (then only ``math``, small layouts).
 
-    CUDA: cuDNN (fastest dense attention on Hopper: benchmarks/RESULTS.md) for fp16/bf16 with
-    ``D % 8 == 0, D <= 128``; flash for other fp16/bf16 ``D <= 256``. CPU: the CPU flash kernel."""
+    CUDA (Ampere on): cuDNN (the fastest dense attention on Hopper: benchmarks/RESULTS.md) for
+    fp16/bf16 with ``D % 8 == 0, D <= 128``; flash for other fp16/bf16 ``D <= 256``. CPU: the CPU
+    flash kernel."""
     D = q.shape[-1]
     if q.is_cuda:
-        if q.dtype not in (torch.float16, torch.bfloat16):
+        if (
+            q.dtype not in (torch.float16, torch.bfloat16)
+            or torch.cuda.get_device_capability(q.device)[0] < 8
+        ):
             return None
-        if D % 8 == 0 and D <= 128 and torch.backends.cudnn.is_available():
+        if D % 8 == 0 and D <= 128 and (torch.backends.cudnn.version() or 0) >= 90000:
             return "cudnn"
         return "flash" if D % 8 == 0 and D <= 256 else None
     if q.device.type == "cpu":
@@ -224,12 +228,12 @@ _compiled: dict[str, Callable] = {}
 
 
 def _pointwise(fn: Callable, x: Tensor) -> Callable:
-    """``fn`` compiled (once, static shapes) when ``x`` is on CUDA and we are not already inside a
+    """``fn`` compiled when ``x`` is on CUDA and we are not already inside a
     compiled graph (then dynamo fuses it with the rest); eager elsewhere."""
     if not x.is_cuda or torch.compiler.is_compiling():
         return fn
-    if fn.__name__ not in _compiled:
-        _compiled[fn.__name__] = torch.compile(fn, dynamic=False)
+    if fn.__name__ not in _compiled:  # static first, dynamic shapes from a second layout on
+        _compiled[fn.__name__] = torch.compile(fn)
     return _compiled[fn.__name__]
 
 
@@ -294,7 +298,10 @@ class ViewTimeLSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, views: int, frames: int, kernel: str, scale: float):
-        out, lse, aux = lse_forward(q, k, v, views, frames, kernel, scale)
+        # Autocast off: the inputs' dtype picks the kernel, and the math kernel's matmuls and the
+        # merge must stay in the accumulation dtype.
+        with torch.autocast(q.device.type, enabled=False):
+            out, lse, aux = lse_forward(q, k, v, views, frames, kernel, scale)
         flat = [t for a in aux for t in a]
         ctx.save_for_backward(q, k, v, out, lse, *flat)
         ctx.aux_sizes = [len(a) for a in aux]
@@ -316,7 +323,10 @@ class ViewTimeLSE(torch.autograd.Function):
         for n in ctx.aux_sizes:
             aux.append(tuple(flat[i : i + n]))
             i += n
-        dq, dk, dv = lse_backward(do, q, k, v, out, lse, aux, ctx.views, ctx.frames, ctx.kernel, ctx.scale)
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dv = lse_backward(
+                do, q, k, v, out, lse, aux, ctx.views, ctx.frames, ctx.kernel, ctx.scale
+            )
         return dq, dk, dv, None, None, None, None
 
 
