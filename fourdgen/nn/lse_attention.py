@@ -132,6 +132,11 @@ KERNEL_FNS = {
 }
 
 
+@torch.compiler.assume_constant_result  # dynamo would break the graph on cudnn.version()
+def _cudnn9() -> bool:
+    return (torch.backends.cudnn.version() or 0) >= 90000
+
+
 def fused_kernel(q: Tensor) -> str | None:
     """The fused kernel for ``q [B, H, N, D]``, or None (then only ``math``, small layouts).
 
@@ -140,12 +145,13 @@ def fused_kernel(q: Tensor) -> str | None:
     flash kernel."""
     D = q.shape[-1]
     if q.is_cuda:
+        # get_device_properties, not get_device_capability: dynamo constant-folds the former.
         if (
             q.dtype not in (torch.float16, torch.bfloat16)
-            or torch.cuda.get_device_capability(q.device)[0] < 8
+            or torch.cuda.get_device_properties(q.device).major < 8
         ):
             return None
-        if D % 8 == 0 and D <= 128 and (torch.backends.cudnn.version() or 0) >= 90000:
+        if D % 8 == 0 and D <= 128 and _cudnn9():
             return "cudnn"
         return "flash" if D % 8 == 0 and D <= 256 else None
     if q.device.type == "cpu":
