@@ -117,6 +117,16 @@ def test_batches_and_grid_are_inverse(part, heads_inner):
         assert torch.equal(y[(1 * 3 + 2) * 4 + 3], xs[1, :, 2, 3])
 
 
+def test_expanded_output_gradient():
+    """``out.sum().backward()`` hands the backward a zero-stride gradient (benchmarks do this)."""
+    layout = GridLayout(3, 2, 2, 3)
+    q, k, v = qkv(layout, dtype=torch.float32, heads_inner=True)
+    _, ref_grads = dense_reference(q, k, v, layout, torch.ones_like(q))
+    view_time_attention(q, k, v, layout).sum().backward()
+    for x, b in zip((q, k, v), ref_grads, strict=True):
+        torch.testing.assert_close(x.grad, b, **TOL[torch.float32])
+
+
 def test_activation_checkpointing():
     layout = GridLayout(3, 2, 2, 3)
     q, k, v = qkv(layout, dtype=torch.float32, heads_inner=True)
