@@ -207,8 +207,8 @@ def _lse_grid(lse: Tensor, part: str, views: int, frames: int) -> Tensor:
 
 
 def merge(ov, ot, of, lv, lt, lf):
-    """``(view, time, frame)`` outputs ``[..., D]`` and log-sum-exps ``[...]`` -> the union's
-    output (input dtype) and log-sum-exp (fp32, fp64 for fp64), in an accumulation dtype.
+    """``(view, time, frame)`` outputs ``[..., D]`` and log-sum-exps ``[...]`` -> the union's output
+    (input dtype) and log-sum-exp, computed in fp32 (fp64 for fp64 inputs).
 
     Stable: weights are ``exp(L_X - max(L_view, L_time))`` <= 1 (``L_frame`` is below both: its key
     set is inside both). The union holds each of view and time, so ``Z >= max(Z_view, Z_time)``,
@@ -234,8 +234,8 @@ _compiled: dict[str, Callable] = {}
 
 
 def _pointwise(fn: Callable, x: Tensor) -> Callable:
-    """``fn`` compiled when ``x`` is on CUDA and we are not already inside a
-    compiled graph (then dynamo fuses it with the rest); eager elsewhere."""
+    """``fn`` compiled (one fused kernel) when ``x`` is on CUDA, unless we are already inside a
+    compiled graph (dynamo then fuses it with the rest); eager elsewhere."""
     if not x.is_cuda or torch.compiler.is_compiling():
         return fn
     if fn.__name__ not in _compiled:  # static first, dynamic shapes from a second layout on
