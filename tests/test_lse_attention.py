@@ -140,13 +140,17 @@ def test_activation_checkpointing():
 
 @pytest.mark.slow
 def test_torch_compile_fullgraph():
-    """Dynamo traces the autograd.Function (forward and backward) without a graph break."""
+    """Dynamo traces the autograd.Function (forward and backward) without a graph break, also
+    inside non-reentrant activation checkpointing (as a compiled, checkpointed DiT block)."""
     layout = GridLayout(3, 2, 2, 3)
     q, k, v = qkv(layout, dtype=torch.float32, heads_inner=True)
     grad = torch.randn_like(q)
     ref, ref_grads = dense_reference(q, k, v, layout, grad)
-    fn = torch.compile(lambda q, k, v: view_time_attention(q * 1.0, k, v, layout), fullgraph=True)
-    out = fn(q, k, v)
+
+    def block(q, k, v):
+        return checkpoint(view_time_attention, q * 1.0, k, v, layout, use_reentrant=False)
+
+    out = torch.compile(block, fullgraph=True)(q, k, v)
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
     for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), ref_grads, strict=True):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
