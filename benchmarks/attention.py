@@ -1,14 +1,18 @@
 """Fused view-time attention on the GPU: the block-sparse path against dense SDPA and the ideal.
 
 For each grid: block-mask build time (uncached, synchronised), then forward and forward+backward
-of the fused mask with FlexAttention (the library path and kernel-option variants), of a variant
-with every frame padded to a multiple of 128 tokens (blocks never straddle frames), and of dense
-SDPA over all tokens (no mask). "ideal" is dense time x the share of blocks the fused path
-computes; "token ideal" uses the mask's exact density instead. Times: median of ``--iters`` runs
-after warm-up, CUDA events, bf16.
+of the fused mask with FlexAttention (the library path and kernel-option variants), of the LSE path
+for view-OR-time masks (three dense attentions merged by log-sum-exp, cuDNN and flash kernels:
+fourdgen/nn/lse_attention.py), of a variant with every frame padded to a multiple of 128 tokens
+(blocks never straddle frames), and of dense SDPA over all tokens (no mask). "ideal" is dense time
+x the share of blocks the fused path computes; "token ideal" uses the mask's exact density instead.
+Times: median of ``--iters`` runs after warm-up, CUDA events, bf16; peak = max memory allocated
+during forward+backward, above the inputs.
 
     python benchmarks/attention.py                  # both paper grids
     python benchmarks/attention.py --grid 8x8x30x52 --heads 40
+    python benchmarks/attention.py --grid 8x8x30x52 --heads-inner   # q/k/v as the DiT gives them
+    python benchmarks/attention.py --tiny           # a small grid, runs on CPU too (checks the script)
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from fourdgen.nn.fused_attention import compiled_flex, flex_kernel_options, grid_attention
 from fourdgen.nn.grid_layout import GridLayout
+from fourdgen.nn.lse_attention import fused_kernel, view_time_attention
 from fourdgen.nn.view_time_mask import ViewTimeMask, block_structure, computed_fraction
 
 GRIDS = {
@@ -34,6 +39,8 @@ GRIDS = {
         terms=("same_view", "same_time", "cross_half"),
     ),
 }
+# --tiny: 3 views x 4 frames x 4x6 tokens (24-token frames: blocks straddle frames), 2 heads.
+TINY = dict(layout=GridLayout(3, 4, 4, 6), heads=2, terms=("same_view", "same_time"))
 KERNEL_VARIANTS = {
     "TMA": {"USE_TMA": True},
     "M128N128w8s2": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
@@ -43,11 +50,19 @@ KERNEL_VARIANTS = {
 
 
 def timed(fn, iters: int, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn``: CUDA events on the GPU, wall clock on the CPU."""
+    cuda = torch.cuda.is_available()
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     times = []
     for _ in range(iters):
+        if not cuda:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+            continue
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
@@ -55,6 +70,18 @@ def timed(fn, iters: int, warmup: int = 3) -> float:
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
     return sorted(times)[len(times) // 2]
+
+
+def peak_gib(fn) -> float:
+    """Peak memory allocated while ``fn`` runs, above what was allocated before (GiB; nan on CPU)."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 def fwd_bwd(attn, q, k, v):
@@ -117,43 +144,6 @@ def all_full_block_mask(N: int, device, block: int = 128) -> BlockMask:
     )
 
 
-def _cudnn(q, k, v):
-    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)
-    return out[0], out[1]  # output [B, H, L, D], logsumexp [B, H, L] (float32)
-
-
-@torch.compile(dynamic=False)
-def _merge(ov, lv, ot, lt, of, lf):
-    m = torch.maximum(lv, lt)
-    wv, wt, wf = (torch.exp(x - m)[..., None] for x in (lv, lt, lf))
-    return ((wv * ov.float() + wt * ot.float() - wf * of.float()) / (wv + wt - wf)).to(ov.dtype)
-
-
-def lse_view_time(q, k, v, layout: GridLayout):
-    """View-OR-time attention as three dense cuDNN attentions (per view, per time, minus per frame)
-    merged exactly through their log-sum-exp. Forward only (no autograd here); B = 1."""
-    _, H, N, D = q.shape
-    V, Fr, n = layout.views, layout.frames, layout.frame_tokens
-
-    def per_view(x):
-        return x.view(H, V, Fr * n, D).transpose(0, 1)
-
-    def per_time(x):
-        return x.view(H, V, Fr, n, D).permute(2, 0, 1, 3, 4).reshape(Fr, H, V * n, D)
-
-    def per_frame(x):
-        return x.view(H, V * Fr, n, D).transpose(0, 1)
-
-    ov, lv = _cudnn(per_view(q[0]), per_view(k[0]), per_view(v[0]))
-    ot, lt = _cudnn(per_time(q[0]), per_time(k[0]), per_time(v[0]))
-    of, lf = _cudnn(per_frame(q[0]), per_frame(k[0]), per_frame(v[0]))
-    ov, lv = ov.transpose(0, 1).reshape(H, N, D), lv.transpose(0, 1).reshape(H, N)
-    ot = ot.view(Fr, H, V, n, D).permute(1, 2, 0, 3, 4).reshape(H, N, D)
-    lt = lt.view(Fr, H, V, n).permute(1, 2, 0, 3).reshape(H, N)
-    of, lf = of.transpose(0, 1).reshape(H, N, D), lf.transpose(0, 1).reshape(H, N)
-    return _merge(ov, lv, ot, lt, of, lf)[None]
-
-
 def padded_variant(layout: GridLayout, mask: ViewTimeMask, dev, record) -> None:
     """Flex on frames padded to a multiple of 128 tokens (pad, attend, unpad)."""
     t0 = time.perf_counter()
@@ -175,31 +165,42 @@ def padded_variant(layout: GridLayout, mask: ViewTimeMask, dev, record) -> None:
     )
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def bench_grid(name: str, spec: dict, args) -> list[dict]:
     layout, terms = spec["layout"], spec["terms"]
     heads = args.heads or spec["heads"]
-    dev = torch.device("cuda")
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
     mask = ViewTimeMask(terms)
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     bm = mask.block_mask(layout, dev)
-    torch.cuda.synchronize()
+    sync()
     build_s = time.perf_counter() - t0
     frac, density = computed_fraction(bm), mask.density(layout)
-    N = layout.num_tokens
+    N, D = layout.num_tokens, args.head_dim
     print(
         f"\n## {name}: {layout.views} views x {layout.frames} frames x {layout.frame_tokens} tokens = {N}, "
-        f"{heads} heads x 128; terms {list(terms)}"
+        f"{heads} heads x {D}; terms {list(terms)}; {dtype}; "
+        f"q/k/v {'[B, N, H, D] transposed (DiT)' if args.heads_inner else '[B, H, N, D] contiguous'}"
     )
     print(
         f"mask build {build_s * 1000:.1f} ms (uncached); computed blocks {frac:.4f}; "
         f"token density {density:.4f}"
     )
     g = torch.Generator(device=dev).manual_seed(0)
-    q, k, v = (
-        torch.randn(1, heads, N, 128, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_()
-        for _ in range(3)
-    )
+
+    def tensor():
+        shape = (1, N, heads, D) if args.heads_inner else (1, heads, N, D)
+        x = torch.randn(*shape, device=dev, dtype=dtype, generator=g)
+        return (x.transpose(1, 2) if args.heads_inner else x).requires_grad_()
+
+    q, k, v = tensor(), tensor(), tensor()
     rows = []
 
     def record(label, fn, backward=True):
@@ -207,62 +208,107 @@ def bench_grid(name: str, spec: dict, args) -> list[dict]:
             with torch.no_grad():
                 f = timed(lambda: fn(q, k, v), args.iters)
             fb = timed(fwd_bwd(fn, q, k, v), args.iters) if backward else float("nan")
+            mem = peak_gib(fwd_bwd(fn, q, k, v)) if backward else float("nan")
         except Exception as e:  # a kernel option a torch version does not take
             print(f"{label}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-            return
-        rows.append({"grid": name, "path": label, "fwd": f, "fwd_bwd": fb})
-        print(f"{label}: fwd {f:.1f} ms, fwd+bwd {fb:.1f} ms")
+            return None
+        row = {"grid": name, "path": label, "fwd": f, "fwd_bwd": fb, "peak_gib": mem}
+        rows.append(row)
+        print(f"{label}: fwd {f:.1f} ms, fwd+bwd {fb:.1f} ms, peak {mem:.2f} GiB")
+        return row
 
-    record("dense SDPA (no mask)", lambda q, k, v: F.scaled_dot_product_attention(q, k, v))
-    dense = rows[-1]
-    record("fused (library, flex)", lambda q, k, v: grid_attention(q, k, v, layout, mask, "flex"))
-    fused = rows[-1]
-    lib = flex_kernel_options(q)
-    print(f"library flex kernel options: {lib}")
-    full = all_full_block_mask(N, dev)
-    record(
-        "flex, every block (kernel ceiling)",
-        lambda q, k, v: compiled_flex()(q, k, v, block_mask=full, kernel_options=lib),
-    )
-    if set(terms) == {"same_view", "same_time"}:
-        with torch.no_grad():
-            ref = grid_attention(q, k, v, layout, mask, "flex")
-            err = (lse_view_time(q, k, v, layout) - ref).abs().max().item()
-        print(f"LSE merge vs flex: max abs diff {err:.2e}")
-        record(
-            "3 cuDNN attentions + LSE merge (fwd only)", lambda q, k, v: lse_view_time(q, k, v, layout), False
-        )
-    for label, opts in KERNEL_VARIANTS.items() if args.variants else ():
+    dense = record("dense SDPA (no mask)", lambda q, k, v: F.scaled_dot_product_attention(q, k, v))
+    fused = None
+    if cuda:  # flex: compiled Triton kernels, no CPU backward
+        fused = record("fused (library, flex)", lambda q, k, v: grid_attention(q, k, v, layout, mask, "flex"))
+        lib = flex_kernel_options(q)
+        print(f"library flex kernel options: {lib}")
+        if not args.tiny:
+            full = all_full_block_mask(N, dev)
+            record(
+                "flex, every block (kernel ceiling)",
+                lambda q, k, v: compiled_flex()(q, k, v, block_mask=full, kernel_options=lib),
+            )
+    lse_rows = []
+    if mask.is_view_or_time(layout):
+        lse_rows = lse_variants(layout, mask, q, k, v, record)
+    for label, opts in KERNEL_VARIANTS.items() if args.variants and cuda else ():
         fx = torch.compile(flex_attention, dynamic=False)
         record(f"flex {label}", lambda q, k, v, fx=fx, o=opts: fx(q, k, v, block_mask=bm, kernel_options=o))
-    if args.variants:
+    if args.variants and cuda:
         padded_variant(layout, mask, dev, record)
     ideal_f, ideal_fb = dense["fwd"] * frac, dense["fwd_bwd"] * frac
     print(
         f"ideal (dense x computed blocks): fwd {ideal_f:.1f} ms, fwd+bwd {ideal_fb:.1f} ms; "
-        f"token ideal fwd {dense['fwd'] * density:.1f} ms"
+        f"token ideal fwd {dense['fwd'] * density:.1f} ms, fwd+bwd {dense['fwd_bwd'] * density:.1f} ms"
     )
-    best = min((r for r in rows if r is not dense), key=lambda r: r["fwd"])
-    print(
-        f"library fused / ideal: fwd {fused['fwd'] / ideal_f:.2f}x, "
-        f"fwd+bwd {fused['fwd_bwd'] / ideal_fb:.2f}x; "
-        f"best variant {best['path']!r}: fwd {best['fwd'] / ideal_f:.2f}x; dense / fused fwd "
-        f"{dense['fwd'] / fused['fwd']:.2f}x"
-    )
+    print("\n| path | fwd ms | fwd+bwd ms | fwd / ideal | fwd+bwd / ideal | peak GiB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['path']} | {r['fwd']:.1f} | {r['fwd_bwd']:.1f} | {r['fwd'] / ideal_f:.2f}x | "
+            f"{r['fwd_bwd'] / ideal_fb:.2f}x | {r['peak_gib']:.2f} |"
+        )
+    for r in [fused, *lse_rows]:
+        if r is not None:
+            f, fb = r["fwd"], r["fwd_bwd"]
+            print(
+                f"{r['path']} / ideal: fwd {f / ideal_f:.2f}x, fwd+bwd {fb / ideal_fb:.2f}x; "
+                f"dense / it: fwd {dense['fwd'] / f:.2f}x, fwd+bwd {dense['fwd_bwd'] / fb:.2f}x"
+            )
     return rows
+
+
+def lse_variants(layout: GridLayout, mask: ViewTimeMask, q, k, v, record) -> list[dict]:
+    """The LSE path (library: grid_attention backend "lse", i.e. cuDNN on Hopper) and each of its
+    kernels, after a parity check against flex (GPU) or dense SDPA (CPU); plus the share of pairs
+    its three attentions compute (union + 2 x frame)."""
+    V, Fr, n = layout.views, layout.frames, layout.frame_tokens
+    pairs = V * (Fr * n) ** 2 + Fr * (V * n) ** 2 + V * Fr * n**2
+    print(f"LSE path: its three attentions compute {pairs / layout.num_tokens**2:.4f} of all pairs")
+    with torch.no_grad():
+        if q.is_cuda:
+            ref = grid_attention(q, k, v, layout, mask, "flex")
+        else:
+            ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(layout, q.device))
+        err = (grid_attention(q, k, v, layout, mask, "lse") - ref).abs().max().item()
+    print(f"LSE (library, {fused_kernel(q)}) vs {'flex' if q.is_cuda else 'dense'}: max abs diff {err:.2e}")
+    rows = [
+        record(
+            f"LSE (library, {fused_kernel(q)})", lambda q, k, v: grid_attention(q, k, v, layout, mask, "lse")
+        )
+    ]
+    for kernel in ("flash",) if q.is_cuda else ():
+        rows.append(
+            record(
+                f"LSE, {kernel} kernel", lambda q, k, v, kn=kernel: view_time_attention(q, k, v, layout, kn)
+            )
+        )
+    return [r for r in rows if r is not None]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--grid", nargs="+", default=list(GRIDS), choices=list(GRIDS))
     p.add_argument("--heads", type=int, default=None, help="override the grid's head count")
+    p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--variants", action="store_true", help="also flex kernel options and padded frames")
+    p.add_argument(
+        "--heads-inner", action="store_true", help="q/k/v stored [B, N, H, D] (as the DiT's projections)"
+    )
+    p.add_argument("--tiny", action="store_true", help="one small grid (also on CPU, float32): a smoke run")
     args = p.parse_args()
-    print(torch.cuda.get_device_name(), "torch", torch.__version__)
-    compiled_flex()  # raises dynamo's recompile limit: the variants below all compile flex_attention
-    for name in args.grid:
-        bench_grid(name, GRIDS[name], args)
+    if torch.cuda.is_available():
+        print(torch.cuda.get_device_name(), "torch", torch.__version__)
+        compiled_flex()  # raises dynamo's recompile limit: the variants below all compile flex_attention
+    else:
+        print("CPU (no CUDA): flex rows skipped, float32, wall-clock times; torch", torch.__version__)
+        if not args.tiny:
+            p.error("no CUDA device: only --tiny runs on the CPU")
+    grids = {"tiny": TINY} if args.tiny else {name: GRIDS[name] for name in args.grid}
+    for name, spec in grids.items():
+        bench_grid(name, spec, args)
 
 
 if __name__ == "__main__":

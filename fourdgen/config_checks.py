@@ -184,7 +184,8 @@ def check_presets(sections: dict[str, Any]) -> None:
 
 
 def check_masks(sections: dict[str, Any]) -> None:
-    """The fused-attention mask terms of a grid coupling: known, and ones its layout has frames for."""
+    """The fused-attention mask terms of a grid coupling: known, and ones its layout has frames for;
+    and its attention backend: known, and able to run that mask."""
     from fourdgen.nn.grid_coupling import GridCoupling
 
     for key, node in _nodes(sections, ""):
@@ -195,6 +196,9 @@ def check_masks(sections: dict[str, Any]) -> None:
         problem = None if mask is None else cls.mask_problem(mask)
         if problem:
             raise ConfigError(f"{key}.init_args.mask: {problem}".lstrip("."))
+        problem = cls.backend_problem(mask, _args(node).get("backend", "auto"))
+        if problem:
+            raise ConfigError(f"{key}.init_args.backend: {problem}".lstrip("."))
 
 
 def check_clip_frames(sections: dict[str, Any]) -> None:

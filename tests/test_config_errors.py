@@ -111,6 +111,13 @@ CASES = {
         ["--model.init_args.coupling.init_args.mask=[same_view, same_tme]"],
         r"model\.init_args\.coupling\.init_args\.mask: 'same_tme' is not one of same_view, same_time",
     ),
+    "lse_backend_with_cross_half": (
+        "full4d",
+        "root",
+        ["--model.init_args.coupling.init_args.backend=lse"],
+        r"model\.init_args\.coupling\.init_args\.backend: 'lse' computes exactly same_view \| same_time; "
+        r"the mask \['cross_half', 'same_time', 'same_view'\] needs 'flex'",
+    ),
     "frames_not_tk_plus_1": (
         "video",
         "root",

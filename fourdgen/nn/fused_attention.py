@@ -1,10 +1,14 @@
 """Fused view-time self-attention for Wan DiTs (4Real-Video-V2 section 3.1, Full-4D section 3.2).
 
-Attention itself (:func:`grid_attention`) has three exact implementations of one mask
+Attention itself (:func:`grid_attention`) has exact implementations of one mask
 (:class:`~fourdgen.nn.view_time_mask.ViewTimeMask`):
 
 - ``dense``: SDPA with the ``N x N`` boolean mask. The reference; small layouts only.
-- ``flex``: block-sparse FlexAttention (compiled) with the cached :class:`BlockMask`. The GPU path.
+- ``flex``: block-sparse FlexAttention (compiled) with the cached :class:`BlockMask`. The general
+  GPU path (any mask, e.g. Full-4D's cross-half term).
+- ``lse``: a mask of exactly ``same_view | same_time`` (4Real-Video-V2) as three dense attentions
+  (per view, per time, minus per frame) merged through their log-sum-exp, with its own backward
+  (:mod:`fourdgen.nn.lse_attention`): dense kernels (cuDNN) instead of flex's block-sparse one.
 - a mask of ``same_view`` alone is per-view dense attention (a batch of V ordinary videos), which
   SDPA runs at full speed with no mask at all: Full-4D's original per-video branch.
 
@@ -22,9 +26,10 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import flex_attention
 
 from fourdgen.nn.grid_layout import GridLayout
+from fourdgen.nn.lse_attention import fused_kernel, view_time_attention
 from fourdgen.nn.view_time_mask import ViewTimeMask
 
-BACKENDS = ("auto", "flex", "dense")
+BACKENDS = ("auto", "flex", "dense", "lse")
 _flex = None
 
 
@@ -61,8 +66,10 @@ def grid_attention(
 ) -> Tensor:
     """Masked attention of ``q, k, v [B, H, N, D]`` (tokens in ``layout`` order) -> ``[B, H, N, D]``.
 
-    ``backend``: ``flex`` (block-sparse), ``dense`` (reference) or ``auto`` (flex on CUDA, dense on
-    CPU, where compiled flex is slow to build and the tests' layouts are small)."""
+    ``backend``: ``flex`` (block-sparse), ``dense`` (reference), ``lse`` (view-OR-time masks only:
+    :func:`~fourdgen.nn.lse_attention.view_time_attention`) or ``auto``: on CUDA ``lse`` where the
+    mask is exactly view-OR-time and a fused kernel takes ``q`` (fp16/bf16), else flex; on CPU
+    dense (compiled flex is slow to build there and the tests' layouts are small)."""
     if q.shape[-2] != layout.num_tokens:
         raise ValueError(f"grid_attention: {q.shape[-2]} tokens, layout {layout} has {layout.num_tokens}")
     if backend not in BACKENDS:
@@ -70,7 +77,17 @@ def grid_attention(
     if mask.terms == ("same_view",):
         return per_view_attention(q, k, v, layout)
     if backend == "auto":
-        backend = "flex" if q.is_cuda else "dense"
+        if not q.is_cuda:
+            backend = "dense"
+        else:
+            backend = "lse" if mask.is_view_or_time(layout) and fused_kernel(q) else "flex"
+    if backend == "lse":
+        if not mask.is_view_or_time(layout):
+            raise ValueError(
+                f"grid_attention: backend 'lse' computes same_view | same_time only, not {mask} on "
+                f"{layout}; use 'flex'"
+            )
+        return view_time_attention(q, k, v, layout)
     if backend == "dense":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(layout, q.device))
     return compiled_flex()(

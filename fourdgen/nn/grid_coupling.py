@@ -26,7 +26,7 @@ from fourdgen.components import Recorded
 from fourdgen.geometry.pointcloud import render_pointmap_to_view
 from fourdgen.geometry.projection import depth_to_points
 from fourdgen.nn.coupling import DiTCoupling, call_dit
-from fourdgen.nn.fused_attention import GridAttentionState
+from fourdgen.nn.fused_attention import BACKENDS, GridAttentionState
 from fourdgen.nn.grid_layout import GridLayout, grid_to_sequence, sequence_to_grid
 from fourdgen.nn.multiview import install_grid, relative_cameras
 from fourdgen.nn.view_time_mask import CONDITION_TERMS, PREDICATES, ViewTimeMask
@@ -173,19 +173,43 @@ class GridCoupling(DiTCoupling):
     Args:
         mask: :class:`~fourdgen.nn.view_time_mask.ViewTimeMask` terms of the fused attention.
         t_max: RoPE frame stride between views (Wan: 21 latent frames = 81 frames).
-        backend: ``auto`` / ``flex`` / ``dense`` (see :func:`~fourdgen.nn.fused_attention.grid_attention`).
+        backend: ``auto`` / ``flex`` / ``dense`` / ``lse`` (see
+            :func:`~fourdgen.nn.fused_attention.grid_attention`).
     """
 
     # Whether the layout has condition frames after each view's targets (what CONDITION_TERMS read).
     condition_frames = False
 
+    default_mask: tuple[str, ...] = ("same_view", "same_time")
+
     def __init__(self, mask: list[str] | None = None, t_max: int = 21, backend: str = "auto"):
         problem = type(self).mask_problem(mask) if mask is not None else None
         if problem:
             raise ValueError(f"{type(self).__name__}.mask: {problem}")
-        self.mask = ViewTimeMask(mask or ["same_view", "same_time"])
+        problem = type(self).backend_problem(mask, backend)
+        if problem:
+            raise ValueError(f"{type(self).__name__}.backend: {problem}")
+        self.mask = ViewTimeMask(mask or list(self.default_mask))
         self.t_max = t_max
         self.state = GridAttentionState(self.mask, backend)
+
+    @classmethod
+    def backend_problem(cls, terms, backend) -> str | None:
+        """Why ``backend`` cannot run the mask ``terms`` (None: default mask) of this coupling, or
+        None. Also run on the config (:mod:`fourdgen.config_checks`)."""
+        if backend not in BACKENDS:
+            return f"expected one of {', '.join(BACKENDS)}, got {backend!r}"
+        if backend != "lse":
+            return None
+        t = set(terms or cls.default_mask)
+        if not cls.condition_frames:
+            t.discard("cross_half")  # never holds without condition frames
+        if not {"same_view", "same_time"} <= t <= {"same_view", "same_time", "same_frame"}:
+            return (
+                f"'lse' computes exactly same_view | same_time; the mask {sorted(t)} needs 'flex' "
+                "(or 'auto', which picks it)"
+            )
+        return None
 
     uses_cameras = False  # whether the batch's cameras mean anything to the model
 
@@ -360,6 +384,7 @@ class ProjectionGrid(GridCoupling):
     trainable = ("fused_attn", "fused_proj", "camera_encoder")
     uses_cameras = True
     condition_frames = True
+    default_mask = ("same_view", "same_time", "cross_half")
 
     def __init__(
         self,
@@ -372,7 +397,7 @@ class ProjectionGrid(GridCoupling):
         radius_px: int = 1,
         clean_condition_timestep: bool = True,
     ):
-        super().__init__(mask or ["same_view", "same_time", "cross_half"], t_max, backend)
+        super().__init__(mask, t_max, backend)
         if isinstance(source_view, bool) or not isinstance(source_view, int) or source_view < 0:
             raise ValueError(f"ProjectionGrid: source_view must be an int >= 0, got {source_view!r}")
         self.depth = depth or BatchDepth()

@@ -95,6 +95,16 @@ class ViewTimeMask:
         n = layout.frame_tokens
         return self.frames(layout, device).repeat_interleave(n, 0).repeat_interleave(n, 1)
 
+    def is_view_or_time(self, layout: GridLayout) -> bool:
+        """Whether the mask on ``layout`` is exactly ``same_view | same_time`` (what
+        :func:`~fourdgen.nn.lse_attention.view_time_attention` computes). ``same_frame`` lies inside
+        both; ``cross_half`` never holds on a layout without condition frames. Pure Python on the
+        terms (no tensors), so it is free inside a compiled graph."""
+        terms = set(self.terms)
+        if layout.targets == layout.frames:
+            terms.discard("cross_half")
+        return {"same_view", "same_time"} <= terms <= {"same_view", "same_time", "same_frame"}
+
     def density(self, layout: GridLayout) -> float:
         """Share of (query, key) token pairs that attend."""
         return float(self.frames(layout).float().mean())
