@@ -148,24 +148,32 @@ def video_figures(cfg: dict, dev: torch.device, peak: float) -> list[Figure]:
 
     out = []
     for coupling in ("width", "dlc"):
-        args = argparse.Namespace(**cfg["video"], coupling=coupling, device=str(dev), no_checkpointing=False)
-        r = video_step.bench(cfg["video_preset"], args, peak)
-        out.append(
-            Figure(
-                "P2",
-                f"{cfg['video_preset']} LoRA step, {'4DNeX width' if coupling == 'width' else 'One4D DLC'}, "
-                f"{r['s_per_step']:.2f} s, {r['tflop_per_step']:.1f} TFLOP",
-                r["mfu"] * 100,
-                "% MFU",
-                peak / 1e12,
-                "bf16 matmul TFLOP/s",
-                r["mfu"],
-                ">= 50%",
-                r["mfu"] >= 0.5,
+        for policy in ("full", "keep_attention"):
+            args = argparse.Namespace(
+                **cfg["video"],
+                coupling=coupling,
+                device=str(dev),
+                no_checkpointing=False,
+                checkpoint_policy=policy,
             )
-        )
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+            r = video_step.bench(cfg["video_preset"], args, peak)
+            out.append(
+                Figure(
+                    "P2",
+                    f"{cfg['video_preset']} LoRA step, {'4DNeX' if coupling == 'width' else 'One4D DLC'}, "
+                    f"checkpointing {policy}: {r['s_per_step']:.2f} s, {r['tflop_per_step']:.1f} TFLOP, "
+                    f"peak {r['peak_gib']:.1f} GiB",
+                    r["mfu"] * 100,
+                    "% MFU",
+                    peak / 1e12,
+                    "bf16 matmul TFLOP/s",
+                    r["mfu"],
+                    ">= 50%",
+                    r["mfu"] >= 0.5,
+                )
+            )
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     return out
 
 

@@ -52,6 +52,7 @@ def bench(preset: str, args: argparse.Namespace, peak_flops: float | None = None
         lora_alpha=args.rank / 2,
         base_dtype="bfloat16",
         gradient_checkpointing=not args.no_checkpointing,
+        checkpoint_policy=getattr(args, "checkpoint_policy", "full"),
     ).to(dev)
     t0 = time.perf_counter()
     model.configure_model()
@@ -118,11 +119,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument(
+        "--checkpoint-policy",
+        choices=["full", "keep_attention"],
+        default="full",
+        help="what checkpointing recomputes",
+    )
     p.add_argument("--coupling", choices=["width", "dlc"], default="width")
     args = p.parse_args()
     peak = matmul_rate("cuda")
     print(
-        f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, coupling {args.coupling}; "
+        f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, coupling {args.coupling}, "
+        f"checkpointing {'off' if args.no_checkpointing else args.checkpoint_policy}; "
         f"bf16 8192^3 matmul {peak / 1e12:.0f} TFLOP/s"
     )
     print(

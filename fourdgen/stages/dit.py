@@ -21,6 +21,7 @@ from fourdgen.backbones.wan import build_transformer, build_vae, materialize, sh
 from fourdgen.components import build
 from fourdgen.diffusion.latents import vae_id
 from fourdgen.nn.adapters import Adapter, default_adapter
+from fourdgen.nn.checkpointing import checkpoint_function
 from fourdgen.nn.coupling import DiTCoupling
 from fourdgen.nn.lora import ATTN_TARGETS
 from fourdgen.stages.common import (
@@ -54,6 +55,9 @@ class DiTFinetune(NonFiniteGuard, BatchContract, L.LightningModule):
         timestep_sampling / train_shift / loss_weighting: rectified-flow training.
         sample_steps / guidance_scale / sample_shift: inference; ``val_sample_steps`` at validation.
         gradient_checkpointing: recompute DiT blocks in backward (memory for speed).
+        checkpoint_policy: what a checkpointed block recomputes: ``full`` (everything) or
+            ``keep_attention`` (the attention kernels' outputs are saved, the rest recomputed: less
+            recompute for one ``[B, N, C]`` tensor per attention call; :mod:`fourdgen.nn.checkpointing`).
         base_dtype: dtype of the frozen base weights ("bfloat16" for the real models).
         on_nonfinite: a NaN/inf loss term or gradient: ``stop`` (raise, naming the step and the
             term) or ``skip`` the batch (warned and counted; one process only). See
@@ -85,6 +89,7 @@ class DiTFinetune(NonFiniteGuard, BatchContract, L.LightningModule):
         sample_shift: float = 3.0,
         val_sample_steps: int = 10,
         gradient_checkpointing: bool = False,
+        checkpoint_policy: Literal["full", "keep_attention"] = "full",
         base_dtype: str = "float32",
         on_nonfinite: Literal["stop", "skip"] = "stop",
     ):
@@ -138,7 +143,8 @@ class DiTFinetune(NonFiniteGuard, BatchContract, L.LightningModule):
         self.coupling.install(model)
         self.adapter.setup(model, keep_trainable=self.coupling.trainable, init=h.init_lora)
         if h.gradient_checkpointing:
-            model.enable_gradient_checkpointing()
+            policy = h.get("checkpoint_policy", "full")  # checkpoints from before the option
+            model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_function(policy))
         dp = fsdp_mesh(mesh, type(self).__name__)
         if dp is not None:
             shard_transformer(model, dp, param_dtype=None if dtype == torch.float32 else dtype)
