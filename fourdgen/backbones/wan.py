@@ -168,11 +168,16 @@ def build_transformer(
 ) -> WanTransformer3DModel:
     """A Wan DiT from a local checkpoint (``path``) or a preset with random weights.
 
-    ``meta`` (default: True for presets larger than tiny) builds on the meta device; call
-    :func:`materialize` (e.g. in ``configure_model``) before use.
+    ``meta`` (default: True for presets larger than tiny, False for a checkpoint) builds on the
+    meta device; call :func:`materialize` (e.g. in ``configure_model``) before use. A checkpoint
+    built on the meta device reads only its ``config.json`` (the architecture, for an adapter export).
     """
     if path is not None:
         root = _local_dir(path, subfolder, "build_transformer")
+        if meta:
+            with torch.device("meta"):
+                cfg = WanTransformer3DModel.load_config(root)
+                return WanTransformer3DModel.from_config(cfg).to(dtype)
         return _from_pretrained(WanTransformer3DModel, root, subfolder, dtype)
     if preset not in TRANSFORMER_PRESETS:
         raise ValueError(
