@@ -20,7 +20,13 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from fourdgen.backbones.wan import build_transformer, build_vae, materialize, shard_transformer
+from fourdgen.backbones.wan import (
+    build_transformer,
+    build_vae,
+    load_shards_from_rank0,
+    materialize,
+    shard_transformer,
+)
 from fourdgen.components import build
 from fourdgen.diffusion.latents import vae_id
 from fourdgen.errors import FileFormatError
@@ -132,22 +138,33 @@ class DiTFinetune(NonFiniteGuard, BatchContract, L.LightningModule):
         want_in = z_dim + self.input_channels(vae)
         if spec.get("path") is None:
             spec["overrides"] = {"in_channels": want_in, "out_channels": z_dim, **spec.get("overrides", {})}
-        model = build_transformer(**spec, dtype=dtype, **({"meta": True} if meta_base else {}))
-        if next(model.parameters()).is_meta and not meta_base:
+        dp = fsdp_mesh(mesh, type(self).__name__)
+        # Sharded over several ranks, only rank 0 builds the base (reads the checkpoint, or draws a
+        # preset's weights): the others build it on the meta device and get their shards from rank 0
+        # once it is sharded, so one rank holds the whole model in host memory, not each (14B: 28 GB).
+        from_rank0 = dp is not None and dp.size() > 1 and not meta_base
+        empty = meta_base or (from_rank0 and torch.distributed.get_rank() != 0)
+        model = build_transformer(**spec, dtype=dtype, **({"meta": True} if empty else {}))
+        if next(model.parameters()).is_meta and not empty:
             materialize(model, device, dtype, seed=spec.get("seed", 0))
+        elif empty and spec.get("path") is None:
+            model.to(dtype)  # the dtypes materialize gives rank 0's preset
         if model.config.in_channels != want_in or model.config.out_channels != z_dim:
             raise ValueError(
                 f"transformer {spec}: in/out channels {model.config.in_channels}/"
                 f"{model.config.out_channels}, expected {want_in}/{z_dim} (VAE z_dim + conditioning)"
             )
-        with torch.device("meta") if meta_base else contextlib.nullcontext():  # new layers beside the base
+        with torch.device("meta") if empty else contextlib.nullcontext():  # new layers beside the base
             self.coupling.install(model)
             self.adapter.setup(model, keep_trainable=self.coupling.trainable, init=h.init_lora)
         if h.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        dp = fsdp_mesh(mesh, type(self).__name__)
         if dp is not None:
+            full = model.state_dict() if from_rank0 and not empty else {}  # rank 0's tensors, not copies
             shard_transformer(model, dp, param_dtype=None if dtype == torch.float32 else dtype)
+            if from_rank0:
+                load_shards_from_rank0(model, full, device)
+                del full
         self.transformer = model if meta_base else model.to(device)
         self.vae = vae
         self.vae_id = vae_id(vae)
