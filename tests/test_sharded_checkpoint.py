@@ -245,3 +245,15 @@ def test_a_finished_sharded_checkpoint_stops_before_training(sharded_runs, tmp_p
         main(fit_args(tmp_path / "run", 4, 2, f"--ckpt_path={ckpt}"))
     assert e.value.code == 0 and f"{ckpt} already finished at step 4" in capsys.readouterr().out
     assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_swap_cut_between_its_renames_names_the_copy_to_resume_from(tmp_path):
+    """A sharded checkpoint replaces the previous folder in two renames (old aside, new in place): a
+    kill between them leaves no ``last.ckpt``, and the error names the previous one."""
+    from fourdgen.errors import ConfigError
+    from fourdgen.io import check_checkpoint_file
+
+    (tmp_path / ".last.ckpt.old").mkdir()
+    want = r"no such file or folder \(the previous one is .*\.last\.ckpt\.old"
+    with pytest.raises(ConfigError, match=want):
+        check_checkpoint_file(tmp_path / "last.ckpt")
