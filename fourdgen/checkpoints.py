@@ -72,7 +72,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         from lightning.fabric.utilities.load import _load_distributed_checkpoint
 
         return single_file_layout(_load_distributed_checkpoint(p))
-    return single_file_layout(torch.load(p, map_location="cpu", weights_only=True))
+    return single_file_layout(torch.load(p, map_location="cpu", weights_only=True, mmap=True))
 
 
 class ConsolidatingCheckpointIO(TorchCheckpointIO):
