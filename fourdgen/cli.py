@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 import torch
 from jsonargparse import Namespace
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -29,6 +30,12 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from fourdgen.callbacks.guard import GuardedOutput
 from fourdgen.callbacks.progress import FinalMetrics, LineProgress, StepProgressBar
+from fourdgen.checkpoints import (
+    META_FILE,
+    ConsolidatingCheckpointIO,
+    checkpoint_metadata,
+    is_sharded_checkpoint,
+)
 from fourdgen.config_checks import check_config
 from fourdgen.entry import condense_parse_error, env_flag
 from fourdgen.errors import ConfigError
@@ -133,13 +140,12 @@ def _recipe_key(config_paths: list[Any] | None) -> str | None:
 
 
 def checkpoint_step(path: str | os.PathLike[str] | None) -> int | None:
-    """``global_step`` of a Lightning checkpoint file; None for "last"/"best", a directory (distributed
-    checkpoint), a remote path or anything unreadable: the caller then just runs."""
+    """``global_step`` of a Lightning checkpoint file or sharded folder (its ``meta.pt``); None for
+    "last"/"best", a remote path or anything unreadable: the caller then just runs."""
     try:
-        if path is None or not Path(path).is_file():
+        if path is None or not (Path(path).is_file() or is_sharded_checkpoint(path)):
             return None
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return int(ckpt["global_step"])
+        return int(checkpoint_metadata(path)["global_step"])
     except Exception:
         return None
 
@@ -245,7 +251,16 @@ class FourDGenCLI(LightningCLI):
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt and ckpt not in ("last", "best", "hpc", "registry") and "://" not in str(ckpt):
             check_checkpoint_file(ckpt)  # a truncated file: one line naming it, not torch's zip error
-        super()._parse_ckpt_path()
+        if ckpt and is_sharded_checkpoint(ckpt):
+            # Lightning reads the hyper-parameters of checkpoint files only; a folder's are in its meta.pt,
+            # a torch.save'd dict of the same form: read them the same way.
+            self.config[sub].ckpt_path = os.path.join(ckpt, META_FILE)
+            try:
+                super()._parse_ckpt_path()
+            finally:
+                self.config[sub].ckpt_path = ckpt
+        else:
+            super()._parse_ckpt_path()
         if sub and self._model_args and self.config[sub].get("ckpt_path"):
             given = {"class_path": self.config[sub].model.class_path, **self._model_args}
             self.config = self.parser.parse_object({sub: {"model": given}}, self.config)
@@ -310,6 +325,11 @@ class FourDGenCLI(LightningCLI):
             torch.set_num_threads(threads)
 
     def after_instantiate_classes(self) -> None:
+        # A sharded checkpoint (ModelParallelStrategy's folder) also resumes under a strategy that does
+        # not shard (one process, DDP): consolidated in memory. A user's own CheckpointIO is left alone.
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = ConsolidatingCheckpointIO()
         # --overwrite reaches every output-writing callback, and nothing else sets it.
         if (self.config_init[self.subcommand] if self.subcommand else self.config_init).get("overwrite"):
             for cb in self.trainer.callbacks:

@@ -236,8 +236,45 @@ def check_clip_frames(sections: dict[str, Any]) -> None:
             )
 
 
+def check_fsdp_mesh(trainer: dict[str, Any] | None) -> None:
+    """Lightning's ``ModelParallelStrategy`` builds a (data parallel x tensor parallel) mesh that must
+    cover every process, and fourdgen shards with FSDP2 only (tensor parallel 1): so
+    ``data_parallel_size`` is the number of processes. Lightning's ``auto`` sizes (the number of nodes
+    x the GPUs per node) would make the tensor-parallel dimension the GPUs of a node instead."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    trainer = trainer or {}
+    spec = trainer.get("strategy")
+    if isinstance(spec, str) and "." in spec:  # a bare class path (no init_args) stays a string
+        spec = {"class_path": spec}
+    cls = _class(spec)
+    if cls is None or not issubclass(cls, ModelParallelStrategy):
+        return
+    args, key = _args(spec), "trainer.strategy.init_args"
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    world = devices * nodes if isinstance(devices, int) and devices > 0 else None  # "auto", -1: not known
+    tp, dp = args.get("tensor_parallel_size", "auto"), args.get("data_parallel_size", "auto")
+    tp = (devices if world else None) if tp == "auto" else tp
+    if tp not in (1, None):
+        raise ConfigError(
+            f"{key}.tensor_parallel_size: {args.get('tensor_parallel_size', 'auto')!r} (a tensor-parallel "
+            f"size of {tp}); fourdgen shards with FSDP2 only: set it to 1 and data_parallel_size to "
+            f"{world or 'the number of processes (trainer.devices x trainer.num_nodes)'}"
+        )
+    dp = nodes if dp == "auto" else dp
+    if world is not None and dp != world:
+        raise ConfigError(
+            f"{key}.data_parallel_size: {args.get('data_parallel_size', 'auto')!r} (a data-parallel size of "
+            f"{dp}), expected {world} (trainer.devices {devices} x trainer.num_nodes {nodes}): FSDP2 shards "
+            "over every process"
+        )
+
+
 def check_config(cfg: dict[str, Any], subcommand: str | None = None) -> None:
     """All of the above on a parsed subcommand config (plain dicts): the first fault raises."""
+    check_fsdp_mesh(cfg.get("trainer") if isinstance(cfg.get("trainer"), dict) else None)
     sections = {k: cfg.get(k) for k in ("model", "data") if isinstance(cfg.get(k), dict)}
     check_wan_specs(sections)
     check_presets(sections)

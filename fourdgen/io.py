@@ -193,13 +193,17 @@ def check_checkpoint_file(path: str | os.PathLike, what: str = "--ckpt_path") ->
 
     p = Path(path)
     if not p.exists():
-        raise ConfigError(f"{what} {p}: no such file or folder")
+        old = p.with_name(f".{p.name}.old")  # replace_path's aside copy: killed between its two renames
+        hint = f" (the previous one is {old}: rename it back to resume from it)" if old.is_dir() else ""
+        raise ConfigError(f"{what} {p}: no such file or folder{hint}")
     if p.is_dir():
-        if not (p / ".metadata").is_file():
-            raise ConfigError(
-                f"{what} {p}: a folder without .metadata, so not a complete sharded checkpoint "
-                "(interrupted while saving?); resume from an earlier checkpoint"
-            )
+        for name in (".metadata", "meta.pt"):  # torch.distributed.checkpoint's index, Lightning's state
+            if not (p / name).is_file():
+                raise ConfigError(
+                    f"{what} {p}: a folder without {name}, so not a complete sharded checkpoint (a "
+                    "ModelParallelStrategy checkpoint holds .metadata, __<rank>_0.distcp and meta.pt; "
+                    "interrupted while saving?); resume from an earlier checkpoint"
+                )
         return
     size = p.stat().st_size
     if size == 0 or not zipfile.is_zipfile(p):

@@ -1,8 +1,8 @@
 """The ``fourdgen`` console script: ``generate`` chains the stages (:mod:`fourdgen.generate`),
 ``import`` converts datasets to scenes (:mod:`fourdgen.importers`), ``eval`` scores predictions on
 the papers' protocols (:mod:`fourdgen.evaluation`), ``view`` shows a 4D scene in the browser
-(:mod:`fourdgen.viewer`); every other subcommand is LightningCLI
-(:class:`fourdgen.cli.FourDGenCLI`).
+(:mod:`fourdgen.viewer`), ``export`` writes a checkpoint's LoRA adapter (:mod:`fourdgen.export`);
+every other subcommand is LightningCLI (:class:`fourdgen.cli.FourDGenCLI`).
 
 It sits above both so that :mod:`fourdgen.generate`, which runs each step through
 ``FourDGenCLI``, and the CLI do not import each other.
@@ -30,6 +30,10 @@ def _dispatch(argv: list[str] | None) -> Any:
         from fourdgen.evaluation.command import main as evaluate
 
         return evaluate(argv[1:])
+    if argv[:1] == ["export"]:
+        from fourdgen.export import main as export
+
+        return export(argv[1:])
     if argv[:1] == ["view"]:
         from fourdgen.viewer.command import main as view
 

@@ -131,6 +131,24 @@ CASES = {
         ["--data.init_args.clip_schedule={0: 5, 200: 8}"],
         r"data\.init_args\.clip_schedule\.200: 8, but the VAE .* takes 2k\+1 frames .*: use 7 or 9",
     ),
+    "fsdp2_data_parallel_auto": (  # Lightning's "auto": one data-parallel rank per node
+        "video",
+        "root",
+        [
+            "--trainer.devices=2",
+            "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+            "--trainer.strategy.tensor_parallel_size=1",
+        ],
+        r"trainer\.strategy\.init_args\.data_parallel_size: 'auto' \(a data-parallel size of 1\), expected 2 "
+        r"\(trainer\.devices 2 x trainer\.num_nodes 1\)",
+    ),
+    "fsdp2_tensor_parallel": (
+        "video",
+        "root",
+        ["--trainer.devices=2", "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy"],
+        r"trainer\.strategy\.init_args\.tensor_parallel_size: 'auto' \(a tensor-parallel size of 2\); "
+        r"fourdgen shards with FSDP2 only: set it to 1 and data_parallel_size to 2",
+    ),
     "frame_size": (
         "one4d",
         "root",
@@ -157,6 +175,21 @@ def test_config_fault_is_one_line_naming_the_key_before_any_work(case, tmp_path,
     )
     assert re.search(pattern, line), line
     assert not data.exists() and not (tmp_path / "out").exists()  # nothing was prepared or written
+
+
+def test_gpu_recipes_with_fsdp2_cover_every_process():
+    """The recipes that shard (Full-4D's grid model) size the mesh as their devices."""
+    import yaml
+
+    from fourdgen.config_checks import check_fsdp_mesh
+
+    sharded = 0
+    for recipe in sorted((ROOT / "lightning_configs").rglob("*.yaml")):
+        trainer = (yaml.safe_load(recipe.read_text()) or {}).get("trainer") or {}
+        if "ModelParallelStrategy" in str(trainer.get("strategy")):
+            check_fsdp_mesh(trainer)
+            sharded += 1
+    assert sharded >= 1
 
 
 def test_weights_read_only_by_fit_are_not_required_elsewhere():

@@ -76,6 +76,22 @@ def test_prior_loads_frozen_from_a_checkpoint_and_refuses_what_it_cannot_use(tmp
         GridPrior(checkpoint=str(tmp_path / "other.ckpt"), dtype="float32").load()
 
 
+def test_prior_loads_from_a_sharded_checkpoint_folder(tmp_path):
+    """Full-4D's grid model trains under FSDP2, which saves folders: the prior reads one as it reads
+    a file (Lightning's layout: torch.distributed.checkpoint shards + meta.pt)."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = _save_grid_checkpoint(tmp_path / "grid.ckpt")
+    ckpt = torch.load(tmp_path / "grid.ckpt", weights_only=True)
+    folder = tmp_path / "last.ckpt"
+    dcp.save({"state_dict": ckpt.pop("state_dict")}, checkpoint_id=folder, no_dist=True)
+    torch.save(ckpt, folder / "meta.pt")
+    model = GridPrior(checkpoint=str(folder), text_encoder=HashTextEncoder(32, 8), dtype="float32").load()
+    trained = {n: p for n, p in saved.named_parameters() if p.requires_grad}
+    for name, p in trained.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name], p.detach())
+
+
 def test_prior_loads_a_lora_export_over_the_base_model(tmp_path):
     """A LoRA-tuned grid model: its export (LoRA + the coupling's new layers) plus the coupling spec."""
     model = GridDiffusion(transformer=WIDE, coupling=ProjectionGrid(t_max=8), lora_rank=4, lpips_net=None)

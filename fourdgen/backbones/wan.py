@@ -157,6 +157,19 @@ def _from_pretrained(cls, root: Path, subfolder: str, dtype: torch.dtype):
     return model
 
 
+def cast_as_loaded(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The dtypes ``from_pretrained(torch_dtype=dtype)`` gives a diffusers model: its state-dict tensors
+    in ``dtype``, except those of ``_keep_in_fp32_modules`` (float32: Wan's rope, time embedder,
+    modulation tables, norms); non-persistent buffers as built. A meta-device copy must match the
+    loaded one dtype for dtype: FSDP2 gathers each parameter's shards from every rank."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    names = set(model.state_dict())
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name in names and t.is_floating_point():
+            t.data = t.data.to(torch.float32 if any(k in name.split(".") for k in keep) else dtype)
+    return model
+
+
 def build_transformer(
     path: str | None = None,
     preset: str | None = "tiny",
@@ -168,11 +181,16 @@ def build_transformer(
 ) -> WanTransformer3DModel:
     """A Wan DiT from a local checkpoint (``path``) or a preset with random weights.
 
-    ``meta`` (default: True for presets larger than tiny) builds on the meta device; call
-    :func:`materialize` (e.g. in ``configure_model``) before use.
+    ``meta`` (default: True for presets larger than tiny, False for a checkpoint) builds on the
+    meta device; call :func:`materialize` (e.g. in ``configure_model``) before use. A checkpoint
+    built on the meta device reads only its ``config.json`` (the architecture, for an adapter export).
     """
     if path is not None:
         root = _local_dir(path, subfolder, "build_transformer")
+        if meta:
+            with torch.device("meta"):
+                cfg = WanTransformer3DModel.load_config(root / subfolder if subfolder else root)
+                return cast_as_loaded(WanTransformer3DModel.from_config(cfg), dtype)
         return _from_pretrained(WanTransformer3DModel, root, subfolder, dtype)
     if preset not in TRANSFORMER_PRESETS:
         raise ValueError(
@@ -254,4 +272,22 @@ def shard_transformer(
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def load_shards_from_rank0(model: nn.Module, full_state: dict, device: torch.device | str) -> nn.Module:
+    """After :func:`shard_transformer`: each rank's shards from rank 0's whole model (``full_state``,
+    its state dict from before sharding; ``{}`` on the other ranks, which built theirs on the meta
+    device). Their shards are allocated here, then filled by torch's ``set_model_state_dict``
+    (``broadcast_from_rank0``: one tensor at a time, each rank keeps its shard). Buffers are not
+    sharded, and the non-persistent ones (RoPE tables) are in no state dict: broadcast as they are."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if dist.get_rank() != 0:
+        model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full_state, options=options)
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
     return model

@@ -11,15 +11,25 @@ Checkpoints hold only trainable tensors (adapter + new layers): the frozen base 
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import os
 from typing import Literal
 
 import lightning as L
 import torch
 from torch import Tensor
 
-from fourdgen.backbones.wan import build_transformer, build_vae, materialize, shard_transformer
+from fourdgen.backbones.wan import (
+    build_transformer,
+    build_vae,
+    load_shards_from_rank0,
+    materialize,
+    shard_transformer,
+)
 from fourdgen.components import build
 from fourdgen.diffusion.latents import vae_id
+from fourdgen.errors import FileFormatError
 from fourdgen.nn.adapters import Adapter, default_adapter
 from fourdgen.nn.checkpointing import checkpoint_function
 from fourdgen.nn.coupling import DiTCoupling
@@ -113,11 +123,12 @@ class DiTFinetune(NonFiniteGuard, BatchContract, L.LightningModule):
         raise NotImplementedError
 
     # ------------------------------------------------------------------------- model set-up
-    def configure_model(self) -> None:
+    def configure_model(self, meta_base: bool = False) -> None:
         """Build (or materialise) the DiT and VAE on this device, install the coupling, set up the
         adapter. Under Lightning's ``ModelParallelStrategy`` (``tensor_parallel_size: 1``) the DiT is
         sharded with FSDP2 per block (:func:`shard_transformer`), computing in ``base_dtype``; the
-        VAE is small and replicated."""
+        VAE is small and replicated. ``meta_base``: the DiT stays on the meta device (its config only,
+        no weights read or allocated), for :meth:`from_checkpoint`."""
         if self.transformer is not None:
             return
         h = self.hparams
@@ -132,25 +143,85 @@ class DiTFinetune(NonFiniteGuard, BatchContract, L.LightningModule):
         want_in = z_dim + self.input_channels(vae)
         if spec.get("path") is None:
             spec["overrides"] = {"in_channels": want_in, "out_channels": z_dim, **spec.get("overrides", {})}
-        model = build_transformer(**spec, dtype=dtype)
-        if next(model.parameters()).is_meta:
+        dp = fsdp_mesh(mesh, type(self).__name__)
+        # Sharded over several ranks, only rank 0 builds the base (reads the checkpoint, or draws a
+        # preset's weights): the others build it on the meta device and get their shards from rank 0
+        # once it is sharded, so one rank holds the whole model in host memory, not each (14B: 28 GB).
+        from_rank0 = dp is not None and dp.size() > 1 and not meta_base
+        empty = meta_base or (from_rank0 and torch.distributed.get_rank() != 0)
+        model = build_transformer(**spec, dtype=dtype, **({"meta": True} if empty else {}))
+        if next(model.parameters()).is_meta and not empty:
             materialize(model, device, dtype, seed=spec.get("seed", 0))
+        elif empty and spec.get("path") is None:
+            model.to(dtype)  # the dtypes materialize gives rank 0's preset
         if model.config.in_channels != want_in or model.config.out_channels != z_dim:
             raise ValueError(
                 f"transformer {spec}: in/out channels {model.config.in_channels}/"
                 f"{model.config.out_channels}, expected {want_in}/{z_dim} (VAE z_dim + conditioning)"
             )
-        self.coupling.install(model)
-        self.adapter.setup(model, keep_trainable=self.coupling.trainable, init=h.init_lora)
+        with torch.device("meta") if empty else contextlib.nullcontext():  # new layers beside the base
+            self.coupling.install(model)
+            self.adapter.setup(model, keep_trainable=self.coupling.trainable, init=h.init_lora)
         if h.gradient_checkpointing:
             policy = h.get("checkpoint_policy", "full")  # checkpoints from before the option
             model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_function(policy))
-        dp = fsdp_mesh(mesh, type(self).__name__)
         if dp is not None:
+            full = model.state_dict() if from_rank0 and not empty else {}  # rank 0's tensors, not copies
             shard_transformer(model, dp, param_dtype=None if dtype == torch.float32 else dtype)
-        self.transformer = model.to(device)
+            if from_rank0:
+                load_shards_from_rank0(model, full, device)
+                del full
+        self.transformer = model if meta_base else model.to(device)
         self.vae = vae
         self.vae_id = vae_id(vae)
+
+    @staticmethod
+    def from_checkpoint(
+        ckpt: dict, where: str | os.PathLike, model_class: type[DiTFinetune] | None = None, **overrides
+    ) -> DiTFinetune:
+        """The stage a checkpoint trained (``ckpt``: :func:`~fourdgen.checkpoints.read_checkpoint`'s
+        dict of ``where``, a file or a sharded folder) with its trained tensors, and the frozen base on
+        the meta device: all an adapter export needs, with no base weight read (a 14B base is 28 GB).
+        The class is the hyper-parameters' ``_class_path`` (``fourdgen fit`` records it), else
+        ``model_class``; ``overrides`` replace hyper-parameters (e.g. ``transformer`` when the
+        checkpoint's base path is another machine's: only its config.json is read)."""
+        hp = ckpt.get("hyper_parameters")
+        if not isinstance(hp, dict):
+            raise FileFormatError(where, "hyper_parameters", "the stage's hyper-parameters", "none")
+        if model_class is None:
+            name = hp.get("_class_path")
+            if not isinstance(name, str) or "." not in name:
+                raise FileFormatError(
+                    where, "hyper_parameters._class_path", "the stage class (fourdgen fit records it)", name
+                )
+            module, _, attr = name.rpartition(".")
+            model_class = getattr(importlib.import_module(module), attr, None)
+        if not (isinstance(model_class, type) and issubclass(model_class, DiTFinetune)):
+            raise FileFormatError(
+                where, "hyper_parameters._class_path", "a DiT stage (e.g. VideoDiffusion)", model_class
+            )
+        state = ckpt.get("state_dict")
+        if not isinstance(state, dict) or not state:
+            raise FileFormatError(where, "state_dict", "the trained tensors", "none")
+        kwargs = {k: v for k, v in hp.items() if not k.startswith("_")}
+        if kwargs.get("init_lora") and any(".lora_A." in k for k in state):
+            # The adapter it started from only set the first values: the rank is the tensors', and the
+            # loaded export's scale was baked into B (alpha = rank).
+            rank = next(v for k, v in state.items() if ".lora_A." in k).shape[0]
+            kwargs.update(lora_rank=rank, lora_alpha=rank)
+        model = model_class(**{**kwargs, "init_lora": None, **overrides})
+        model.configure_model(meta_base=True)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        unknown = sorted(set(state) - trainable)
+        if unknown:
+            raise FileFormatError(
+                where, f"state_dict.{unknown[0]}", f"a trained tensor of {model_class.__name__}", "no such"
+            )
+        missing = sorted(trainable - set(state))
+        if missing:
+            raise FileFormatError(where, f"state_dict.{missing[0]}", "the trained tensor", "missing")
+        model.load_state_dict(state, strict=False, assign=True)  # the trained tensors replace meta ones
+        return model
 
     def weights_source(self) -> str | None:
         """Where trained weights come from without a checkpoint (None: the adapter is untrained, so
@@ -162,9 +233,19 @@ class DiTFinetune(NonFiniteGuard, BatchContract, L.LightningModule):
         holds the weights). Every rank calls it under FSDP; only ``write=True`` writes."""
         return self.adapter.export(self.transformer, out_dir, write=write)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The stage's state is what trains (adapter, new layers); the frozen base and the VAE are
+        rebuilt from ``transformer``/``vae``. Trimmed here rather than in ``on_save_checkpoint``
+        because every checkpoint route reads it: Lightning's single-file save, and
+        ``ModelParallelStrategy``'s sharded save *and* load (torch.distributed.checkpoint loads exactly
+        the keys ``get_model_state_dict`` names, so a trimmed folder needs a trimmed state dict; else
+        resuming fails with "Missing key in checkpoint state_dict: ...scale_shift_table")."""
+        before = set(destination) if destination is not None else set()
+        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        trainable = {prefix + n for n, p in self.named_parameters() if p.requires_grad}
+        for key in [k for k in out if k not in before and k not in trainable]:
+            del out[key]
+        return out
 
     def configure_optimizers(self):
         h = self.hparams

@@ -24,6 +24,7 @@ from torch import Tensor
 from fourdgen.backbones.image import CLIPImageEncoder, HashImageEncoder
 from fourdgen.backbones.text import HashTextEncoder, UMT5TextEncoder
 from fourdgen.batch import GridBatch
+from fourdgen.checkpoints import is_sharded_checkpoint, read_checkpoint
 from fourdgen.data.embeddings import ConditionEmbedder
 from fourdgen.diffusion.flow import add_noise
 from fourdgen.diffusion.latents import encode_video, scale_factors
@@ -40,12 +41,13 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def _load_hparams(checkpoint: str) -> tuple[dict, dict]:
     path = Path(checkpoint)
-    if not path.is_file():
+    if not (path.is_file() or is_sharded_checkpoint(path)):
         raise ConfigError(
-            f"GridPrior.checkpoint: {path} is not a file (a GridDiffusion Lightning checkpoint)"
+            f"GridPrior.checkpoint: {path} is not a file nor a sharded folder (a GridDiffusion Lightning "
+            "checkpoint; FSDP2 runs save folders)"
         )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = read_checkpoint(path)  # a sharded folder: consolidated in memory (the trained tensors)
     except Exception as e:
         raise ConfigError(f"{path}: not a readable Lightning checkpoint ({type(e).__name__}: {e})") from e
     hp = ckpt.get("hyper_parameters")
