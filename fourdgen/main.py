@@ -1,7 +1,7 @@
 """The ``fourdgen`` console script: ``generate`` chains the stages (:mod:`fourdgen.generate`),
 ``import`` converts datasets to scenes (:mod:`fourdgen.importers`), ``eval`` scores predictions on
 the papers' protocols (:mod:`fourdgen.evaluation`), ``view`` shows a 4D scene in the browser
-(:mod:`fourdgen.viewer`), ``export`` writes a checkpoint's LoRA adapter (:mod:`fourdgen.export`);
+(:mod:`fourdgen.view`), ``export`` writes a checkpoint's LoRA adapter (:mod:`fourdgen.export`);
 every other subcommand is LightningCLI (:class:`fourdgen.cli.FourDGenCLI`).
 
 It sits above both so that :mod:`fourdgen.generate`, which runs each step through
@@ -35,7 +35,7 @@ def _dispatch(argv: list[str] | None) -> Any:
 
         return export(argv[1:])
     if argv[:1] == ["view"]:
-        from fourdgen.viewer.command import main as view
+        from fourdgen.view import main as view
 
         return view(argv[1:])
     from fourdgen.cli import FourDGenCLI

@@ -352,7 +352,7 @@ def test_save_video_mp4_opencv_fallback(tmp_path, monkeypatch):
     """Without an ffmpeg binary the mp4 comes from OpenCV (the GPU machine has cv2 and no
     imageio-ffmpeg); the frames read back close to what went in."""
     cv2 = pytest.importorskip("cv2", reason="OpenCV is not installed here (the fallback's only user)")
-    import fourdgen.callbacks.media as media
+    import fourdgen.media as media
 
     monkeypatch.setattr(media, "_has_ffmpeg", lambda: False)
     video = torch.linspace(0, 1, 5).view(5, 1, 1, 1).expand(5, 24, 32, 3).contiguous()
@@ -370,7 +370,7 @@ def test_save_video_mp4_opencv_fallback(tmp_path, monkeypatch):
 
 
 def test_save_video_mp4_without_any_encoder(tmp_path, monkeypatch):
-    import fourdgen.callbacks.media as media
+    import fourdgen.media as media
 
     monkeypatch.setattr(media, "_has_ffmpeg", lambda: False)
     monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 raises ImportError

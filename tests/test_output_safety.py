@@ -17,13 +17,13 @@ import torch
 from fourdgen.callbacks.checkpoint import ModelCheckpoint
 from fourdgen.callbacks.export import Export4DGS
 from fourdgen.callbacks.grid import GridVideoWriter
-from fourdgen.callbacks.media import save_video_mp4
 from fourdgen.data.scene_frames import SceneFramesDataModule
 from fourdgen.data.synthetic import MARKER, SyntheticConfig, ensure_scene
 from fourdgen.errors import ConfigError, OutputExistsError
 from fourdgen.gaussians.deformation import DeformationField
 from fourdgen.gaussians.densify import BudgetStrategy
 from fourdgen.io import MANIFEST, read_manifest
+from fourdgen.media import save_video_mp4
 from fourdgen.stages.fit import Gaussian4DFitter
 
 SCENE = SyntheticConfig(num_views=3, num_frames=3, height=16, width=16, supersample=1, seed=2)

@@ -29,7 +29,8 @@ from fourdgen.gaussians.ply import load_ply
 from fourdgen.geometry.rotations import quaternion_to_matrix
 from fourdgen.main import main as fourdgen_main
 from fourdgen.models.gaussian_recon import ReconPrediction
-from fourdgen.viewer import ViewerApp, ViewerInputError, load_source
+from fourdgen.view import load_source
+from fourdgen.viewer import ViewerApp, ViewerInputError
 from fourdgen.viewer.browser import HeadlessChromium, find_chromium
 from fourdgen.viewer.splats import top_opacity, viser_splats
 from tests.test_fit import _dm, _fitter, _trainer

@@ -15,7 +15,8 @@ import time
 import imageio.v3 as iio
 import numpy as np
 
-from fourdgen.viewer import ViewerApp, load_source
+from fourdgen.view import load_source
+from fourdgen.viewer import ViewerApp
 from fourdgen.viewer.browser import HeadlessChromium
 
 CLOSE_NOTICES = "document.querySelectorAll('.mantine-Notification-root button').forEach(b => b.click())"

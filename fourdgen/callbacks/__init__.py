@@ -1,5 +1,5 @@
 """Lightning callbacks and logging helpers."""
 
-from fourdgen.callbacks.media import encode_gif, log_images, log_video, save_video_mp4
+from fourdgen.media import encode_gif, log_images, log_video, save_video_mp4  # re-exported: they lived here
 
 __all__ = ["encode_gif", "log_images", "log_video", "save_video_mp4"]

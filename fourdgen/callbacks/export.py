@@ -14,10 +14,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from fourdgen.callbacks.guard import GuardedOutput
-from fourdgen.callbacks.media import save_video_mp4
 from fourdgen.errors import OutputExistsError
 from fourdgen.gaussians.ply import save_ply_sequence
 from fourdgen.io import write_json
+from fourdgen.media import save_video_mp4
 
 
 class Export4DGS(GuardedOutput, L.Callback):

@@ -25,9 +25,9 @@ from einops import rearrange
 from torch import Tensor
 
 from fourdgen.callbacks.guard import GuardedPredictionWriter
-from fourdgen.callbacks.media import save_video_mp4
 from fourdgen.data.scene_writer import write_scene
 from fourdgen.geometry.cameras import intrinsics_from_fov, is_rigid
+from fourdgen.media import save_video_mp4
 
 
 def grid_mosaic(rgb: Tensor, cols: int | None = None) -> Tensor:

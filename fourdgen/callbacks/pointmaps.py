@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from fourdgen.callbacks.guard import GuardedPredictionWriter
-from fourdgen.callbacks.media import save_video_mp4
 from fourdgen.gaussians.ply import save_point_cloud
 from fourdgen.geometry.orbit import subject_center, swing_path
 from fourdgen.geometry.pointcloud import render_points
 from fourdgen.io import atomic_path, write_json
+from fourdgen.media import save_video_mp4
 
 
 def _depth_colors(depth: torch.Tensor) -> torch.Tensor:

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from fourdgen.callbacks.guard import GuardedPredictionWriter
-from fourdgen.callbacks.media import save_video_mp4
 from fourdgen.gaussians.ply import save_ply_sequence
 from fourdgen.gaussians.rasterize import rasterize
 from fourdgen.geometry.interpolation import interpolate_path
 from fourdgen.io import write_json
+from fourdgen.media import save_video_mp4
 from fourdgen.models.gaussian_recon import ReconPrediction
 
 # The first camera's frame is OpenCV (y down): its up direction is -y.

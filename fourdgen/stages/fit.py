@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 
 from fourdgen.batch import GridBatch
-from fourdgen.callbacks.media import log_images, log_video
 from fourdgen.data.protocols import (
     CAMERAS_KEY,
     SceneInfo,
@@ -42,6 +41,7 @@ from fourdgen.gaussians.regularizers import NovelViewRegularizer, NovelViewRende
 from fourdgen.gaussians.temporal import faded_logits, initial_log_scale
 from fourdgen.geometry.interpolation import interpolate_loop
 from fourdgen.geometry.projection import unproject
+from fourdgen.media import log_images, log_video
 from fourdgen.metrics.image import ImageMetrics, pooled_psnr
 from fourdgen.stages.common import BatchContract, NonFiniteGuard, compile_dynamic, step_generator
 

@@ -22,9 +22,9 @@ from torch import Tensor
 
 from fourdgen.batch import GridBatch
 from fourdgen.callbacks.grid import grid_mosaic
-from fourdgen.callbacks.media import log_video
 from fourdgen.diffusion.flow import add_noise, euler_sample_known, flow_loss, sample_sigmas, velocity_target
 from fourdgen.diffusion.latents import decode_video, encode_video, scale_factors
+from fourdgen.media import log_video
 from fourdgen.metrics.image import ImageMetrics
 from fourdgen.nn.grid_coupling import GridCoupling, GridInputs, ReferenceGrid
 from fourdgen.nn.grid_layout import sequence_to_grid

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from fourdgen.backbones.vggt import PRESETS
 from fourdgen.batch import GridBatch
-from fourdgen.callbacks.media import log_images
 from fourdgen.gaussians.rasterize import rasterize
+from fourdgen.media import log_images
 from fourdgen.metrics.image import LPIPS, ImageMetrics
 from fourdgen.models.gaussian_recon import GaussianReconstructor, ReconPrediction, shard_reconstructor
 from fourdgen.stages.common import BatchContract, NonFiniteGuard, adamw_with_warmup, fsdp_mesh

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from fourdgen.batch import GridBatch
-from fourdgen.callbacks.media import log_video
 from fourdgen.components import build
 from fourdgen.diffusion.conditioning import Conditioning, GuidedFirstFrame
 from fourdgen.diffusion.flow import (
@@ -44,6 +43,7 @@ from fourdgen.geometry.pointmaps import (
 )
 from fourdgen.geometry.postopt import One4DPostOpt, PostOpt
 from fourdgen.geometry.projection import rebase_cameras
+from fourdgen.media import log_video
 from fourdgen.metrics.camera import camera_metrics
 from fourdgen.metrics.depth import depth_metrics
 from fourdgen.nn.coupling import LatentCoupling

@@ -1,13 +1,11 @@
 """``fourdgen view``: 4D scenes in the browser (viser), from a stage-3 checkpoint, per-frame PLYs or
-a scene folder. :mod:`.load` finds what a path is, :mod:`.sources` gives its frames at a time,
-:mod:`.server` serves them, :mod:`.flythrough` renders the camera path to mp4, :mod:`.command` is
-the console command; the live view of a running fit is :class:`fourdgen.callbacks.viewer.LiveViewer`.
-
-The checkpoint loader imports the stage-3 fitter when it is used: the stages sit above this package.
+a scene folder. :mod:`.sources` gives a scene's frames at a time, :mod:`.server` serves them,
+:mod:`.flythrough` renders the camera path to mp4. What a path is, and the console command, live in
+:mod:`fourdgen.view` above the stages (a checkpoint is rebuilt as the stage-3 fitter); the live view
+of a running fit is :class:`fourdgen.callbacks.viewer.LiveViewer`.
 """
 
 from fourdgen.viewer.cameras import ViewCameras, ViewerInputError
-from fourdgen.viewer.load import load_source
 from fourdgen.viewer.server import ViewerApp
 from fourdgen.viewer.sources import FitterSource, Frame, PlyFolderSource, SceneFolderSource, Source
 
@@ -20,5 +18,4 @@ __all__ = [
     "ViewCameras",
     "ViewerApp",
     "ViewerInputError",
-    "load_source",
 ]

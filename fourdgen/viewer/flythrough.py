@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fourdgen.callbacks.media import save_video_mp4
 from fourdgen.gaussians.rasterize import rasterize
 from fourdgen.geometry.pointcloud import render_points
+from fourdgen.media import save_video_mp4
 from fourdgen.viewer.cameras import ViewerInputError
 from fourdgen.viewer.sources import Source
 
