@@ -76,7 +76,12 @@ def timed(fn: Callable[[], object], dev: torch.device, iters: int, warmup: int =
 
 def attention_figures(cfg: dict, dev: torch.device, iters: int) -> list[Figure]:
     """P1 (view OR time) and P1b (plus Full-4D's cross-half term): library path vs its ideal."""
-    return [f for spec in cfg["attention"] for f in _attention_grid(*spec, cfg, dev, iters)]
+    out = []
+    for spec in cfg["attention"]:
+        out += _attention_grid(*spec, cfg, dev, iters if spec[0] == "P1" else max(2, iters // 3))
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
 
 
 def _attention_grid(
@@ -148,20 +153,13 @@ def video_figures(cfg: dict, dev: torch.device, peak: float) -> list[Figure]:
 
     out = []
     for coupling in ("width", "dlc"):
-        for policy in ("full", "keep_attention"):
-            args = argparse.Namespace(
-                **cfg["video"],
-                coupling=coupling,
-                device=str(dev),
-                no_checkpointing=False,
-                checkpoint_policy=policy,
-            )
-            r = video_step.bench(cfg["video_preset"], args, peak)
+        args = argparse.Namespace(**cfg["video"], coupling=coupling, device=str(dev), no_checkpointing=False)
+        for r in video_step.bench_policies(cfg["video_preset"], args, ["full", "keep_attention"], peak):
             out.append(
                 Figure(
                     "P2",
                     f"{cfg['video_preset']} LoRA step, {'4DNeX' if coupling == 'width' else 'One4D DLC'}, "
-                    f"checkpointing {policy}: {r['s_per_step']:.2f} s, {r['tflop_per_step']:.1f} TFLOP, "
+                    f"checkpointing {r['policy']}: {r['s_per_step']:.2f} s, {r['tflop_per_step']:.1f} TFLOP, "
                     f"peak {r['peak_gib']:.1f} GiB",
                     r["mfu"] * 100,
                     "% MFU",
@@ -172,8 +170,8 @@ def video_figures(cfg: dict, dev: torch.device, peak: float) -> list[Figure]:
                     r["mfu"] >= 0.5,
                 )
             )
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 
@@ -256,7 +254,7 @@ PAPER = dict(
     head_dim=128,
     dtype=torch.bfloat16,
     video_preset="14b-i2v",
-    video=dict(frames=49, height=480, width=720, rank=64, steps=3, warmup=1),
+    video=dict(frames=49, height=480, width=720, rank=64, steps=2, warmup=1),
     fit=dict(
         views=6, frames=81, height=384, width=672, points=120_000, steps=17_000, timed_steps=50, warmup=10
     ),
@@ -282,18 +280,21 @@ TINY = dict(
 )
 
 
+HEADER = (
+    "| id | figure | value | reference (same run) | ratio | target | met |",
+    "|---|---|---|---|---|---|---|",
+)
+
+
+def row(f: Figure) -> str:
+    ref = f"{f.reference:.4g} ({f.reference_what})"
+    met = "-" if f.met is None else ("yes" if f.met else "no")
+    return f"| {f.id} | {f.what} | {f.value:.4g} {f.unit} | {ref} | {f.ratio:.2f} | {f.target} | {met} |"
+
+
 def table(figures: list[Figure], dev: str, peak: float) -> str:
-    lines = [
-        f"device: {dev}, torch {torch.__version__}; bf16 matmul reference {peak / 1e12:.1f} TFLOP/s",
-        "| id | figure | value | reference (same run) | ratio | target | met |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for f in figures:
-        ref = f"{f.reference:.4g} ({f.reference_what})"
-        met = "-" if f.met is None else ("yes" if f.met else "no")
-        value = f"{f.value:.4g} {f.unit}"
-        lines.append(f"| {f.id} | {f.what} | {value} | {ref} | {f.ratio:.2f} | {f.target} | {met} |")
-    return "\n".join(lines)
+    head = f"device: {dev}, torch {torch.__version__}; bf16 matmul reference {peak / 1e12:.1f} TFLOP/s"
+    return "\n".join([head, *HEADER, *(row(f) for f in figures)])
 
 
 def main(argv: list[str] | None = None) -> list[Figure]:
@@ -305,15 +306,22 @@ def main(argv: list[str] | None = None) -> list[Figure]:
     dev = torch.device("cpu" if args.tiny else "cuda")
     name = "cpu" if dev.type == "cpu" else torch.cuda.get_device_name(dev)
     peak = matmul_rate(dev, n=cfg["matmul"], dtype=torch.bfloat16)
+    sections = {
+        "P1": lambda: attention_figures(cfg, dev, cfg["iters"]),
+        "P2": lambda: video_figures(cfg, dev, peak),
+        "P3": lambda: fit_figures(cfg, dev),
+        "P4": lambda: recon_figures(cfg, dev, cfg["iters"]),
+    }
+    print(f"running {' '.join(args.only)} on {name}; rows as they come, the table at the end", flush=True)
     figures: list[Figure] = []
-    if "P1" in args.only:
-        figures += attention_figures(cfg, dev, cfg["iters"])
-    if "P2" in args.only:
-        figures += video_figures(cfg, dev, peak)
-    if "P3" in args.only:
-        figures += fit_figures(cfg, dev)
-    if "P4" in args.only:
-        figures += recon_figures(cfg, dev, cfg["iters"])
+    for key in ("P1", "P2", "P3", "P4"):
+        if key in args.only:
+            t0 = time.perf_counter()
+            new = sections[key]()
+            for f in new:  # a partial run (a time limit) keeps what it measured
+                print(row(f), flush=True)
+            print(f"({key}: {time.perf_counter() - t0:.0f} s)", flush=True)
+            figures += new
     print(table(figures, name, peak), flush=True)
     return figures
 

@@ -26,6 +26,7 @@ from fourdgen.diffusion.conditioning import MaskedFrames
 from fourdgen.diffusion.flow import add_noise, flow_loss, sample_sigmas, velocity_target
 from fourdgen.diffusion.latents import scale_factors
 from fourdgen.metrics.flops import count_flops, matmul_rate, mfu
+from fourdgen.nn.checkpointing import checkpoint_function
 from fourdgen.nn.decoupled_lora import DecoupledLoRAControl
 from fourdgen.stages.video import VideoDiffusion
 
@@ -38,6 +39,15 @@ def _sync(dev: torch.device) -> None:
 def bench(preset: str, args: argparse.Namespace, peak_flops: float | None = None) -> dict:
     """One preset's step: time, memory and (given the matmul rate ``peak_flops``) MFU.
     ``args.device`` (default cuda) lets the tests run it tiny on the CPU."""
+    return bench_policies(preset, args, [getattr(args, "checkpoint_policy", "full")], peak_flops)[0]
+
+
+def bench_policies(
+    preset: str, args: argparse.Namespace, policies: list[str], peak_flops: float | None = None
+) -> list[dict]:
+    """:func:`bench` for each checkpoint policy in turn on one built model (a 14B build takes
+    longer than the steps it times); the policy is swapped through diffusers'
+    ``enable_gradient_checkpointing``, as the stage installs it."""
     dev = torch.device(getattr(args, "device", "cuda"))
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -52,7 +62,7 @@ def bench(preset: str, args: argparse.Namespace, peak_flops: float | None = None
         lora_alpha=args.rank / 2,
         base_dtype="bfloat16",
         gradient_checkpointing=not args.no_checkpointing,
-        checkpoint_policy=getattr(args, "checkpoint_policy", "full"),
+        checkpoint_policy=policies[0],
     ).to(dev)
     t0 = time.perf_counter()
     model.configure_model()
@@ -80,33 +90,43 @@ def bench(preset: str, args: argparse.Namespace, peak_flops: float | None = None
 
     flops = count_flops(forward)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    times = []
-    for i in range(args.warmup + args.steps):
-        _sync(dev)
-        t0 = time.perf_counter()
-        v, noise, sigma = forward()
-        with amp:
-            loss = flow_loss(v, velocity_target(x0, noise), sigma)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(dev)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
     tokens = F * (h // 2) * (2 * w // 2)  # both layouts: two clips' worth of tokens per step
-    step_s = sorted(times)[len(times) // 2]
-    return {
-        "preset": preset,
-        "params_b": sum(p.numel() for p in tr.parameters()) / 1e9,
-        "trainable_m": sum(p.numel() for p in tr.parameters() if p.requires_grad) / 1e6,
-        "tokens": tokens,
-        "s_per_step": step_s,
-        "tflop_per_step": flops.lora_step() / 1e12,
-        "attention_share": flops.attention / max(flops.total, 1),
-        "mfu": mfu(flops.lora_step(), step_s, peak_flops) if peak_flops else float("nan"),
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan"),
-        "build_s": build_s,
-    }
+    results = []
+    for policy in policies:
+        if not args.no_checkpointing:
+            tr.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_function(policy))
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for i in range(args.warmup + args.steps):
+            _sync(dev)
+            t0 = time.perf_counter()
+            v, noise, sigma = forward()
+            with amp:
+                loss = flow_loss(v, velocity_target(x0, noise), sigma)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(dev)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        step_s = sorted(times)[len(times) // 2]
+        results.append(
+            {
+                "preset": preset,
+                "policy": "off" if args.no_checkpointing else policy,
+                "params_b": sum(p.numel() for p in tr.parameters()) / 1e9,
+                "trainable_m": sum(p.numel() for p in tr.parameters() if p.requires_grad) / 1e6,
+                "tokens": tokens,
+                "s_per_step": step_s,
+                "tflop_per_step": flops.lora_step() / 1e12,
+                "attention_share": flops.attention / max(flops.total, 1),
+                "mfu": mfu(flops.lora_step(), step_s, peak_flops) if peak_flops else float("nan"),
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan"),
+                "build_s": build_s,
+            }
+        )
+    return results
 
 
 def main() -> None:
@@ -121,31 +141,32 @@ def main() -> None:
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument(
         "--checkpoint-policy",
+        nargs="+",
         choices=["full", "keep_attention"],
-        default="full",
-        help="what checkpointing recomputes",
+        default=["full"],
+        help="what checkpointing recomputes (several: each timed on the one built model)",
     )
     p.add_argument("--coupling", choices=["width", "dlc"], default="width")
     args = p.parse_args()
     peak = matmul_rate("cuda")
     print(
         f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, coupling {args.coupling}, "
-        f"checkpointing {'off' if args.no_checkpointing else args.checkpoint_policy}; "
+        f"checkpointing {'off' if args.no_checkpointing else ' / '.join(args.checkpoint_policy)}; "
         f"bf16 8192^3 matmul {peak / 1e12:.0f} TFLOP/s"
     )
     print(
-        "| preset | params (B) | LoRA+new (M) | tokens | s/step | model TFLOP/step | MFU | peak GiB "
-        "| build s |"
+        "| preset | checkpointing | params (B) | LoRA+new (M) | tokens | s/step | model TFLOP/step | MFU "
+        "| peak GiB | build s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for preset in args.preset:
-        r = bench(preset, args, peak)
-        print(
-            f"| {r['preset']} | {r['params_b']:.2f} | {r['trainable_m']:.1f} | {r['tokens']} | "
-            f"{r['s_per_step']:.2f} | {r['tflop_per_step']:.0f} | {r['mfu']:.1%} | {r['peak_gib']:.1f} | "
-            f"{r['build_s']:.1f} |",
-            flush=True,
-        )
+        for r in bench_policies(preset, args, args.checkpoint_policy, peak):
+            print(
+                f"| {r['preset']} | {r['policy']} | {r['params_b']:.2f} | {r['trainable_m']:.1f} | "
+                f"{r['tokens']} | {r['s_per_step']:.2f} | {r['tflop_per_step']:.0f} | {r['mfu']:.1%} | "
+                f"{r['peak_gib']:.1f} | {r['build_s']:.1f} |",
+                flush=True,
+            )
         torch.cuda.empty_cache()
 
 
