@@ -149,7 +149,6 @@ def test_paper_size_grid_matches_dense():
 
 
 def test_auto_picks_lse_for_view_or_time_only(monkeypatch):
-    monkeypatch.setattr(fa, "AUTO_LSE", True)  # what turning the path on by default will do
     calls = []
     real = fa.view_time_attention
     monkeypatch.setattr(fa, "view_time_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
