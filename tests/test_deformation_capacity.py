@@ -41,10 +41,10 @@ def _motion(cfg: SyntheticConfig, n: int = 150, frames: int = 8):
 def test_deformation_field_fits_spin_translation_and_pulsation():
     cfg = SyntheticConfig(num_objects=3, seed=0)
     x, times, target = _motion(cfg)
+    torch.manual_seed(0)  # the field's initial weights: not whatever earlier tests left in the RNG
     field = DeformationField(features=16, resolution=(48, 48, 48, 8), multires=(1,), width=32)
     field.set_bounds(x.min(0).values - 0.5, x.max(0).values + 0.5)
     opt = torch.optim.Adam(field.parameters(), lr=5e-3)
-    torch.manual_seed(0)
     for _ in range(600):
         f = int(torch.randint(len(times), ()))
         err = (x + field(x, times[f]).d_means - target[f]).norm(dim=-1)

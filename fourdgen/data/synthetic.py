@@ -14,7 +14,7 @@ Command line: ``fourdgen-synth --out scenes/demo --scene.num_views 4 --scene.num
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -83,6 +83,16 @@ class ObjectSpec:
     spin_axis: Tensor  # [3] unit
     spin: float  # radians over the clip
     deform: float  # relative radius pulsation amplitude (ellipsoids)
+
+    def to(self, device: torch.device | str) -> ObjectSpec:
+        return replace(
+            self,
+            **{
+                f.name: getattr(self, f.name).to(device)
+                for f in fields(self)
+                if isinstance(getattr(self, f.name), Tensor)
+            },
+        )
 
 
 @dataclass
@@ -163,11 +173,12 @@ def object_state(obj: ObjectSpec, t: float) -> tuple[Tensor, Tensor, Tensor]:
             math.sin(w + obj.move_phase),
             abs(math.sin(w + obj.move_phase)),
             math.cos(w + obj.move_phase) - math.cos(obj.move_phase),
-        ]
+        ],
+        device=obj.move.device,
     )
     R = axis_angle_to_matrix(obj.spin_axis * (obj.spin * t))
     pulse = obj.deform * math.sin(w)
-    size = obj.size * torch.tensor([1 + pulse, 1 - 0.5 * pulse, 1 + pulse])
+    size = obj.size * torch.tensor([1 + pulse, 1 - 0.5 * pulse, 1 + pulse], device=obj.size.device)
     return obj.center + offset, R, size
 
 
@@ -208,6 +219,7 @@ def render_rays(
     """Ray-cast the scene at time ``t``. ``o, d [N, 3]`` world rays (``d`` with unit camera-z, so
     the ray parameter is the z-depth). Returns ``rgb [N, 3]``, ``depth [N]``, ``ids [N]``."""
     N = o.shape[0]
+    light = _LIGHT.to(o.device)
     # Dome: camera is inside, take the far root.
     a, b, c = (d * d).sum(-1), 2 * (o * d).sum(-1), (o * o).sum(-1) - dome_radius**2
     depth = (-b + (b * b - 4 * a * c).clamp_min(0).sqrt()) / (2 * a)
@@ -217,7 +229,7 @@ def render_rays(
     sky = torch.stack([0.55 + 0.25 * el, 0.65 + 0.2 * torch.sin(3 * az), 0.85 - 0.2 * el], -1)
     band = ((torch.floor(az * 12 / math.pi) + torch.floor(el * 12 / math.pi)) % 2)[:, None]
     rgb = (sky * (0.8 + 0.2 * band)).clamp(0, 1)
-    ids = torch.zeros(N, dtype=torch.uint8)
+    ids = torch.zeros(N, dtype=torch.uint8, device=o.device)
 
     # Ground plane y = ground_y: checkerboard with a tint gradient.
     s = (ground_y - o[:, 1]) / torch.where(d[:, 1].abs() < 1e-12, torch.full_like(d[:, 1], -1e-12), d[:, 1])
@@ -233,7 +245,7 @@ def render_rays(
             ],
             -1,
         )
-        col = base * (0.55 + 0.45 * chk[:, None]) * (0.35 + 0.65 * _LIGHT[1])
+        col = base * (0.55 + 0.45 * chk[:, None]) * (0.35 + 0.65 * light[1])
         depth, rgb = torch.where(hit, s, depth), rgb.clone()
         rgb[hit] = col
 
@@ -247,7 +259,7 @@ def render_rays(
             continue
         u = (ol[hit] + s[hit, None] * dl[hit]) * size  # local, unscaled: texture stretches on deform
         n_world = F.normalize((n_local[hit] / size) @ R.T, dim=-1)
-        shade = 0.35 + 0.65 * (n_world @ _LIGHT).clamp_min(0)
+        shade = 0.35 + 0.65 * (n_world @ light).clamp_min(0)
         depth = torch.where(hit, s, depth)
         rgb[hit] = _texture(u, obj.tex_freq, obj.tex_phase, obj.color) * shade[:, None]
         ids[hit] = i
@@ -287,25 +299,30 @@ def render_view(
     height: int,
     width: int,
     supersample: int = 1,
+    device: torch.device | str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Ray-cast one camera at every time: ``K [3, 3]``, ``w2c [T, 4, 4]``, ``times [T]`` ->
-    ``rgb [T, H, W, 3]`` in [0, 1], ``depth [T, H, W]``, ``xyz [T, H, W, 3]``, ``mask [T, H, W]``."""
+    ``rgb [T, H, W, 3]`` in [0, 1], ``depth [T, H, W]``, ``xyz [T, H, W, 3]``, ``mask [T, H, W]``
+    (on the CPU). ``device``: where the rays are cast (default ``K``'s); a CUDA device renders a
+    paper-size scene in seconds instead of minutes."""
     H, W, s = height, width, supersample
     T = len(times)
-    c2w = invert_rigid(w2c)
+    device = torch.device(device) if device is not None else K.device
+    K, objects = K.to(device), [ob.to(device) for ob in objects]
+    c2w = invert_rigid(w2c.to(device))
     rgb, depth, xyz = torch.zeros(T, H, W, 3), torch.zeros(T, H, W), torch.zeros(T, H, W, 3)
     mask = torch.zeros(T, H, W, dtype=torch.uint8)
     for ti in range(T):
         t = float(times[ti])
         o, d = pixel_rays(K, c2w[ti], H, W)
         col, dep, ids = render_rays(objects, t, o.reshape(-1, 3), d.reshape(-1, 3))
-        depth[ti], mask[ti] = dep.reshape(H, W), ids.reshape(H, W)
-        xyz[ti] = (o.reshape(-1, 3) + dep[:, None] * d.reshape(-1, 3)).reshape(H, W, 3)
+        depth[ti], mask[ti] = dep.reshape(H, W).cpu(), ids.reshape(H, W).cpu()
+        xyz[ti] = (o.reshape(-1, 3) + dep[:, None] * d.reshape(-1, 3)).reshape(H, W, 3).cpu()
         if s > 1:  # s x s sub-pixel rays = pixel centres of an s-times larger image
             o2, d2 = pixel_rays(scale_intrinsics(K, s, s), c2w[ti], H * s, W * s)
             col = render_rays(objects, t, o2.reshape(-1, 3), d2.reshape(-1, 3))[0]
             col = F.avg_pool2d(col.reshape(H * s, W * s, 3).permute(2, 0, 1)[None], s)[0].permute(1, 2, 0)
-        rgb[ti] = col.reshape(H, W, 3)
+        rgb[ti] = col.reshape(H, W, 3).cpu()
     return rgb, depth, xyz, mask
 
 
@@ -320,14 +337,19 @@ def render_camera(scene: SyntheticScene, K: Tensor, w2c: Tensor) -> Tensor:
     )[0]
 
 
-def make_scene(cfg: SyntheticConfig | None = None) -> SyntheticScene:
-    """Render a scene for ``cfg``: every view at every timestep."""
+def make_scene(
+    cfg: SyntheticConfig | None = None, device: torch.device | str | None = None
+) -> SyntheticScene:
+    """Render a scene for ``cfg``: every view at every timestep, ray-cast on ``device`` (default:
+    CUDA where there is one, else the CPU; the tensors returned are on the CPU either way)."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     cfg = cfg or SyntheticConfig()
     objects = make_objects(cfg)
     K, w2c = make_cameras(cfg)
     times = torch.linspace(0, 1, cfg.num_frames) if cfg.num_frames > 1 else torch.zeros(1)
     views = [
-        render_view(objects, K[v], w2c[v], times, cfg.height, cfg.width, cfg.supersample)
+        render_view(objects, K[v], w2c[v], times, cfg.height, cfg.width, cfg.supersample, device)
         for v in range(cfg.num_views)
     ]
     rgb, depth, xyz, mask = (torch.stack(x) for x in zip(*views, strict=True))
