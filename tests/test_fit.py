@@ -15,6 +15,7 @@ from fourdgen.batch import GridBatch
 from fourdgen.callbacks.export import Export4DGS
 from fourdgen.data.scene_frames import SceneFramesDataModule
 from fourdgen.data.synthetic import SyntheticConfig, make_scene
+from fourdgen.errors import ConfigError
 from fourdgen.gaussians.deformation import DeformationField
 from fourdgen.gaussians.densify import BudgetStrategy
 from fourdgen.gaussians.hexplane import PLANES, HexPlane
@@ -270,6 +271,29 @@ def test_dynamic_fit_beats_static_on_moving_objects(tmp_path):
     assert results["dynamic"]["test/psnr_dynamic"] > results["static"]["test/psnr_dynamic"] + 6
     # what the training cameras saw of the held-out view must be reconstructed
     assert results["dynamic"]["covered"] > COVERED_BOUND, results
+
+
+def test_train_depth_serves_each_training_frames_depth_at_the_served_size(tmp_path):
+    dm = _dm(tmp_path, train_depth=True, height=12, width=16)  # half size: nearest, no crop
+    dm.prepare_data()
+    dm.setup()
+    scene = make_scene(SCENE)  # the exact depth the scene folder holds
+    seen = set()
+    for b in dm.train_dataloader():
+        v, t = int(b.view_ids[0, 0]), int(b.time_ids[0, 0])
+        want = F.interpolate(scene.depth[v, t][None, None], size=(12, 16), mode="nearest-exact")[0, 0]
+        assert b.depth.shape == (1, 1, 1, 1, 12, 16)
+        torch.testing.assert_close(b.depth[0, 0, 0, 0], want, rtol=1e-3, atol=1e-3)  # stored float16
+        seen.add(v)
+    assert seen == {0, 1, 3}  # the held-out view 2 is never served
+    plain = _dm(tmp_path)
+    plain.setup()
+    assert next(iter(plain.train_dataloader())).depth is None  # off by default
+
+
+def test_depth_weight_without_depth_in_the_batches_is_one_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.depth_weight: 0.1 .* data.train_depth: true"):
+        _trainer(tmp_path, 2).fit(_fitter(2, depth_weight=0.1), _dm(tmp_path))
 
 
 def _covered_heldout_psnr(model, scene, holdout: int) -> float:

@@ -25,7 +25,7 @@ from fourdgen.gaussians import (
 )
 from fourdgen.gaussians.bounds import camera_extent, foreground_bounds
 from fourdgen.gaussians.densify import BudgetStrategy
-from fourdgen.gaussians.losses import add_hexplane_regularization, photometric_loss
+from fourdgen.gaussians.losses import add_hexplane_regularization, inverse_depth_l1, photometric_loss
 from fourdgen.gaussians.optim import LearningRates, exp_decay
 from fourdgen.geometry.cameras import look_at, make_intrinsics
 from fourdgen.metrics.image import ssim
@@ -418,6 +418,27 @@ def test_photometric_loss_and_hexplane_regularization():
     reg = {"tv": torch.tensor(2.0), "time_smooth": torch.tensor(3.0), "time_l1": torch.tensor(5.0)}
     total = add_hexplane_regularization(torch.tensor(1.0), reg, tv=0.1, time_smooth=0.01, time_l1=0.001)
     assert total.item() == pytest.approx(1.0 + 0.2 + 0.03 + 0.005)
+
+
+def test_inverse_depth_l1_matches_a_plain_reference():
+    g = torch.Generator().manual_seed(1)
+    preds = [torch.rand(5, 7, generator=g) * 4 + 0.5, torch.rand(3, 3, generator=g) * 4]
+    targets = [torch.rand(5, 7, generator=g) * 4 + 0.5, torch.rand(3, 3, generator=g) * 4 + 0.5]
+    targets[0][0, :3] = 0  # unknown pixels do not count
+    preds[1][1, 1] = 0  # nothing rendered there: clamped, not inf
+    want = 0.0
+    for p_, t_ in zip(preds, targets, strict=True):
+        terms = [
+            abs(1 / max(a, 1e-3) - 1 / b)
+            for a, b in zip(p_.flatten().tolist(), t_.flatten().tolist(), strict=True)
+            if b > 0
+        ]
+        want += sum(terms) / len(terms) / 2
+    got = inverse_depth_l1([p.requires_grad_() for p in preds], targets)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    got.backward()
+    assert preds[0].grad[0, :3].abs().sum() == 0 and preds[0].grad[1:].abs().sum() > 0
+    assert inverse_depth_l1([torch.ones(2, 2)], [torch.zeros(2, 2)]).item() == 0  # no known pixel
 
 
 def test_learning_rate_schedule():

@@ -37,8 +37,10 @@ class _Frames(Dataset):
         views: list[int],
         mask: Tensor | None,
         repeat: int = 1,
+        depth: Tensor | None = None,
     ):
         self.rgb, self.K, self.w2c, self.times, self.views, self.mask = rgb, K, w2c, times, views, mask
+        self.depth = depth  # [V, T, H, W] float16 z-depth (0 = unknown), or None
         self.T, self.repeat = rgb.shape[1], repeat
 
     def __len__(self) -> int:
@@ -57,6 +59,7 @@ class _Frames(Dataset):
             view_ids=torch.tensor([[v]]),
             time_ids=torch.tensor([[t]]),
             mask=None if self.mask is None else self.mask[vi, t][None, None, None],
+            depth=None if self.depth is None else self.depth[vi, t].float()[None, None, None, None],
         )
 
 
@@ -86,6 +89,9 @@ class SceneFramesDataModule(BaseDataModule):
             (:func:`~fourdgen.geometry.depth_fusion.align_views_to_source`) before the fused cloud
             initialises the Gaussians. Without it such views add no initial points.
         depth_device: where ``depth_model`` runs ("auto": CUDA if there is one).
+        train_depth: serve the training views' depth in their batches (``GridBatch.depth``; 0 where
+            unknown): the depth files, else the xyz files' z, else ``depth_model``'s aligned estimate.
+            The fitter's ``depth_weight`` supervises its rendered depth with it.
     """
 
     def __init__(
@@ -101,6 +107,7 @@ class SceneFramesDataModule(BaseDataModule):
         repeat: int = 1,
         depth_model: str | None = None,
         depth_device: str = "auto",
+        train_depth: bool = False,
         batch_size: int = 1,
         num_workers: int = 0,
         seed: int = 0,
@@ -161,6 +168,27 @@ class SceneFramesDataModule(BaseDataModule):
             "out_hw": out_hw,
             "plan": (size, top_left),
         }
+        if h.train_depth:
+            self._loaded["train_depth"] = self._train_depths()
+
+    def _train_depths(self) -> Tensor:
+        """``[V_train, T, H, W]`` float16 z-depth of the training views at the served size (0 =
+        unknown): the depth files, else the xyz files' z, else ``depth_model``'s aligned estimate."""
+        d = self._loaded
+        scene: Scene = d["scene"]
+        estimated = self._estimated_depth(scene, d["train"], None)
+        size, top_left = d["plan"]
+        out = []
+        for v in d["train"]:
+            if scene.views[v].depth is not None:
+                z = scene.load_depth(v)
+            elif scene.views[v].xyz is not None:
+                z = pointmap_to_depth(scene.load_xyz(v), scene.w2c[v])
+            else:
+                z = estimated.get(v, torch.zeros(scene.num_frames, scene.height, scene.width))
+            z = torch.nan_to_num(z.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0)
+            out.append(_resize(z[:, None], size, top_left, d["out_hw"], "nearest-exact")[:, 0].half())
+        return torch.stack(out)
 
     def scene_info(self) -> SceneInfo:
         """Cameras, times and an initial point cloud (from the training views' xyz or depth)."""
@@ -256,6 +284,13 @@ class SceneFramesDataModule(BaseDataModule):
     def _estimated_depth(self, scene: Scene, views: list[int], times: list[int] | None) -> dict[int, Tensor]:
         """Depth of the ``views`` that have no depth/xyz files, estimated and aligned to the source
         view's (needs ``depth_model`` and a ``source_view`` with depth); ``{view: [T', H, W]}``."""
+        cache = self._loaded.setdefault("estimated_depth", {}) if self._loaded is not None else {}
+        key = (tuple(views), None if times is None else tuple(times))
+        if key not in cache:  # the training depth and the initial points share one estimate
+            cache[key] = self._estimate_depth(scene, views, times)
+        return cache[key]
+
+    def _estimate_depth(self, scene: Scene, views: list[int], times: list[int] | None) -> dict[int, Tensor]:
         missing = [v for v in views if scene.views[v].depth is None and scene.views[v].xyz is None]
         path, s = self.hparams.depth_model, scene.source_view
         if not missing or path is None:
@@ -296,7 +331,7 @@ class SceneFramesDataModule(BaseDataModule):
             depth = _resize(depth[:, None], size, top_left, d["out_hw"], "nearest-exact")[:, 0]
         return {"rgb": d["rgb"][view].float() / 255, "depth": depth}
 
-    def _frames(self, views: list[int], repeat: int = 1) -> _Frames:
+    def _frames(self, views: list[int], repeat: int = 1, depth: Tensor | None = None) -> _Frames:
         d = self._loaded
         idx = torch.tensor(views)
         return _Frames(
@@ -307,10 +342,13 @@ class SceneFramesDataModule(BaseDataModule):
             views,
             None if d["mask"] is None else d["mask"][idx],
             repeat=repeat,
+            depth=depth,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._frames(self._loaded["train"], self.hparams.repeat), shuffle=True)
+        d = self._loaded
+        ds = self._frames(d["train"], self.hparams.repeat, d.get("train_depth"))
+        return self._loader(ds, shuffle=True)
 
     def _eval_loader(self) -> DataLoader:
         ds = self._frames(self._loaded["holdout"])

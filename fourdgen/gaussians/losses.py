@@ -42,6 +42,20 @@ def photometric_loss(
     return PhotometricLoss(loss=loss, l1=l1, dssim=1 - ssim)
 
 
+def inverse_depth_l1(preds: Sequence[Tensor], targets: Sequence[Tensor], min_depth: float = 1e-3) -> Tensor:
+    """Mean ``|1 / pred - 1 / target|`` over the pixels whose ``target > 0`` (0 = unknown), averaged
+    over the frames: ``preds`` / ``targets`` one ``[H, W]`` z-depth each (rendered expected depth /
+    the scene's or an aligned estimate). Inverse depth, as sparse-view depth priors use it (DNGaussian,
+    FSGS): far background (sky, dome) counts little, and the floor at grazing angles a lot. A frame
+    without known pixels adds 0."""
+    total = 0.0
+    for pred, target in zip(preds, targets, strict=True):
+        known = target > 0
+        diff = (1 / pred.clamp_min(min_depth) - 1 / target.clamp_min(min_depth)).abs()
+        total = total + (diff * known).sum() / known.sum().clamp_min(1)
+    return total / max(len(preds), 1)
+
+
 def add_hexplane_regularization(
     loss: Tensor, reg: Mapping[str, Tensor], tv: float, time_smooth: float, time_l1: float
 ) -> Tensor:

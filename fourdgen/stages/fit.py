@@ -34,7 +34,11 @@ from fourdgen.gaussians.bounds import camera_extent, foreground_bounds
 from fourdgen.gaussians.container import Gaussians
 from fourdgen.gaussians.deformation import DeformationField
 from fourdgen.gaussians.densify import BudgetStrategy
-from fourdgen.gaussians.losses import add_hexplane_regularization, photometric_loss
+from fourdgen.gaussians.losses import (
+    add_hexplane_regularization,
+    inverse_depth_l1,
+    photometric_loss,
+)
 from fourdgen.gaussians.optim import LearningRates, group_views
 from fourdgen.gaussians.rasterize import ALPHA_MIN, RenderOutput, rasterize
 from fourdgen.gaussians.regularizers import NovelViewRegularizer, NovelViewRender, SourceClip
@@ -67,6 +71,11 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
             10%) of the initial points within ``bounds_radius`` x (mean camera distance) of the
             cameras' focus point (:func:`~fourdgen.gaussians.bounds.foreground_bounds`).
         ssim_weight: lambda of (1 - lambda) L1 + lambda (1 - SSIM).
+        depth_weight: weight of an inverse-depth L1 between the rendered expected depth and the
+            batch's depth (:func:`~fourdgen.gaussians.losses.inverse_depth_l1`; needs depth in the
+            training batches, e.g. ``data.train_depth: true``). Not in Full-4D, where FMD
+            regularises the views between the cameras: with few cameras and no prior, the geometry
+            between them is otherwise free (issue 17). 0 turns it off.
         tv_weight / time_smooth_weight / time_l1_weight: HexPlane regularisers (fine stage).
         regularizers: novel-view losses (e.g. :class:`~fourdgen.gaussians.fmd.FlowMatchingDistillation`);
             at the steps one is due (its ``start_step``/``every``, on multiples of ``regularize_every``)
@@ -107,6 +116,7 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         bounds_radius: float = 0.75,
         bounds_quantile: float = 0.01,
         ssim_weight: float = 0.2,
+        depth_weight: float = 0.0,
         tv_weight: float = 2e-4,
         time_smooth_weight: float = 1e-3,
         time_l1_weight: float = 1e-4,
@@ -368,7 +378,7 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         h = self.hparams
         self._render_infos = []
         B = batch.rgb.shape[0]
-        preds, gts = [], []
+        preds, gts, depths = [], [], []
         # Drawn from the step (not the global RNG): the data order and a resumed fit are unaffected.
         bg = (
             torch.rand(3, generator=step_generator(self.global_step, 1)).to(self.bg)
@@ -380,9 +390,20 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
             self._render_infos.append(out.info)
             preds.append(out.rgb[0].permute(2, 0, 1)[None])
             gts.append((batch.rgb[i, 0, 0][None] + 1) / 2)
+            depths.append(out.depth[0, ..., 0])
         photo = photometric_loss(preds, gts, h.ssim_weight)
         psnr = sum(pooled_psnr(pred.detach(), gt) / B for pred, gt in zip(preds, gts, strict=True))
         losses, loss = {"l1": photo.l1, "dssim": photo.dssim}, photo.loss
+        if h.get("depth_weight", 0.0) > 0:
+            if batch.depth is None:
+                dm = getattr(self.trainer, "datamodule", None)
+                raise ConfigError(
+                    f"model.depth_weight: {h.depth_weight} needs depth in the training batches, and "
+                    f"{'the training data' if dm is None else type(dm).__name__} gave none "
+                    "(SceneFramesDataModule: data.train_depth: true)"
+                )
+            losses["depth"] = inverse_depth_l1(depths, [batch.depth[i, 0, 0, 0] for i in range(B)])
+            loss = loss + h.depth_weight * losses["depth"]
         if self.is_fine:
             reg = self._deform_fn("regularization")()
             loss = add_hexplane_regularization(loss, reg, h.tv_weight, h.time_smooth_weight, h.time_l1_weight)
