@@ -23,10 +23,12 @@ from fourdgen.cli import FourDGenCLI
 
 
 class StepTimer(L.Callback):
-    """Wall time of each training step after ``warmup`` steps (synchronised on CUDA)."""
+    """Mean wall time of the training steps after ``warmup``: synchronised once at the window's start
+    and once at its end, so the host runs ahead of the GPU as in a real fit (a sync around every
+    step would serialise them, adding the host's launch time to the GPU's)."""
 
     def __init__(self, warmup: int, profile: bool = False):
-        self.warmup, self.times, self._t0 = warmup, [], 0.0
+        self.warmup, self.steps, self.seconds, self._t0 = warmup, 0, 0.0, 0.0
         self.profiler = None
         if profile:
             acts = [torch.profiler.ProfilerActivity.CPU] + (
@@ -46,20 +48,42 @@ class StepTimer(L.Callback):
                 torch.cuda.reset_peak_memory_stats()
             if self.profiler is not None:
                 self.profiler.start()
-        self._sync()
-        self._t0 = time.perf_counter()
+            self._sync()
+            self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._sync()
         if trainer.global_step > self.warmup:
-            self.times.append(time.perf_counter() - self._t0)
+            self.steps += 1
             if self.profiler is not None:
                 self.profiler.step()
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._sync()
+        self.seconds = time.perf_counter() - self._t0
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1000 * self.seconds / max(self.steps, 1)
+
     def table(self) -> str:
         self.profiler.stop()
-        key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        return self.profiler.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60)
+        avg = self.profiler.key_averages()
+        cuda = torch.cuda.is_available()
+        keys = ["self_cuda_time_total", "cpu_time_total"] if cuda else ["self_cpu_time_total"]
+        # by GPU time (what the kernels cost) and by host time (where a launch-bound step waits)
+        runtime = (
+            "cudaStreamSynchronize",
+            "cudaDeviceSynchronize",
+            "cudaMemcpyAsync",
+            "cudaLaunchKernel",
+            "cuLaunchKernel",
+            "cudaGraphLaunch",
+        )
+        calls = {e.key: e.count for e in avg if e.key in runtime}
+        steps = 5  # the schedule's active steps
+        per_step = ", ".join(f"{k} {v / steps:.1f}" for k, v in calls.items())
+        tables = [avg.table(sort_by=k, row_limit=15, max_name_column_width=60) for k in keys]
+        return "\n".join([*tables, f"runtime calls per step: {per_step}"])
 
 
 def run(args: argparse.Namespace, points: int, dynamic: bool, compile: bool, workdir: str) -> dict:
@@ -102,7 +126,7 @@ def run(args: argparse.Namespace, points: int, dynamic: bool, compile: bool, wor
     if args.profile:
         print(f"profile: {points} Gaussians, dynamic={dynamic}, compile={compile}\n{timer.table()}")
     n = len(cli.model.splats["means"])
-    ms = 1000 * sum(timer.times) / len(timer.times)
+    ms = timer.ms_per_step
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     return {"gaussians": n, "ms_per_step": ms, "it_per_s": 1000 / ms, "peak_gib": peak}
 

@@ -175,7 +175,7 @@ def video_figures(cfg: dict, dev: torch.device, peak: float) -> list[Figure]:
     return out
 
 
-def fit_figures(cfg: dict, dev: torch.device) -> list[Figure]:
+def fit_figures(cfg: dict, dev: torch.device, profile: bool = False) -> list[Figure]:
     """P3: the 4DGS fit's step at a fixed Gaussian count (``benchmarks/fit_speed.py``), projected."""
     import fit_speed
 
@@ -190,10 +190,12 @@ def fit_figures(cfg: dict, dev: torch.device) -> list[Figure]:
             width=fit["width"],
             steps=fit["timed_steps"],
             warmup=fit["warmup"],
-            profile=False,
+            profile=profile,
             scene_dir=f"{tmp}/scene",
         )
         dyn = fit_speed.run(args, fit["points"], True, dev.type == "cuda", f"{tmp}/dyn")
+        print(f"P3 dynamic (compiled): {dyn}", flush=True)  # a time limit in the static run keeps it
+        args.profile = False
         static = fit_speed.run(args, fit["points"], False, False, f"{tmp}/static")
     minutes = dyn["ms_per_step"] * fit["steps"] / 60e3
     return [
@@ -301,6 +303,7 @@ def main(argv: list[str] | None = None) -> list[Figure]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU: checks every figure runs")
     p.add_argument("--only", nargs="+", choices=["P1", "P2", "P3", "P4"], default=["P1", "P2", "P3", "P4"])
+    p.add_argument("--profile-fit", action="store_true", help="P3: print the dynamic step's slowest kernels")
     args = p.parse_args(argv)
     cfg = TINY if args.tiny else PAPER
     dev = torch.device("cpu" if args.tiny else "cuda")
@@ -309,7 +312,7 @@ def main(argv: list[str] | None = None) -> list[Figure]:
     sections = {
         "P1": lambda: attention_figures(cfg, dev, cfg["iters"]),
         "P2": lambda: video_figures(cfg, dev, peak),
-        "P3": lambda: fit_figures(cfg, dev),
+        "P3": lambda: fit_figures(cfg, dev, args.profile_fit),
         "P4": lambda: recon_figures(cfg, dev, cfg["iters"]),
     }
     print(f"running {' '.join(args.only)} on {name}; rows as they come, the table at the end", flush=True)

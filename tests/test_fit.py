@@ -489,3 +489,29 @@ def test_random_background_only_in_training_and_drawn_from_the_step(tmp_path):
         assert seen and all(b is None for b in seen)  # evaluation keeps the fixed background
     assert len(runs[0]) == 3 and len(set(runs[0])) == 3  # a new colour every training step
     assert runs[0] == runs[1]  # drawn from (seed, step): a resumed fit composites the same
+
+
+def test_host_copies_of_the_step_count_and_moving_index_follow_the_state(tmp_path):
+    """The step reads a host int for the stage and a cached moving index (a CUDA buffer read or a
+    ``nonzero`` is a host sync): densification renews the index, a loaded state renews both."""
+    densify = BudgetStrategy(
+        refine_start_iter=3,
+        refine_every=3,
+        refine_stop_iter=10**6,
+        reset_every=10**6,
+        max_gaussians=4000,
+        prune_to=0,
+        grow_grad2d=0.0,
+    )
+    model = _fitter(8, temporal_opacity=True, densify=densify)
+    dm = _dm(tmp_path, init_points=300, init_frames="all", split_static=True)
+    _trainer(tmp_path, 8).fit(model, dm)
+    assert model._steps == int(model.trained_steps) == 8 and model.is_fine
+    assert len(model.splats["means"]) > 300  # grown: gsplat's ops replaced the flags' Parameter
+    torch.testing.assert_close(model._moving_index(), (model.splats["static"] <= 0.5).nonzero()[:, 0])
+    state = model.state_dict()
+    state["trained_steps"] = torch.tensor(1)
+    state["splats.static"] = torch.ones_like(state["splats.static"])
+    model.load_state_dict(state)
+    assert not model.is_fine and model._steps == 1
+    assert len(model._moving_index()) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -23,17 +24,42 @@ def check_finite(value: Tensor | float, name: str, step: int) -> None:
         )
 
 
-def check_finite_grads(module: torch.nn.Module, step: int) -> None:
+def any_nonfinite(tensors: Sequence[Tensor]) -> Tensor:
+    """A 0-d float tensor, 1.0 if any element of ``tensors`` is NaN/inf, else 0.0, in a few
+    multi-tensor kernels and no host sync: amp's finite check (what ``GradScaler`` runs), grouped
+    by device and dtype as it needs, with a scale of 1 (the values are unchanged). A per-tensor
+    ``isfinite().all()`` is about six launches each, hundreds per step for the 4DGS fitter's
+    parameters, which is launch-bound (issue 21)."""
+    groups: dict[tuple, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    flags = []
+    for (device, _), group in groups.items():
+        found = torch.zeros((), device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found, torch.ones((), device=device))
+        flags.append(found)
+    if not flags:
+        return torch.zeros(())
+    return flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).amax()
+
+
+def check_finite_grads(module: torch.nn.Module, step: int, terms: Sequence[tuple[str, Tensor]] = ()) -> None:
     """Stop on a non-finite gradient before the optimizer applies it (a finite loss can still
-    back-propagate NaN, e.g. from a degenerate camera or splat in a renderer), naming the parameters."""
+    back-propagate NaN, e.g. from a degenerate camera or splat in a renderer), naming the parameters.
+    ``terms``: ``(name, value)`` loss terms of the batches behind these gradients, checked in the
+    same host sync (a non-finite term is named first, as :func:`check_finite` does)."""
     grads = [(n, p.grad) for n, p in module.named_parameters() if p.grad is not None]
-    if not grads:
+    if not grads and not terms:
         return
     local = [g.to_local() if hasattr(g, "to_local") else g for _, g in grads]  # DTensor shards
-    finite = torch.stack([torch.isfinite(g).all() for g in local])  # one host sync, not one each
-    if bool(finite.all()):
+    # the terms are 0-d: stacked (a copy, so the check's in-place scale by 1 touches no loss)
+    stacked = [torch.stack([v.detach().float().reshape(()) for _, v in terms])] if terms else []
+    if not bool(any_nonfinite(stacked + local)):  # the step's one host sync
         return
-    bad = [n for (n, _), ok in zip(grads, finite.tolist(), strict=True) if not ok]
+    for name, value in terms:  # the culprit's own name first, the total last
+        check_finite(value, name, step)
+    finite = [bool(torch.isfinite(g).all()) for g in local]
+    bad = [n for (n, _), good in zip(grads, finite, strict=True) if not good]
     raise FloatingPointError(
         f"non-finite gradients at global step {step} in {len(bad)} parameters ({bad[:4]}...): stopping "
         "before the optimizer step so the weights stay finite. Resume from the last checkpoint "
@@ -77,12 +103,22 @@ class NonFiniteGuard:
         )
 
     def losses_finite(self, terms: dict[str, Tensor]) -> bool:
-        """Whether every term is finite (``stop`` raises on the first that is not, by name)."""
-        policy = self._nonfinite_policy()
-        for name, value in terms.items():  # the culprit's own name first, the total last
-            if isinstance(value, Tensor) and not torch.isfinite(value.detach()).all():
-                if policy == "stop":
-                    check_finite(value, name, self.global_step)
+        """Whether every term is finite (the culprit's own name first, the total last).
+
+        ``stop``: the terms are checked with the gradients before the optimizer step
+        (:meth:`on_before_optimizer_step`), in that check's one host sync, and this returns True.
+        A backward pass from a NaN loss changes no weight; the optimizer step would, and it does
+        not happen. (A sync per term stalled the launch-bound 4DGS step, issue 21.)
+        ``skip``: checked here, in one sync, so the batch can be dropped before its backward."""
+        tensors = [(n, v) for n, v in terms.items() if isinstance(v, Tensor)]
+        if not tensors:
+            return True
+        if self._nonfinite_policy() == "stop":
+            self.__dict__.setdefault("_unchecked_terms", []).extend((n, v.detach()) for n, v in tensors)
+            return True
+        ok = torch.stack([torch.isfinite(v.detach()).all() for _, v in tensors]).tolist()
+        for (name, _), good in zip(tensors, ok, strict=True):
+            if not good:
                 self._skip(f"{name} is non-finite")
                 self.log("train/skipped_batches", float(self.skipped_batches))
                 return False
@@ -90,8 +126,10 @@ class NonFiniteGuard:
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self._nonfinite_policy() == "stop":
-            check_finite_grads(self, self.global_step)
+            terms = self.__dict__.pop("_unchecked_terms", [])
+            check_finite_grads(self, self.global_step, terms)
             return
+        self.__dict__.pop("_unchecked_terms", None)
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if params and not _all_finite([p.grad for p in params]):
             for p in params:
@@ -147,7 +185,7 @@ class BatchContract:
 
 def _all_finite(tensors: list[Tensor]) -> bool:
     local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # DTensor shards
-    return bool(torch.stack([torch.isfinite(t).all() for t in local]).all())
+    return not bool(any_nonfinite(local))
 
 
 def adamw_with_warmup(
@@ -208,6 +246,22 @@ def sample_generators(step: int, count: int, stream: int = 0, purpose: str = "")
         seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % 2**63
         gens.append(torch.Generator().manual_seed(seed))
     return gens
+
+
+def compile_graphed(fn):
+    """``torch.compile(fn, mode="reduce-overhead")`` (CUDA graphs) for a function of no inputs
+    but module parameters, e.g. a field's regularisers: the shapes never change, so one graph
+    replays its tens of kernels in one launch (the 4DGS step is launch-bound, issue 21). The
+    outputs are cloned: a replay overwrites the graph's output memory, and the caller (the loss,
+    Lightning's logged values) keeps them past the next step."""
+    compiled = torch.compile(fn, mode="reduce-overhead")
+
+    def call():
+        torch.compiler.cudagraph_mark_step_begin()  # one training step: the last replay's outputs are done
+        out = compiled()
+        return {k: v.clone() for k, v in out.items()} if isinstance(out, dict) else out.clone()
+
+    return call
 
 
 def compile_dynamic(fn, backend="inductor"):

@@ -47,7 +47,19 @@ from fourdgen.geometry.interpolation import interpolate_loop
 from fourdgen.geometry.projection import unproject
 from fourdgen.media import log_images, log_video
 from fourdgen.metrics.image import ImageMetrics, pooled_psnr
-from fourdgen.stages.common import BatchContract, NonFiniteGuard, compile_dynamic, step_generator
+from fourdgen.stages.common import (
+    BatchContract,
+    NonFiniteGuard,
+    compile_dynamic,
+    compile_graphed,
+    step_generator,
+)
+
+
+def _forget_host_copies(module: Gaussian4DFitter, incompatible_keys) -> None:
+    """Load-state-dict post hook: the host copies of loaded buffers are stale."""
+    module._steps, module._moving = None, None
+
 
 SPLAT_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")
 TEMPORAL_KEYS = ("t_mean", "t_scale")  # with temporal_opacity: time centre, log temporal std
@@ -166,6 +178,12 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         self._render_infos: list[dict] = []
         self._val_seen = 0
         self._compiled: dict = {}  # plain dict: compiled callables stay out of modules and checkpoints
+        # Host-side copies of device state the step reads every render: reading the CUDA buffer
+        # (``int(trained_steps)``) or the moving Gaussians' index (``nonzero``) is a host sync, and
+        # the fit's step is launch-bound (issue 21, P3). Reset whenever a state dict is loaded.
+        self._steps: int | None = 0
+        self._moving: tuple[Tensor, Tensor] | None = None  # (the static flags it was built from, index)
+        self.register_load_state_dict_post_hook(_forget_host_copies)
 
     # ------------------------------------------------------------------ set-up and checkpoints
     def setup(self, stage: str) -> None:
@@ -281,7 +299,11 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
     @property
     def is_fine(self) -> bool:
         """Whether the deformation field is on: from the model's own step count, not the trainer's."""
-        return self.deformation is not None and int(self.trained_steps) >= self.hparams.coarse_steps
+        if self.deformation is None:
+            return False
+        if self._steps is None:
+            self._steps = int(self.trained_steps)
+        return self._steps >= self.hparams.coarse_steps
 
     def weights_source(self) -> str | None:
         """None until the scene has been fitted (a checkpoint brings the fitted Gaussians)."""
@@ -289,10 +311,23 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)  # the batch contract
-        self.trained_steps.fill_(self.global_step)
+        self._set_trained_steps(self.global_step)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.trained_steps.fill_(self.global_step)
+        self._set_trained_steps(self.global_step)
+
+    def _set_trained_steps(self, step: int) -> None:
+        self._steps = step
+        self.trained_steps.fill_(step)  # a kernel, not a sync
+
+    def _moving_index(self) -> Tensor:
+        """Indices ``[M]`` of the Gaussians that are not static. Cached: densification and pruning
+        replace the flags' Parameter (gsplat's ops build new ones) and ``.to`` moves it, either of
+        which renews the cache."""
+        flags = self.splats[STATIC_KEY]
+        if self._moving is None or self._moving[0] is not flags or self._moving[1].device != flags.device:
+            self._moving = (flags, (flags <= 0.5).nonzero()[:, 0])
+        return self._moving[1]
 
     def gaussians_at(self, t: float | Tensor, deform: bool | None = None) -> dict[str, Tensor]:
         """Gaussians (gsplat-trainer form: log-scales, logits) at normalised time ``t``."""
@@ -309,7 +344,7 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
                     quats=p["quats"] + d.d_quats,
                 )
             else:  # only the moving Gaussians: the field's cost and capacity go to them
-                idx = (~static).nonzero()[:, 0]
+                idx = self._moving_index()
                 d = self._deform_fn("forward")(p["means"][idx], t)
                 out.update(
                     means=p["means"].index_add(0, idx, d.d_means),
@@ -326,7 +361,8 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         if not (self.hparams.compile and self.device.type == "cuda"):
             return fn
         if name not in self._compiled:
-            self._compiled[name] = compile_dynamic(fn)
+            # the regularisers read only the field's planes: fixed shapes, CUDA-graphed
+            self._compiled[name] = compile_graphed(fn) if name == "regularization" else compile_dynamic(fn)
         return self._compiled[name]
 
     def render(
@@ -423,7 +459,9 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
             self.densify.step_pre_backward(self.splats, {}, self.strategy_state, self.global_step, info)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=B)
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
-        self.log("train/num_gaussians", float(len(self.splats["means"])), prog_bar=True, batch_size=B)
+        # a CPU tensor: Lightning turns a Python number into a CUDA tensor, a host sync each step
+        n = torch.tensor(float(len(self.splats["means"])))
+        self.log("train/num_gaussians", n, prog_bar=True, batch_size=B)
         self.log("train/psnr", psnr, batch_size=B)
         return loss
 

