@@ -42,6 +42,12 @@ def _dm(tmp_path, **kw):
     )
 
 
+def _budget(every: int, **kw) -> BudgetStrategy:
+    """Densification from step ``every``, every ``every`` steps, up to 4000 Gaussians, no pruning."""
+    defaults = dict(refine_stop_iter=10**6, reset_every=10**6, max_gaussians=4000, prune_to=0)
+    return BudgetStrategy(refine_start_iter=every, refine_every=every, **{**defaults, **kw})
+
+
 def _fitter(steps: int, **kw) -> Gaussian4DFitter:
     defaults = dict(
         coarse_steps=steps // 4,
@@ -49,14 +55,7 @@ def _fitter(steps: int, **kw) -> Gaussian4DFitter:
         lpips_net=None,
         path_samples=8,
         deformation=DeformationField(features=8, resolution=(32, 32, 32, 6), multires=(1,), width=32),
-        densify=BudgetStrategy(
-            refine_start_iter=40,
-            refine_every=40,
-            refine_stop_iter=10**6,
-            reset_every=10**6,
-            max_gaussians=4000,
-            prune_to=0,
-        ),
+        densify=_budget(40),
         lr=LearningRates(
             max_steps=steps, deformation=1.6e-3, deformation_final=1.6e-4, grid=1.6e-2, grid_final=1.6e-3
         ),
@@ -66,9 +65,9 @@ def _fitter(steps: int, **kw) -> Gaussian4DFitter:
 
 def _trainer(tmp_path, steps, **kw):
     kw.setdefault("enable_checkpointing", False)
+    kw.setdefault("accelerator", "cpu")
     return L.Trainer(
         max_steps=steps,
-        accelerator="cpu",
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -494,16 +493,7 @@ def test_random_background_only_in_training_and_drawn_from_the_step(tmp_path):
 def test_host_copies_of_the_step_count_and_moving_index_follow_the_state(tmp_path):
     """The step reads a host int for the stage and a cached moving index (a CUDA buffer read or a
     ``nonzero`` is a host sync): densification renews the index, a loaded state renews both."""
-    densify = BudgetStrategy(
-        refine_start_iter=3,
-        refine_every=3,
-        refine_stop_iter=10**6,
-        reset_every=10**6,
-        max_gaussians=4000,
-        prune_to=0,
-        grow_grad2d=0.0,
-    )
-    model = _fitter(8, temporal_opacity=True, densify=densify)
+    model = _fitter(8, temporal_opacity=True, densify=_budget(3, grow_grad2d=0.0))
     dm = _dm(tmp_path, init_points=300, init_frames="all", split_static=True)
     _trainer(tmp_path, 8).fit(model, dm)
     assert model._steps == int(model.trained_steps) == 8 and model.is_fine

@@ -4,13 +4,12 @@ through Lightning with host copies of the step count and moving index that stay 
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 
 from fourdgen.gaussians.deformation import DeformationField
 from fourdgen.stages.common import compile_dynamic, compile_graphed
-from tests.test_fit import _dm
+from tests.test_fit import _budget, _dm, _fitter, _trainer
 
 pytestmark = [
     pytest.mark.gpu,
@@ -46,28 +45,9 @@ def test_graphed_regularisers_and_compiled_field_equal_eager_across_steps():
 
 
 def test_compiled_fit_runs_and_keeps_its_host_copies(tmp_path):
-    from fourdgen.gaussians.densify import BudgetStrategy
-    from tests.test_fit import _fitter
-
-    densify = BudgetStrategy(
-        refine_start_iter=4,
-        refine_every=4,
-        refine_stop_iter=10**6,
-        reset_every=10**6,
-        max_gaussians=4000,
-        prune_to=0,
-    )
-    model = _fitter(12, compile=True, temporal_opacity=True, densify=densify)
+    model = _fitter(12, compile=True, temporal_opacity=True, densify=_budget(4))
     dm = _dm(tmp_path, init_points=300, init_frames="all", split_static=True)
-    trainer = L.Trainer(
-        max_steps=12,
-        accelerator="gpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-    )
+    trainer = _trainer(tmp_path, 12, accelerator="gpu", devices=1)
     trainer.fit(model, dm)
     assert model.is_fine and int(model.trained_steps) == 12 and model._steps == 12
     assert len(model.splats["means"]) > 300  # densified: the moving index was rebuilt
