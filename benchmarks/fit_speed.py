@@ -12,9 +12,12 @@ Prints iterations/s and peak GPU memory.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import tempfile
 import time
+import traceback
+import warnings
 
 import lightning as L
 import torch
@@ -27,9 +30,14 @@ class StepTimer(L.Callback):
     and once at its end, so the host runs ahead of the GPU as in a real fit (a sync around every
     step would serialise them, adding the host's launch time to the GPU's)."""
 
-    def __init__(self, warmup: int, profile: bool = False):
+    def __init__(self, warmup: int, profile: bool = False, end: int | None = None):
         self.warmup, self.steps, self.seconds, self._t0 = warmup, 0, 0.0, 0.0
         self.profiler = None
+        # ``end``: the window ends before this step; the steps after it run in CUDA's sync debug
+        # mode, which warns at every host sync: counted by call site (the stack walks cost host time)
+        self.end = end if torch.cuda.is_available() else None
+        self.syncs: collections.Counter = collections.Counter()
+        self.sync_steps, self._warnings = 0, None
         if profile:
             acts = [torch.profiler.ProfilerActivity.CPU] + (
                 [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
@@ -50,16 +58,47 @@ class StepTimer(L.Callback):
                 self.profiler.start()
             self._sync()
             self._t0 = time.perf_counter()
+        if self.end is not None and trainer.global_step == self.end:  # the window ends, syncs counted
+            self._stop()
+            self._warnings = warnings.catch_warnings()
+            self._warnings.__enter__()
+            warnings.simplefilter("always")
+            warnings.showwarning = self._record
+            torch.cuda.set_sync_debug_mode("warn")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step > self.warmup:
+        if self.warmup < trainer.global_step <= (self.end or trainer.global_step):
             self.steps += 1
             if self.profiler is not None:
                 self.profiler.step()
+        elif self._warnings is not None:
+            self.sync_steps += 1
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if self._warnings is None:
+            self._stop()
+            return
+        torch.cuda.set_sync_debug_mode(0)
+        self._warnings.__exit__(None, None, None)
+        self._warnings = None
+
+    def _stop(self) -> None:
         self._sync()
         self.seconds = time.perf_counter() - self._t0
+
+    def _record(self, message, category, filename, lineno, file=None, line=None) -> None:
+        """A sync debug warning: counted by the call site's last frames in fourdgen, gsplat, Lightning."""
+        stack = traceback.extract_stack()[:-2]
+        frames = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in stack]
+        ours = [f for f in frames if any(k in f for k in ("fourdgen", "gsplat", "lightning", "torch/"))]
+        self.syncs["\n    ".join((ours or frames)[-6:])] += 1
+
+    def sync_table(self) -> str:
+        n = max(self.sync_steps, 1)
+        total = sum(self.syncs.values())
+        rows = [f"host syncs per step: {total / n:.1f} ({total} in {n} steps)"]
+        rows += [f"  {c / n:.1f}/step at\n    {site}" for site, c in self.syncs.most_common()]
+        return "\n".join(rows)
 
     @property
     def ms_per_step(self) -> float:
@@ -95,7 +134,8 @@ def run(args: argparse.Namespace, points: int, dynamic: bool, compile: bool, wor
         "layout": "orbit",
         "elevation_deg": 25,
     }
-    steps = args.warmup + args.steps
+    sync_steps = 3 if getattr(args, "sync_debug", False) else 0
+    steps = args.warmup + args.steps + sync_steps
     cli = FourDGenCLI(
         args=[
             f"--config={args.config}",
@@ -117,14 +157,18 @@ def run(args: argparse.Namespace, points: int, dynamic: bool, compile: bool, wor
             "--trainer.enable_checkpointing=false",
             "--trainer.callbacks=[]",
             f"--trainer.default_root_dir={workdir}",
+            *(f"--{kv}" for kv in getattr(args, "set", [])),
         ],
         run=False,
     )
-    timer = StepTimer(args.warmup, profile=args.profile)
+    end = args.warmup + args.steps if sync_steps else None
+    timer = StepTimer(args.warmup, profile=args.profile, end=end)
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, cli.datamodule)
     if args.profile:
         print(f"profile: {points} Gaussians, dynamic={dynamic}, compile={compile}\n{timer.table()}")
+    if timer.end is not None:
+        print(f"{points} Gaussians, dynamic={dynamic}, compile={compile}: {timer.sync_table()}", flush=True)
     n = len(cli.model.splats["means"])
     ms = timer.ms_per_step
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
@@ -142,6 +186,8 @@ def main() -> None:
         default=["static", "dynamic", "dynamic-compiled"],
     )
     p.add_argument("--profile", action="store_true", help="print the slowest kernels of 5 steps")
+    p.add_argument("--sync-debug", action="store_true", help="count 3 more steps' host syncs by site")
+    p.add_argument("--set", nargs="*", default=[], help="more CLI overrides, key=value (without --)")
     p.add_argument("--views", type=int, default=6)
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--size", type=int, default=512)

@@ -13,10 +13,12 @@ of temporal attention + Gaussian head.
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import time
 
 import torch
+from torch import nn
 
 from fourdgen.models.gaussian_recon import GaussianReconstructor
 
@@ -35,6 +37,53 @@ def timed(fn, repeats: int) -> tuple[float, float]:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+
+
+def breakdown(model: GaussianReconstructor, x: torch.Tensor) -> dict[str, float]:
+    """GPU milliseconds of one bf16 inference by component (eager; CUDA events around each module
+    call, so the components' launch gaps count to "rest")."""
+    vggt, agg = model.vggt, model.vggt.aggregator
+    groups = {
+        "dino": [agg.patch_embed.blocks],
+        "frame": agg.frame_blocks,
+        "global": agg.global_blocks,
+        "temporal": agg.temporal_blocks or [],
+        "camera": [vggt.camera_head],
+        "depth": [vggt.depth_head],
+        "gaussian": [model.gaussian_head],
+    }
+    spans: dict[str, list] = collections.defaultdict(list)
+
+    def event() -> torch.cuda.Event:
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    handles = []
+    for name, modules in groups.items():
+        for m in modules:
+            if isinstance(m, nn.Module):
+                handles.append(m.register_forward_pre_hook(lambda *_, n=name: spans[n].append([event()])))
+                handles.append(m.register_forward_hook(lambda *_, n=name: spans[n][-1].append(event())))
+
+    def step():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x)
+
+    try:
+        step()
+        spans.clear()
+        start = event()
+        step()
+        end = event()
+        torch.cuda.synchronize()
+    finally:
+        for h in handles:
+            h.remove()
+    ms = {n: sum(a.elapsed_time(b) for a, b in s) for n, s in spans.items()}
+    ms["rest"] = start.elapsed_time(end) - sum(ms.values())
+    ms["total"] = start.elapsed_time(end)
+    return ms
 
 
 def main() -> None:

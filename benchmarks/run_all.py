@@ -175,7 +175,9 @@ def video_figures(cfg: dict, dev: torch.device, peak: float) -> list[Figure]:
     return out
 
 
-def fit_figures(cfg: dict, dev: torch.device, profile: bool = False) -> list[Figure]:
+def fit_figures(
+    cfg: dict, dev: torch.device, profile: bool = False, sync_debug: bool = False
+) -> list[Figure]:
     """P3: the 4DGS fit's step at a fixed Gaussian count (``benchmarks/fit_speed.py``), projected."""
     import fit_speed
 
@@ -191,11 +193,12 @@ def fit_figures(cfg: dict, dev: torch.device, profile: bool = False) -> list[Fig
             steps=fit["timed_steps"],
             warmup=fit["warmup"],
             profile=profile,
+            sync_debug=sync_debug,
             scene_dir=f"{tmp}/scene",
         )
         dyn = fit_speed.run(args, fit["points"], True, dev.type == "cuda", f"{tmp}/dyn")
         print(f"P3 dynamic (compiled): {dyn}", flush=True)  # a time limit in the static run keeps it
-        args.profile = False
+        args.profile = args.sync_debug = False
         static = fit_speed.run(args, fit["points"], False, False, f"{tmp}/static")
     minutes = dyn["ms_per_step"] * fit["steps"] / 60e3
     return [
@@ -214,37 +217,53 @@ def fit_figures(cfg: dict, dev: torch.device, profile: bool = False) -> list[Fig
     ]
 
 
-def recon_figures(cfg: dict, dev: torch.device, iters: int) -> list[Figure]:
-    """P4: feed-forward reconstruction of a V x T grid, inference (``benchmarks/recon_speed.py``'s setup)."""
+def recon_figures(cfg: dict, dev: torch.device, iters: int, profile: bool = False) -> list[Figure]:
+    """P4: feed-forward reconstruction of a V x T grid, inference (``benchmarks/recon_speed.py``'s
+    setup): eager, then with compiled blocks (``VGGT.compile_blocks``, CUDA), each against plain
+    VGGT under the same treatment."""
     from fourdgen.models.gaussian_recon import GaussianReconstructor
 
     V, T, H, W = cfg["recon"]
     x = torch.rand(1, V, T, 3, H, W, device=dev)
+    modes = ("eager", "compiled") if dev.type == "cuda" else ("eager",)
     secs = {}
     for name, kw in (("full", {}), ("plain", {"temporal": False, "camera_token_replacement": False})):
         model = GaussianReconstructor(cfg["recon_preset"], **kw).to(dev).eval()
         run = model if name == "full" else model.vggt
+        if profile and name == "full" and dev.type == "cuda":
+            import recon_speed
 
-        def step(run=run):
-            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
-                run(x)
+            ms = recon_speed.breakdown(model, x)
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in ms.items())
+            print(f"P4 eager breakdown (GPU ms): {parts}", flush=True)
+        for mode in modes:
+            if mode == "compiled":
+                model.vggt.compile_blocks()
 
-        secs[name] = timed(step, dev, iters, warmup=1)
+            def step(run=run):
+                with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
+                    run(x)
+
+            t0 = time.perf_counter()
+            secs[name, mode] = timed(step, dev, iters, warmup=1)
+            took = time.perf_counter() - t0
+            print(f"P4 {name} {mode}: {secs[name, mode]:.3f} s (measured in {took:.0f} s)", flush=True)
         del model, run
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return [
         Figure(
             "P4",
-            f"reconstructor ({cfg['recon_preset']}), {V} x {T} grid at {H}x{W}, inference",
-            secs["full"],
+            f"reconstructor ({cfg['recon_preset']}), {V} x {T} grid at {H}x{W}, inference, {mode} blocks",
+            secs["full", mode],
             "s",
-            secs["plain"],
-            "plain VGGT, same frames (s)",
-            secs["full"] / secs["plain"],
+            secs["plain", mode],
+            f"plain VGGT, same frames, {mode} (s)",
+            secs["full", mode] / secs["plain", mode],
             "<= 1.0 s",
-            secs["full"] <= 1.0,
+            secs["full", mode] <= 1.0,
         )
+        for mode in modes
     ]
 
 
@@ -304,6 +323,8 @@ def main(argv: list[str] | None = None) -> list[Figure]:
     p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU: checks every figure runs")
     p.add_argument("--only", nargs="+", choices=["P1", "P2", "P3", "P4"], default=["P1", "P2", "P3", "P4"])
     p.add_argument("--profile-fit", action="store_true", help="P3: print the dynamic step's slowest kernels")
+    p.add_argument("--profile-recon", action="store_true", help="P4: GPU time by component (eager)")
+    p.add_argument("--sync-debug", action="store_true", help="P3: count the step's host syncs by site")
     args = p.parse_args(argv)
     cfg = TINY if args.tiny else PAPER
     dev = torch.device("cpu" if args.tiny else "cuda")
@@ -312,8 +333,8 @@ def main(argv: list[str] | None = None) -> list[Figure]:
     sections = {
         "P1": lambda: attention_figures(cfg, dev, cfg["iters"]),
         "P2": lambda: video_figures(cfg, dev, peak),
-        "P3": lambda: fit_figures(cfg, dev, args.profile_fit),
-        "P4": lambda: recon_figures(cfg, dev, cfg["iters"]),
+        "P3": lambda: fit_figures(cfg, dev, args.profile_fit, args.sync_debug),
+        "P4": lambda: recon_figures(cfg, dev, cfg["iters"], args.profile_recon),
     }
     print(f"running {' '.join(args.only)} on {name}; rows as they come, the table at the end", flush=True)
     figures: list[Figure] = []

@@ -290,6 +290,29 @@ def test_train_depth_serves_each_training_frames_depth_at_the_served_size(tmp_pa
     assert next(iter(plain.train_dataloader())).depth is None  # off by default
 
 
+def test_a_gathered_batch_holds_each_frame_with_its_camera_time_and_depth(tmp_path):
+    dm = _dm(tmp_path, train_depth=True, repeat=2)
+    dm.prepare_data()
+    dm.setup()
+    d, ds = dm._loaded, dm.train_dataloader().dataset
+    assert ds.rgb.device.type == "cpu"  # no trainer on CUDA: the frames stay on the host
+    idx = [0, 7, len(ds) - 1]  # the last index is in the second pass (repeat 2)
+    b = ds.__getitems__(idx)
+    H, W = d["out_hw"]
+    assert b.rgb.shape == (3, 1, 1, 3, H, W) and b.depth.shape == (3, 1, 1, 1, H, W) and b.observed.all()
+    for i, k in enumerate(idx):
+        vi, t = divmod(k % (len(ds.views) * ds.T), ds.T)
+        v = d["train"][vi]
+        assert (int(b.view_ids[i, 0]), int(b.time_ids[i, 0])) == (v, t)
+        torch.testing.assert_close(b.rgb[i, 0, 0], d["rgb"][v, t].float() / 127.5 - 1)
+        torch.testing.assert_close(b.K[i, 0], d["K"][v])
+        torch.testing.assert_close(b.w2c[i, 0, 0], d["w2c"][v, t])
+        torch.testing.assert_close(b.times[i, 0], d["times"][t])
+        torch.testing.assert_close(b.depth[i, 0, 0, 0], d["train_depth"][vi, t].float())
+    # the loader's batches are these gathers; a single frame is a batch of one
+    torch.testing.assert_close(ds[7].rgb, b.rgb[1:2])
+
+
 def test_depth_weight_without_depth_in_the_batches_is_one_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"model.depth_weight: 0.1 .* data.train_depth: true"):
         _trainer(tmp_path, 2).fit(_fitter(2, depth_weight=0.1), _dm(tmp_path))

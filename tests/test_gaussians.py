@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from gsplat.cuda import _torch_impl as gref
+from gsplat.strategy import DefaultStrategy
 from plyfile import PlyData, PlyElement
 
 from fourdgen.gaussians import (
@@ -353,6 +354,20 @@ def test_budget_accumulate_adds_each_renders_statistics():
     torch.testing.assert_close(state["grad2d"], grad2d, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(state["count"], count)
     torch.testing.assert_close(state["radii"], radii)
+    # one render of both cameras ([C, N] statistics, summed over C without a host sync): the same
+    # sums (the loss averages the cameras, gsplat's scale by C undoes it), and gsplat's own
+    # gather-and-scatter agrees on grad2d and count
+    params.zero_grad()
+    both = rasterize(params, K, w2c, W, H, backend="torch")
+    both.rgb.square().mean().backward()
+    ours, gsplats = strategy.initialize_state(scene_scale=1.0), strategy.initialize_state(scene_scale=1.0)
+    strategy.accumulate(params, ours, both.info)
+    DefaultStrategy._update_state(strategy, params, gsplats, both.info)
+    torch.testing.assert_close(ours["grad2d"], grad2d, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(ours["count"], count)
+    torch.testing.assert_close(ours["radii"], radii)
+    torch.testing.assert_close(ours["grad2d"], gsplats["grad2d"], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(ours["count"], gsplats["count"])
 
 
 # -------------------------------------------------------------------------- fit math

@@ -21,7 +21,7 @@ from fourdgen.gaussians.pixel_aligned import GAUSSIAN_CHANNELS, MAX_LOG_SCALE, p
 from fourdgen.gaussians.ply import load_ply_sequence
 from fourdgen.geometry.cameras import intrinsics_from_fov, is_rigid, look_at
 from fourdgen.models.gaussian_recon import GaussianReconstructor
-from fourdgen.stages.common import check_finite_grads
+from fourdgen.stages.common import NonFiniteGuard, check_finite_grads
 from fourdgen.stages.recon import FeedForwardReconstruction, fit_to_patches
 
 SYN = dict(num_views=4, num_frames=4, height=56, width=56, layout="arc", seed=3, supersample=1)
@@ -265,3 +265,62 @@ def test_non_finite_gradients_stop_before_the_step():
     lin.bias.grad[0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"step 7 in 1 parameters \(\['bias'\]"):
         check_finite_grads(lin, 7)
+
+
+class _FusedToy(NonFiniteGuard, L.LightningModule):
+    """One weight, fused Adam; its gradient is NaN at ``bad_step`` (the loss stays finite)."""
+
+    def __init__(self, bad_step: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+        self.bad_step, self.after = bad_step, []  # the weight after each step's update
+        self.w.register_hook(lambda g: g * float("nan") if self.global_step == self.bad_step else g)
+
+    def training_step(self, batch, batch_idx):
+        return (self.w * batch).sum()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.after.append(self.w.detach().clone())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.1, fused=True)
+
+
+def test_fused_optimizer_skips_a_non_finite_step_on_device_and_stops_at_the_next_start(tmp_path):
+    model = _FusedToy(bad_step=2)
+    data = torch.utils.data.DataLoader(torch.ones(8, 3), batch_size=1)
+    trainer = L.Trainer(
+        max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        default_root_dir=tmp_path, accelerator="cpu",
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"step 2 in 1 parameters \(\['w'\]"):
+        trainer.fit(model, data)
+    # step 2's update did not happen (weights, moments and step count as after step 1), and the
+    # error came at step 3's start, before its forward
+    assert len(model.after) == 3
+    torch.testing.assert_close(model.after[2], model.after[1])
+    assert not torch.equal(model.after[1], model.after[0])
+    state = trainer.optimizers[0].state[model.w]
+    assert int(state["step"]) == 2 and torch.isfinite(state["exp_avg"]).all()
+    # a finite run: the last step's check is resolved at the end, and passes
+    ok = _FusedToy(bad_step=-1)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path, accelerator="cpu")  # fmt: skip
+    trainer.fit(ok, data)
+    assert len(ok.after) == 3 and "_pending_checks" not in ok.__dict__
+
+
+def test_compile_blocks_wraps_every_transformer_block_and_changes_nothing():
+    torch.manual_seed(0)
+    model = GaussianReconstructor("tiny").eval()
+    x = torch.rand(1, 2, 2, 3, 28, 28)
+    with torch.no_grad():
+        ref = model(x)
+        model.vggt.compile_blocks(backend="eager")  # the plumbing; inductor's numerics: tests/gpu
+        got = model(x)
+    blocks = model.vggt.blocks()
+    agg = model.vggt.aggregator
+    assert len(blocks) == len(agg.patch_embed.blocks) + 4 * len(agg.frame_blocks)  # + 2 x depth temporal
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
+    for k, v in ref.gaussians.items():
+        torch.testing.assert_close(got.gaussians[k], v, msg=k)

@@ -317,6 +317,22 @@ class VGGT(nn.Module):
             keep.update(self.track_head.feature_extractor.intermediate_layer_idx)
         return keep
 
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks: DINOv2's, then the frame, global and temporal ones."""
+        agg = self.aggregator
+        return [*agg.patch_embed.blocks, *agg.frame_blocks, *agg.global_blocks, *(agg.temporal_blocks or [])]
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """``torch.compile`` every transformer block in place (regional compilation: one graph per
+        block shape, shared by all blocks, since parameters are graph inputs). Eager, a block's
+        norms, q/k norms, 2-D RoPE, casts and layer scales are tens of memory-bound kernels over
+        the whole token grid around its matmuls and attention (issue 21, P4); compiled, a few fused
+        ones. ``compile_kwargs`` go to :meth:`torch.nn.Module.compile` (default ``dynamic=False``:
+        frame, global and temporal blocks see three fixed shapes per grid, each its own graph)."""
+        compile_kwargs.setdefault("dynamic", False)
+        for blk in self.blocks():
+            blk.compile(**compile_kwargs)
+
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.aggregator.gradient_checkpointing = enabled
         self.aggregator.patch_embed.set_grad_checkpointing(enabled)

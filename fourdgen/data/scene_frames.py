@@ -16,7 +16,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from fourdgen.batch import GridBatch
-from fourdgen.data.datamodules import BaseDataModule, _resize, adjust_intrinsics, resize_crop_plan
+from fourdgen.data.datamodules import (
+    BaseDataModule,
+    _resize,
+    adjust_intrinsics,
+    resize_crop_plan,
+    resumable_loader,
+)
 from fourdgen.data.protocols import SceneInfo
 from fourdgen.data.scene import Scene, read_scene
 from fourdgen.data.synthetic import SyntheticConfig, ensure_scene
@@ -26,7 +32,9 @@ INIT_FRAMES = ("first", "all")
 
 
 class _Frames(Dataset):
-    """All frames of some views, held in memory as uint8 (``[V, T, 3, H, W]``)."""
+    """All frames of some views, held in memory as uint8 (``[V, T, 3, H, W]``), on the CPU or on the
+    training device. A batch is gathered in one indexing per field (``__getitems__``), so with the
+    frames on the GPU a step's batch costs a few kernels and no host-to-device copy of images."""
 
     def __init__(
         self,
@@ -38,29 +46,45 @@ class _Frames(Dataset):
         mask: Tensor | None,
         repeat: int = 1,
         depth: Tensor | None = None,
+        device: torch.device | str = "cpu",
     ):
-        self.rgb, self.K, self.w2c, self.times, self.views, self.mask = rgb, K, w2c, times, views, mask
-        self.depth = depth  # [V, T, H, W] float16 z-depth (0 = unknown), or None
+        on = lambda x: None if x is None else x.to(device)  # noqa: E731
+        self.rgb, self.K, self.w2c, self.times = on(rgb), on(K), on(w2c), on(times)
+        self.mask = on(mask)
+        self.depth = on(depth)  # [V, T, H, W] float16 z-depth (0 = unknown), or None
+        self.views = views
+        self.view_ids = on(torch.tensor(views))
         self.T, self.repeat = rgb.shape[1], repeat
 
     def __len__(self) -> int:
         return len(self.views) * self.T * self.repeat
 
     def __getitem__(self, idx: int) -> GridBatch:
-        idx %= len(self.views) * self.T
-        vi, t = divmod(idx, self.T)
-        v = self.views[vi]
+        return self.__getitems__([idx])
+
+    def __getitems__(self, indices: list[int]) -> GridBatch:
+        """The frames ``indices`` as one batch of B single-frame grids."""
+        idx = torch.as_tensor(indices) % (len(self.views) * self.T)
+        vi, t = (torch.stack([idx // self.T, idx % self.T]).to(self.rgb.device, non_blocking=True)).unbind()
+        v = self.view_ids[vi]
+        B, dev = len(indices), self.rgb.device
         return GridBatch(
-            rgb=(self.rgb[vi, t].float() / 127.5 - 1)[None, None, None],
-            K=self.K[v][None, None],
-            w2c=self.w2c[v, t][None, None, None],
-            observed=torch.ones(1, 1, 1, dtype=torch.bool),
-            times=self.times[t].view(1, 1),
-            view_ids=torch.tensor([[v]]),
-            time_ids=torch.tensor([[t]]),
-            mask=None if self.mask is None else self.mask[vi, t][None, None, None],
-            depth=None if self.depth is None else self.depth[vi, t].float()[None, None, None, None],
+            rgb=(self.rgb[vi, t].float() / 127.5 - 1)[:, None, None],
+            K=self.K[v][:, None],
+            w2c=self.w2c[v, t][:, None, None],
+            observed=torch.ones(B, 1, 1, dtype=torch.bool, device=dev),
+            times=self.times[t][:, None],
+            view_ids=v[:, None],
+            time_ids=t[:, None],
+            mask=None if self.mask is None else self.mask[vi, t][:, None, None],
+            depth=None if self.depth is None else self.depth[vi, t].float()[:, None, None, None],
         )
+
+
+def _collate(samples: GridBatch | list[GridBatch]) -> GridBatch:
+    """A batch :meth:`_Frames.__getitems__` gathered as is; single frames (a user's sampler that
+    yields indices one by one) concatenated."""
+    return samples if isinstance(samples, GridBatch) else GridBatch.collate(samples)
 
 
 class SceneFramesDataModule(BaseDataModule):
@@ -92,6 +116,11 @@ class SceneFramesDataModule(BaseDataModule):
         train_depth: serve the training views' depth in their batches (``GridBatch.depth``; 0 where
             unknown): the depth files, else the xyz files' z, else ``depth_model``'s aligned estimate.
             The fitter's ``depth_weight`` supervises its rendered depth with it.
+        frames_on_device: keep the frames (uint8) on the training device and gather each batch there:
+            no per-step image conversion and copy on the host, whose time the launch-bound 4DGS
+            step waits for (issue 21). None (default): when the device is CUDA and the frames take
+            at most a quarter of its memory (Full-4D's 6 x 81 at 384x672: 380 MB). The loaders then
+            run in the main process (``num_workers`` is ignored: there is nothing left to load).
     """
 
     def __init__(
@@ -108,6 +137,7 @@ class SceneFramesDataModule(BaseDataModule):
         depth_model: str | None = None,
         depth_device: str = "auto",
         train_depth: bool = False,
+        frames_on_device: bool | None = None,
         batch_size: int = 1,
         num_workers: int = 0,
         seed: int = 0,
@@ -334,25 +364,43 @@ class SceneFramesDataModule(BaseDataModule):
     def _frames(self, views: list[int], repeat: int = 1, depth: Tensor | None = None) -> _Frames:
         d = self._loaded
         idx = torch.tensor(views)
+        rgb = d["rgb"][idx]
+        mask = None if d["mask"] is None else d["mask"][idx]
         return _Frames(
-            d["rgb"][idx],
-            d["K"],
-            d["w2c"],
-            d["times"],
-            views,
-            None if d["mask"] is None else d["mask"][idx],
-            repeat=repeat,
-            depth=depth,
+            rgb, d["K"], d["w2c"], d["times"], views, mask, repeat=repeat, depth=depth,
+            device=self._frames_device(rgb, mask, depth),
+        )  # fmt: skip
+
+    def _frames_device(self, *tensors: Tensor | None) -> torch.device:
+        """Where the frames live: the trainer's device if ``frames_on_device`` says so (None: CUDA
+        with the frames at most a quarter of its memory), else the CPU."""
+        trainer = getattr(self, "trainer", None)
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        want = self.hparams.get("frames_on_device")
+        if want is None:
+            size = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+            want = device.type == "cuda" and size <= torch.cuda.get_device_properties(device).total_memory / 4
+        return device if want else torch.device("cpu")
+
+    def _frames_loader(self, ds: _Frames, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+        workers = 0 if ds.rgb.device.type != "cpu" else self.num_workers  # no CUDA tensors in workers
+        return resumable_loader(
+            ds,
+            batch_size=batch_size or self.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            collate_fn=_collate,
+            persistent_workers=workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
         d = self._loaded
         ds = self._frames(d["train"], self.hparams.repeat, d.get("train_depth"))
-        return self._loader(ds, shuffle=True)
+        return self._frames_loader(ds, shuffle=True)
 
     def _eval_loader(self) -> DataLoader:
         ds = self._frames(self._loaded["holdout"])
-        return DataLoader(ds, batch_size=len(ds.times), shuffle=False, collate_fn=GridBatch.collate)
+        return DataLoader(ds, batch_size=len(ds.times), shuffle=False, collate_fn=_collate)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader()

@@ -40,6 +40,32 @@ class BudgetStrategy(DefaultStrategy):
         """
         self._update_state(params, state, info, packed=packed)
 
+    @torch.no_grad()
+    def _update_state(self, params, state: dict[str, Any], info: dict[str, Any], packed: bool = False):
+        """gsplat's running statistics, dense: for each Gaussian the sum over cameras that see it of
+        its screen-space gradient norm (``grad2d``), their number (``count``) and its largest radius
+        (``radii``, normalised by the image size). gsplat gathers the visible (camera, Gaussian)
+        pairs with ``torch.where`` and boolean indexing, two host syncs per render, in every step of
+        the densification window; sums over the camera axis need none (issue 21, P3). It also takes
+        a true maximum over cameras where gsplat's scatter keeps any one of them. Packed renders go
+        to gsplat's own."""
+        if packed:
+            return super()._update_state(params, state, info, packed=packed)
+        g = info[self.key_for_gradient]
+        grads = (g.absgrad if self.absgrad else g.grad).clone()  # [C, N, 2]
+        grads[..., 0] *= info["width"] / 2.0 * info["n_cameras"]  # to [-1, 1] screen space, as gsplat
+        grads[..., 1] *= info["height"] / 2.0 * info["n_cameras"]
+        n = len(params["means"])
+        for key in ("grad2d", "count") + (("radii",) if self.refine_scale2d_stop_iter > 0 else ()):
+            if state[key] is None:
+                state[key] = torch.zeros(n, device=grads.device)
+        seen = (info["radii"] > 0).all(dim=-1)  # [C, N]
+        state["grad2d"] += torch.where(seen, grads.norm(dim=-1), 0.0).sum(0)
+        state["count"] += seen.sum(0)
+        if self.refine_scale2d_stop_iter > 0:
+            radii = info["radii"].amax(dim=-1) / float(max(info["width"], info["height"]))
+            torch.maximum(state["radii"], torch.where(seen, radii, 0.0).amax(0), out=state["radii"])
+
     def step_post_backward(self, params, optimizers, state, step, info, packed: bool = False) -> None:
         super().step_post_backward(params, optimizers, state, step, info, packed=packed)
         # gsplat 1.5.3 writes `step % self.reset_every == 0 & step > 0`, a chained comparison that is

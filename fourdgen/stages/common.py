@@ -48,14 +48,24 @@ def check_finite_grads(module: torch.nn.Module, step: int, terms: Sequence[tuple
     back-propagate NaN, e.g. from a degenerate camera or splat in a renderer), naming the parameters.
     ``terms``: ``(name, value)`` loss terms of the batches behind these gradients, checked in the
     same host sync (a non-finite term is named first, as :func:`check_finite` does)."""
-    grads = [(n, p.grad) for n, p in module.named_parameters() if p.grad is not None]
+    grads, local, stacked = _check_inputs(module, terms)
     if not grads and not terms:
         return
+    if bool(any_nonfinite(stacked + local)):  # the step's one host sync
+        _raise_nonfinite(grads, local, terms, step)
+
+
+def _check_inputs(module: torch.nn.Module, terms: Sequence[tuple[str, Tensor]]):
+    """``(named gradients, their local tensors, [the terms stacked])`` for a finite check."""
+    grads = [(n, p.grad) for n, p in module.named_parameters() if p.grad is not None]
     local = [g.to_local() if hasattr(g, "to_local") else g for _, g in grads]  # DTensor shards
     # the terms are 0-d: stacked (a copy, so the check's in-place scale by 1 touches no loss)
     stacked = [torch.stack([v.detach().float().reshape(()) for _, v in terms])] if terms else []
-    if not bool(any_nonfinite(stacked + local)):  # the step's one host sync
-        return
+    return grads, local, stacked
+
+
+def _raise_nonfinite(grads, local, terms, step: int) -> None:
+    """The error of a failed check: the culprit term's name first, else the parameters'."""
     for name, value in terms:  # the culprit's own name first, the total last
         check_finite(value, name, step)
     finite = [bool(torch.isfinite(g).all()) for g in local]
@@ -64,6 +74,13 @@ def check_finite_grads(module: torch.nn.Module, step: int, terms: Sequence[tuple
         f"non-finite gradients at global step {step} in {len(bad)} parameters ({bad[:4]}...): stopping "
         "before the optimizer step so the weights stay finite. Resume from the last checkpoint "
         "(--ckpt_path last) with a lower learning rate, or check the input data."
+    )
+
+
+def _fused(optimizer) -> bool:
+    """Whether every group of ``optimizer`` is a fused Adam/AdamW step, which reads ``found_inf``."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(
+        g.get("fused") for g in optimizer.param_groups
     )
 
 
@@ -76,7 +93,9 @@ class NonFiniteGuard:
     the step and the term, so the weights and the last checkpoint stay finite. ``skip``: warn, count
     (``train/skipped_batches``) and leave the weights as they were (the loss: ``training_step``
     returns None, so Lightning neither back-propagates nor steps; a gradient: it is dropped).
-    ``skip`` is single-process only: a rank that skips would stall the others' all-reduce."""
+    ``skip`` is single-process only: a rank that skips would stall the others' all-reduce.
+    With a fused Adam, ``stop`` needs no host sync per step: the step skips itself on device and
+    the error comes at the next step's start (:meth:`_check_on_device`)."""
 
     skipped_batches: int = 0
 
@@ -127,7 +146,10 @@ class NonFiniteGuard:
     def on_before_optimizer_step(self, optimizer) -> None:
         if self._nonfinite_policy() == "stop":
             terms = self.__dict__.pop("_unchecked_terms", [])
-            check_finite_grads(self, self.global_step, terms)
+            if _fused(optimizer):
+                self._check_on_device(optimizer, terms)
+            else:
+                check_finite_grads(self, self.global_step, terms)
             return
         self.__dict__.pop("_unchecked_terms", None)
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -135,6 +157,73 @@ class NonFiniteGuard:
             for p in params:
                 p.grad = None  # the optimizer skips parameters without a gradient
             self._skip("non-finite gradients")
+
+    def _check_on_device(self, optimizer, terms: list[tuple[str, Tensor]]) -> None:
+        """``stop`` for a fused Adam, without a host sync: the finite check's flag becomes the
+        optimizer's ``found_inf`` (what ``GradScaler`` sets), so the fused step itself leaves the
+        weights, moments and step count as they were when it is 1, and the host reads it on the
+        next step's start (:meth:`resolve_nonfinite_check`, from a pinned copy). The gradients are
+        still this step's then (Lightning zeroes them after the next ``training_step``), so the
+        error names the same term or parameters, one step later."""
+        grads, local, stacked = _check_inputs(self, terms)
+        found = any_nonfinite(stacked + local)
+        optimizer.found_inf = found
+        host = torch.zeros((), pin_memory=found.is_cuda)  # a fresh one: a pending check may hold the last
+        host.copy_(found, non_blocking=True)
+        event = torch.cuda.Event() if found.is_cuda else None
+        if event is not None:
+            event.record()
+        self.__dict__.setdefault("_pending_checks", []).append((self.global_step, terms, event, host))
+
+    def resolve_nonfinite_check(self) -> None:
+        """Raise if the last step's on-device check found a non-finite term or gradient (its update
+        did not happen). Called at each training step's start, before a checkpoint and at the end."""
+        for step, terms, event, host in self.__dict__.pop("_pending_checks", []):  # one per optimizer
+            if event is not None:
+                event.synchronize()  # the check's copy only, long done unless the GPU lags a whole step
+            if float(host) != 0.0:
+                grads, local, _ = _check_inputs(self, [])
+                _raise_nonfinite(grads, local, terms, step)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.resolve_nonfinite_check()
+        super().on_train_batch_start(batch, batch_idx)
+
+    def on_train_end(self) -> None:
+        self.resolve_nonfinite_check()
+        super().on_train_end()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.resolve_nonfinite_check()  # no checkpoint of a step that went wrong
+        super().on_save_checkpoint(checkpoint)
+
+
+class LateScalars:
+    """Scalars for the progress bar without a host sync per step. Lightning turns every value logged
+    with ``prog_bar=True`` into a Python number at each step's end (a sync, even with the bar off);
+    a CPU tensor costs none. Each call copies the value to pinned host memory asynchronously and
+    returns the latest value whose copy is done: one step late, or older while the GPU lags."""
+
+    def __init__(self):
+        self._pending: dict[str, tuple[Tensor, torch.cuda.Event]] = {}
+        self._shown: dict[str, Tensor] = {}
+
+    def __call__(self, name: str, value: Tensor) -> Tensor:
+        value = value.detach()
+        if not value.is_cuda:
+            return value.float()
+        last = self._pending.get(name)
+        if last is not None and last[1].query():
+            self._shown[name] = last[0]
+        host = torch.empty((), pin_memory=True)
+        host.copy_(value.float(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending[name] = (host, event)
+        if name not in self._shown:  # the first call: nothing earlier to show, one sync
+            event.synchronize()
+            self._shown[name] = host
+        return self._shown[name].clone()
 
 
 class BatchContract:

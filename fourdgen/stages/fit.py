@@ -49,11 +49,21 @@ from fourdgen.media import log_images, log_video
 from fourdgen.metrics.image import ImageMetrics, pooled_psnr
 from fourdgen.stages.common import (
     BatchContract,
+    LateScalars,
     NonFiniteGuard,
     compile_dynamic,
     compile_graphed,
     step_generator,
 )
+
+
+def _frame_terms(rgb: Tensor, target: Tensor, ssim_weight: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, l1, dssim, psnr)`` of one training render ``rgb [1, H, W, 3]`` (gsplat's layout)
+    against its frame ``target [1, 3, H, W]`` in [-1, 1] (the batch's)."""
+    pred = rgb.permute(0, 3, 1, 2)
+    gt = (target + 1) / 2
+    photo = photometric_loss([pred], [gt], ssim_weight)
+    return photo.loss, photo.l1, photo.dssim, pooled_psnr(pred.detach(), gt)
 
 
 def _forget_host_copies(module: Gaussian4DFitter, incompatible_keys) -> None:
@@ -107,8 +117,9 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         lpips_net / lpips_weights / lpips_allow_random_backbone: LPIPS for val/test metrics
             (``lpips_net=None`` skips LPIPS).
         backend: rasterizer backend ("auto": gsplat on CUDA, torch on CPU).
-        compile: ``torch.compile`` the deformation field and its regularisers on CUDA (the field is
-            many small kernels: compiling fuses them, see ``benchmarks/fit_speed.py``).
+        compile: ``torch.compile`` the deformation field, its regularisers and the training
+            frames' photometric loss on CUDA (each is many small kernels: compiling fuses them, see
+            ``benchmarks/fit_speed.py``).
         on_nonfinite: a NaN/inf loss term or gradient: ``stop`` (raise, naming the step and the
             term) or ``skip`` the batch (warned and counted; one process only). See
             :class:`~fourdgen.stages.common.NonFiniteGuard`.
@@ -278,6 +289,7 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         return pts, torch.rand(n, 3, generator=g)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)  # the pending finite check first
         checkpoint["fourdgen_strategy_state"] = {k: v for k, v in self.strategy_state.items()}
         if self.info is not None:  # `fourdgen view` shows the checkpoint without its data folder
             checkpoint[CAMERAS_KEY] = camera_record(self.info)
@@ -365,6 +377,17 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
             self._compiled[name] = compile_graphed(fn) if name == "regularization" else compile_dynamic(fn)
         return self._compiled[name]
 
+    def _frame_terms_fn(self):
+        """:func:`_frame_terms`, compiled on CUDA if asked: torchmetrics' SSIM and the L1 are about
+        400 operator calls forward and backward, the largest share of the launch-bound step's
+        (issue 21, P3); compiled, a few fused kernels and the window's convolution. The frames of a
+        scene have one size, so the shapes are static."""
+        if not (self.hparams.compile and self.device.type == "cuda"):
+            return _frame_terms
+        if "frame_terms" not in self._compiled:
+            self._compiled["frame_terms"] = torch.compile(_frame_terms, dynamic=False)
+        return self._compiled["frame_terms"]
+
     def render(
         self,
         t: float | Tensor,
@@ -414,7 +437,7 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         h = self.hparams
         self._render_infos = []
         B = batch.rgb.shape[0]
-        preds, gts, depths = [], [], []
+        terms, depths = [], []
         # Drawn from the step (not the global RNG): the data order and a resumed fit are unaffected.
         bg = (
             torch.rand(3, generator=step_generator(self.global_step, 1)).to(self.bg)
@@ -424,12 +447,12 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         for i in range(B):  # frames of one batch can have different times: one render each
             out = self.render(batch.times[i, 0], batch.K[i, :1], batch.w2c[i, 0, :1], background=bg)
             self._render_infos.append(out.info)
-            preds.append(out.rgb[0].permute(2, 0, 1)[None])
-            gts.append((batch.rgb[i, 0, 0][None] + 1) / 2)
+            terms.append(self._frame_terms_fn()(out.rgb[:1], batch.rgb[i, 0, :1], h.ssim_weight))
             depths.append(out.depth[0, ..., 0])
-        photo = photometric_loss(preds, gts, h.ssim_weight)
-        psnr = sum(pooled_psnr(pred.detach(), gt) / B for pred, gt in zip(preds, gts, strict=True))
-        losses, loss = {"l1": photo.l1, "dssim": photo.dssim}, photo.loss
+        # the frames' mean (the loss is linear in each frame's L1 and SSIM)
+        mean = terms[0] if B == 1 else [torch.stack(x).mean() for x in zip(*terms, strict=True)]
+        loss, l1, dssim, psnr = mean
+        losses = {"l1": l1, "dssim": dssim}
         if h.get("depth_weight", 0.0) > 0:
             if batch.depth is None:
                 dm = getattr(self.trainer, "datamodule", None)
@@ -458,7 +481,10 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         for info in self._render_infos:
             self.densify.step_pre_backward(self.splats, {}, self.strategy_state, self.global_step, info)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=B)
-        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        # the bar's loss is a step late: a CUDA value there is a host sync every step (LateScalars)
+        self.log("train/loss", loss, batch_size=B)
+        late = self.__dict__.setdefault("_late", LateScalars())
+        self.log("loss", late("loss", loss), prog_bar=True, logger=False, batch_size=B)
         # a CPU tensor: Lightning turns a Python number into a CUDA tensor, a host sync each step
         n = torch.tensor(float(len(self.splats["means"])))
         self.log("train/num_gaussians", n, prog_bar=True, batch_size=B)
@@ -510,8 +536,9 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
                 {"params": mlp, "name": "deformation", "lr": lr.initial("deformation", scale)},
                 {"params": grid, "name": "grid", "lr": lr.initial("grid", scale)},
             ]
-        # fused: one kernel for all groups on CUDA (the for-each path launches per tensor)
-        opt = torch.optim.Adam(groups, lr=0.0, eps=1e-15, fused=self.device.type == "cuda")
+        # fused: a kernel per group (the for-each path launches per tensor), and the non-finite
+        # check needs no host sync (the fused step skips itself on its flag, NonFiniteGuard)
+        opt = torch.optim.Adam(groups, lr=0.0, eps=1e-15, fused=True)
         # the deformation field's rates decay from the start of the fine stage
         factors = [lr.factor(g["name"], fine_start=self.hparams.coarse_steps) for g in groups]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factors)

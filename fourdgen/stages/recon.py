@@ -72,6 +72,9 @@ class FeedForwardReconstruction(NonFiniteGuard, BatchContract, L.LightningModule
         lr / weight_decay / warmup_steps: AdamW with linear warm-up.
         background: RGB in [0, 1] under the splats. backend: rasterizer backend.
         gradient_checkpointing: recompute backbone blocks in backward (dynamic training).
+        compile_blocks: ``torch.compile`` each transformer block on CUDA
+            (:meth:`~fourdgen.backbones.vggt.VGGT.compile_blocks`): the first batch compiles
+            for about a minute; every later one runs faster (``benchmarks/run_all.py``, P4).
         model_overrides: VGGTConfig fields, e.g. ``{"img_size": 224}``.
         on_nonfinite: a NaN/inf loss term or gradient: ``stop`` (raise, naming the step and the
             term) or ``skip`` the batch (warned and counted; one process only). See
@@ -104,6 +107,7 @@ class FeedForwardReconstruction(NonFiniteGuard, BatchContract, L.LightningModule
         background: tuple[float, float, float] = (0.0, 0.0, 0.0),
         backend: str = "auto",
         gradient_checkpointing: bool = False,
+        compile_blocks: bool = False,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         log_images_every_n_val: int = 1,
         model_overrides: dict | None = None,
@@ -134,6 +138,7 @@ class FeedForwardReconstruction(NonFiniteGuard, BatchContract, L.LightningModule
         self.register_buffer("bg", torch.tensor(background, dtype=torch.float32), persistent=False)
         self._weights_loaded = False
         self._sharded = False
+        self._compiled = False
         self._val_seen = 0
 
     def _freeze_all_but(self, names: list[str]) -> None:
@@ -151,6 +156,10 @@ class FeedForwardReconstruction(NonFiniteGuard, BatchContract, L.LightningModule
 
     # ------------------------------------------------------------------------------ weights
     def setup(self, stage: str) -> None:
+        on_cuda = self.trainer.strategy.root_device.type == "cuda"  # CPU: no gain worth the compile
+        if self.hparams.get("compile_blocks") and on_cuda and not self._compiled:
+            self.model.vggt.compile_blocks()
+            self._compiled = True
         # Before Lightning restores a resumed checkpoint (which then overwrites these weights).
         if stage != "fit" or self._weights_loaded:
             return

@@ -87,6 +87,30 @@ def test_reconstructor_bf16_is_finite_and_close_to_fp32():
     assert _rel(b.gaussians["means"], a.gaussians["means"]) < 0.05
 
 
+def test_compiled_blocks_equal_eager_in_fp32_and_bf16():
+    """``compile_blocks`` (inductor, one graph per block shape) gives eager's reconstruction: fp32 to
+    rounding, bf16 within bf16's own distance from fp32. Non-zero temporal blocks, so they count."""
+    torch.manual_seed(0)
+    model = GaussianReconstructor("tiny", dpt_features=32).cuda().eval()
+    for blk in model.vggt.aggregator.temporal_blocks:
+        torch.nn.init.normal_(blk.attn.proj.weight, std=0.1)
+        torch.nn.init.normal_(blk.mlp.fc2.weight, std=0.1)
+    x = torch.rand(1, 3, 4, 3, 56, 70, device="cuda")
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ref16 = model(x)
+        model.vggt.compile_blocks()
+        got = model(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got16 = model(x)
+    for k in ("means", "log_scales", "opacity_logits", "sh0"):
+        assert _rel(got.gaussians[k], ref.gaussians[k]) < 1e-4, k
+        bf16 = _rel(ref16.gaussians[k], ref.gaussians[k])  # eager bf16's own error
+        assert _rel(got16.gaussians[k], ref.gaussians[k]) < max(0.02, 3 * bf16), k
+    assert _rel(got.w2c, ref.w2c) < 1e-4 and _rel(got.depth, ref.depth) < 1e-4
+
+
 def test_training_steps_with_gsplat_bf16(tmp_path):
     torch.manual_seed(0)
     dm = _dm(tmp_path, num_frames=2)
