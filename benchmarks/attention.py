@@ -2,7 +2,7 @@
 
 For each grid: block-mask build time (uncached, synchronised), then forward and forward+backward
 of the fused mask with FlexAttention (the library path and kernel-option variants), of the LSE path
-for view-OR-time masks (three dense attentions merged by log-sum-exp, cuDNN and flash kernels:
+for view-OR-time masks (two disjoint dense attentions merged by log-sum-exp, cuDNN and flash kernels:
 fourdgen/nn/lse_attention.py), of a variant with every frame padded to a multiple of 128 tokens
 (blocks never straddle frames), and of dense SDPA over all tokens (no mask). "ideal" is dense time
 x the share of blocks the fused path computes; "token ideal" uses the mask's exact density instead.
@@ -219,7 +219,7 @@ def bench_grid(name: str, spec: dict, args) -> list[dict]:
 
     dense = record("dense SDPA (no mask)", lambda q, k, v: F.scaled_dot_product_attention(q, k, v))
     fused = None
-    if cuda:  # flex: compiled Triton kernels, no CPU backward
+    if cuda and not args.no_flex:  # flex: compiled Triton kernels, no CPU backward
         fused = record("fused (library, flex)", lambda q, k, v: grid_attention(q, k, v, layout, mask, "flex"))
         lib = flex_kernel_options(q)
         print(f"library flex kernel options: {lib}")
@@ -262,22 +262,37 @@ def bench_grid(name: str, spec: dict, args) -> list[dict]:
 def lse_variants(layout: GridLayout, mask: ViewTimeMask, q, k, v, record) -> list[dict]:
     """The LSE path (library: grid_attention backend "lse", i.e. cuDNN on Hopper) and each of its
     kernels, after a parity check against flex (GPU) or dense SDPA (CPU); plus the share of pairs
-    its three attentions compute (union + 2 x frame)."""
+    its two attentions compute (the mask's own: they are disjoint)."""
     V, Fr, n = layout.views, layout.frames, layout.frame_tokens
-    pairs = V * (Fr * n) ** 2 + Fr * (V * n) ** 2 + V * Fr * n**2
-    print(f"LSE path: its three attentions compute {pairs / layout.num_tokens**2:.4f} of all pairs")
+    pairs = V * (Fr * n) ** 2 + V * Fr * n * (V - 1) * n
+    print(f"LSE path: its two attentions compute {pairs / layout.num_tokens**2:.4f} of all pairs")
     with torch.no_grad():
-        if q.is_cuda:
-            ref = grid_attention(q, k, v, layout, mask, "flex")
-        else:
-            ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(layout, q.device))
-        err = (grid_attention(q, k, v, layout, mask, "lse") - ref).abs().max().item()
-    print(f"LSE (library, {fused_kernel(q)}) vs {'flex' if q.is_cuda else 'dense'}: max abs diff {err:.2e}")
+        got = grid_attention(q, k, v, layout, mask, "lse")
+        if not q.is_cuda:
+            err = (
+                (got - F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(layout, q.device)))
+                .abs()
+                .max()
+            )
+        else:  # the rows of one (view, frame): its view's and its frame's keys gathered, plain SDPA in fp32
+            vi, fi, n = V // 2, Fr // 2, layout.frame_tokens
+            grid6 = [x.unflatten(2, (V, Fr, n)) for x in (q, k, v)]  # [B, H, V, F, S, D]
+            rows_q = grid6[0][:, :, vi, fi].float()
+            others = [u for u in range(V) if u != vi]
+            keys = [
+                torch.cat([x[:, :, vi].flatten(2, 3), x[:, :, others, fi].flatten(2, 3)], 2)
+                for x in grid6[1:]
+            ]
+            ref = F.scaled_dot_product_attention(rows_q, keys[0].float(), keys[1].float())
+            err = (got.unflatten(2, (V, Fr, n))[:, :, vi, fi].float() - ref).abs().max()
+    against = "gathered keys, fp32" if q.is_cuda else "dense"
+    print(f"LSE (library, {fused_kernel(q)}) vs {against}: max abs diff {float(err):.2e}")
     rows = [
         record(
             f"LSE (library, {fused_kernel(q)})", lambda q, k, v: grid_attention(q, k, v, layout, mask, "lse")
         )
     ]
+    lse_breakdown(layout, q, k, v)
     for kernel in ("flash",) if q.is_cuda else ():
         rows.append(
             record(
@@ -285,6 +300,66 @@ def lse_variants(layout: GridLayout, mask: ViewTimeMask, q, k, v, record) -> lis
             )
         )
     return [r for r in rows if r is not None]
+
+
+def lse_breakdown(layout: GridLayout, q, k, v) -> None:
+    """Where the LSE path's time goes: each part's kernels alone (forward, and their backward given
+    the part's own output), the others part's copies (q time-major, k and v doubled) and the merge."""
+    from fourdgen.nn import lse_attention as la
+
+    V, Fr = layout.views, layout.frames
+    kernel, scale = fused_kernel(q), q.shape[-1] ** -0.5
+    fn = la.KERNEL_FNS[kernel]
+    q, k, v = q.detach(), k.detach(), v.detach()
+    iters = 10
+    print(f"LSE breakdown ({kernel}), ms:")
+    qp, kp, vp = [la.view_batches(x, V, Fr) for x in (q, k, v)]
+    ov, lv, aux = fn.fwd(qp, kp, vp, scale)
+    do = torch.randn_like(ov)
+    f = timed(lambda: fn.fwd(qp, kp, vp, scale), iters)
+    b = timed(lambda: fn.bwd(do, qp, kp, vp, ov, lv, aux, scale), iters)
+    flop = qp.shape[0] * qp.shape[2] * kp.shape[2] * qp.shape[1] * qp.shape[3] * 4
+    print(
+        f"  view: {qp.shape[0]} x {qp.shape[2]} tok, fwd {f:.2f}, bwd {b:.2f}, {flop / f / 1e9:.0f} TFLOP/s"
+    )
+
+    def copies():
+        return la.time_major(q, V, Fr), la.time_major(k, V, Fr, True), la.time_major(v, V, Fr, True)
+
+    qt, kd, vd = copies()
+    calls = [
+        (qt[i, j].transpose(1, 2), la.windows(kd[i, j], V), la.windows(vd[i, j], V))
+        for i, j in la._frames(qt)
+    ]
+    res = [fn.fwd(*c, scale) for c in calls]
+    dos = [torch.randn_like(r[0]) for r in res]
+    f = timed(lambda: [fn.fwd(*c, scale) for c in calls], iters)
+    b = timed(
+        lambda: [fn.bwd(d, *c, r[0], r[1], r[2], scale) for d, c, r in zip(dos, calls, res, strict=True)],
+        iters,
+    )
+    q1, k1 = calls[0][0], calls[0][1]
+    flop = len(calls) * q1.shape[0] * q1.shape[2] * k1.shape[2] * q1.shape[1] * q1.shape[3] * 4
+    print(
+        f"  others: {len(calls)} calls of {q1.shape[0]} x {q1.shape[2]} queries x {k1.shape[2]} keys, "
+        f"fwd {f:.2f}, bwd {b:.2f} (window gradients not folded), fwd {flop / f / 1e9:.0f} TFLOP/s"
+    )
+    print(f"  copies (q time-major, k and v doubled): {timed(copies, iters):.2f}")
+    folded = la._pointwise(la.fold, q)
+    dk = fn.bwd(dos[0], *calls[0], res[0][0], res[0][1], res[0][2], scale)[1]
+    fold_ms = timed(lambda: folded(dk, V), iters)
+    print(f"  fold of one frame's window gradients (2 per frame: k and v): {fold_ms:.3f}")
+    hi = la._heads_inner(q)
+    oo = torch.stack([r[0] for r in res]).unflatten(0, (q.shape[0], Fr))
+    lo = torch.stack([r[1] for r in res]).unflatten(0, (q.shape[0], Fr))
+    args = (
+        la._physical(la.view_grid(ov, V, Fr), hi),
+        la._physical(la._others_grid(oo), hi),
+        la._physical(la.view_grid(lv[..., None], V, Fr), hi)[..., 0],
+        la._physical(la._others_grid(lo)[..., None], hi)[..., 0],
+    )
+    merge = la._pointwise(la.merge, q)
+    print(f"  merge (compiled on CUDA): {timed(lambda: merge(*args), iters):.2f}")
 
 
 def main() -> None:
@@ -296,6 +371,9 @@ def main() -> None:
     p.add_argument("--variants", action="store_true", help="also flex kernel options and padded frames")
     p.add_argument(
         "--heads-inner", action="store_true", help="q/k/v stored [B, N, H, D] (as the DiT's projections)"
+    )
+    p.add_argument(
+        "--no-flex", action="store_true", help="skip the flex rows (their compilation takes a minute)"
     )
     p.add_argument("--tiny", action="store_true", help="one small grid (also on CPU, float32): a smoke run")
     args = p.parse_args()

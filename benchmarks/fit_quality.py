@@ -56,6 +56,7 @@ def run(args: argparse.Namespace, deform: bool, workdir: str) -> dict:
             "layout": "orbit",
             "elevation_deg": 25,
             "seed": args.seed,
+            "motion_scale": args.motion_scale,
         }
         cli_args += [
             f"--data.init_args.scene={args.scene_dir}",
@@ -73,18 +74,19 @@ def run(args: argparse.Namespace, deform: bool, workdir: str) -> dict:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     fit_s = time.perf_counter() - t0
-    metrics = cli.trainer.test(cli.model, cli.datamodule, verbose=False)[0]
-    coverage = held_out_renders(
-        cli.model, cli.datamodule, args.save_renders, "dynamic" if deform else "static"
-    )
-    return {
-        **region_psnr(cli.model, cli.datamodule.root, cli.datamodule.hparams.holdout_views),
-        "alpha": coverage,
-        **{k.removeprefix("test/"): v for k, v in metrics.items()},
+    name = "dynamic" if deform else "static"
+    out = {
         "fit_s": fit_s,
         "ms_per_step": 1000 * fit_s / max(cli.trainer.global_step, 1),
         "gaussians": len(cli.model.splats["means"]),
     }
+    # Each result printed as it comes (a run cut short by a time limit keeps what it measured).
+    out.update(region_psnr(cli.model, cli.datamodule.root, cli.datamodule.hparams.holdout_views))
+    print(f"fit_quality {name} regions: {json.dumps(out)}", flush=True)
+    metrics = cli.trainer.test(cli.model, cli.datamodule, verbose=False)[0]
+    out.update({k.removeprefix("test/"): v for k, v in metrics.items()})
+    out["alpha"] = held_out_renders(cli.model, cli.datamodule, args.save_renders, name)
+    return out
 
 
 @torch.no_grad()
@@ -125,13 +127,34 @@ def region_psnr(model, scene_dir, holdout: list[int]) -> dict[str, float]:
         cov = torch.cat([covered_pixels(s.load_xyz(v), s.K[train], s.w2c[train], depth) for v in holdout])
         out["heldout_covered"], out["heldout_uncovered"] = psnr(pred, ref, cov), psnr(pred, ref, ~cov)
         out["covered_share"] = float(cov.float().mean())
+        out.update(surface_psnr(pred, ref, cov, s, holdout, psnr))
+    return out
+
+
+def surface_psnr(pred, ref, cov, s, holdout: list[int], psnr) -> dict[str, float]:
+    """Covered held-out PSNR by surface of the synthetic scene (its exact xyz: the dome of radius 12,
+    the floor at y = -1, the objects by mask) and by distance (z-depth below / above 6 units, where
+    the floor's checker squares shrink to a few pixels)."""
+    xyz = torch.cat([s.load_xyz(v) for v in holdout])  # [T, H, W, 3]
+    depth = torch.cat([s.load_depth(v) for v in holdout])
+    masks = [s.load_mask(v) for v in holdout]
+    dome = xyz.norm(dim=-1) > 11.5
+    obj = torch.cat(masks) > 0 if all(m is not None for m in masks) else torch.zeros_like(dome)
+    floor = (xyz[..., 1] < -0.99) & ~dome & ~obj
+    rest = ~dome & ~floor & ~obj  # static objects' surfaces, if any
+    out = {
+        f"cov_{k}": psnr(pred, ref, cov & m) for k, m in (("dome", dome), ("floor", floor), ("objects", obj))
+    }
+    out["cov_other"] = psnr(pred, ref, cov & rest)
+    out["cov_near"], out["cov_far"] = psnr(pred, ref, cov & (depth < 6)), psnr(pred, ref, cov & (depth >= 6))
     return out
 
 
 @torch.no_grad()
 def held_out_renders(model, datamodule, out_dir: str | None, name: str) -> float:
     """Mean alpha of the held-out renders (1: opaque everywhere); with ``out_dir``, writes
-    ``<name>_heldout.png``: rows of render | ground truth | alpha for a few frames."""
+    ``<name>_heldout.png``: rows of render | ground truth | alpha | 4 x absolute error for a few
+    frames."""
     model.eval()
     alphas, rows = [], []
     for batch in datamodule.test_dataloader():
@@ -139,13 +162,14 @@ def held_out_renders(model, datamodule, out_dir: str | None, name: str) -> float
         for i in range(batch.rgb.shape[0]):
             out = model.render(batch.times[i, 0], batch.K[i, :1], batch.w2c[i, 0, :1], deform=None)
             alphas.append(out.alpha.mean().item())
-            if len(rows) < 4:
+            if len(rows) < 16:
                 pred = out.rgb[0].permute(2, 0, 1).clamp(0, 1)
                 gt = (batch.rgb[i, 0, 0] + 1) / 2
-                rows += [pred, gt, out.alpha[0].permute(2, 0, 1).expand_as(pred)]
+                alpha = out.alpha[0].permute(2, 0, 1).expand_as(pred)
+                rows += [pred, gt, alpha, ((pred - gt).abs() * 4).clamp(0, 1)]
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        save_image(torch.stack(rows).float().cpu(), f"{out_dir}/{name}_heldout.png", nrow=3)
+        save_image(torch.stack(rows).float().cpu(), f"{out_dir}/{name}_heldout.png", nrow=4)
     return sum(alphas) / max(len(alphas), 1)
 
 
@@ -161,6 +185,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--holdout", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--motion-scale", type=float, default=1.0, help="0: the same scene without motion")
     p.add_argument("--scene-dir", default=None)
     p.add_argument("--no-export", action="store_true")
     p.add_argument("--only", choices=["dynamic", "static"], default=None)
@@ -181,6 +206,12 @@ def main() -> None:
         "heldout_covered",
         "heldout_uncovered",
         "covered_share",
+        "cov_dome",
+        "cov_floor",
+        "cov_objects",
+        "cov_other",
+        "cov_near",
+        "cov_far",
     ]
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\nheld-out view, {args.config}, device {dev}")

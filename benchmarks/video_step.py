@@ -26,7 +26,7 @@ from fourdgen.diffusion.conditioning import MaskedFrames
 from fourdgen.diffusion.flow import add_noise, flow_loss, sample_sigmas, velocity_target
 from fourdgen.diffusion.latents import scale_factors
 from fourdgen.metrics.flops import count_flops, matmul_rate, mfu
-from fourdgen.nn.checkpointing import checkpoint_function
+from fourdgen.nn.checkpointing import checkpoint_function, compile_options
 from fourdgen.nn.decoupled_lora import DecoupledLoRAControl
 from fourdgen.stages.video import VideoDiffusion
 
@@ -47,7 +47,8 @@ def bench_policies(
 ) -> list[dict]:
     """:func:`bench` for each checkpoint policy in turn on one built model (a 14B build takes
     longer than the steps it times); the policy is swapped through diffusers'
-    ``enable_gradient_checkpointing``, as the stage installs it."""
+    ``enable_gradient_checkpointing``, as the stage installs it. ``policy+compile`` (or
+    ``args.compile``) compiles the checkpointed blocks (``compile_blocks``)."""
     dev = torch.device(getattr(args, "device", "cuda"))
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -63,6 +64,7 @@ def bench_policies(
         base_dtype="bfloat16",
         gradient_checkpointing=not args.no_checkpointing,
         checkpoint_policy=policies[0],
+        compile_blocks=getattr(args, "compile", False),
     ).to(dev)
     t0 = time.perf_counter()
     model.configure_model()
@@ -92,9 +94,13 @@ def bench_policies(
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     tokens = F * (h // 2) * (2 * w // 2)  # both layouts: two clips' worth of tokens per step
     results = []
-    for policy in policies:
+    for entry in policies:
+        policy, _, suffix = entry.partition("+")
+        compiled = suffix == "compile" or getattr(args, "compile", False)
+        options = compile_options(getattr(args, "compile_kwargs", None) or True) if compiled else None
         if not args.no_checkpointing:
-            tr.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_function(policy))
+            fn = checkpoint_function(policy, compile=options)
+            tr.enable_gradient_checkpointing(gradient_checkpointing_func=fn)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times = []
@@ -114,7 +120,7 @@ def bench_policies(
         results.append(
             {
                 "preset": preset,
-                "policy": "off" if args.no_checkpointing else policy,
+                "policy": ("off" if args.no_checkpointing else policy) + (" + compile" if compiled else ""),
                 "params_b": sum(p.numel() for p in tr.parameters()) / 1e9,
                 "trainable_m": sum(p.numel() for p in tr.parameters() if p.requires_grad) / 1e6,
                 "tokens": tokens,
@@ -147,11 +153,15 @@ def main() -> None:
         help="what checkpointing recomputes (several: each timed on the one built model)",
     )
     p.add_argument("--coupling", choices=["width", "dlc"], default="width")
+    p.add_argument(
+        "--compile", action="store_true", help="regional torch.compile of the DiT blocks (compile_blocks)"
+    )
     args = p.parse_args()
     peak = matmul_rate("cuda")
     print(
         f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, coupling {args.coupling}, "
-        f"checkpointing {'off' if args.no_checkpointing else ' / '.join(args.checkpoint_policy)}; "
+        f"checkpointing {'off' if args.no_checkpointing else ' / '.join(args.checkpoint_policy)}, "
+        f"compiled blocks {args.compile}; "
         f"bf16 8192^3 matmul {peak / 1e12:.0f} TFLOP/s"
     )
     print(

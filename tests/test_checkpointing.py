@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fourdgen.backbones.wan import build_transformer
-from fourdgen.nn.checkpointing import ATTENTION_OPS, checkpoint_function
+from fourdgen.nn.checkpointing import ATTENTION_OPS, checkpoint_function, compile_options
 
 
 class CountAttention(TorchDispatchMode):
@@ -23,11 +23,14 @@ class CountAttention(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _step(policy: str | None):
+def _step(policy: str | None, compile: dict | None = None):
     torch.manual_seed(0)
     model = build_transformer(preset="tiny").train()
     if policy is not None:
-        model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_function(policy))
+        fn = checkpoint_function(policy, compile=compile)
+        model.enable_gradient_checkpointing(gradient_checkpointing_func=fn)
+    elif compile is not None:
+        model.compile_repeated_blocks(**compile)
     x = torch.randn(1, 16, 3, 8, 8)
     text = torch.randn(1, 7, model.config.text_dim)
     out = model(x, torch.tensor([500.0]), text, return_dict=False)[0]
@@ -63,3 +66,39 @@ def test_the_stage_option_reaches_the_dit():
     model.configure_model()
     func = model.transformer._gradient_checkpointing_func
     assert model.transformer.gradient_checkpointing and "context_fn" in func.keywords
+
+
+# aot_eager: dynamo and AOT autograd's partitioner, as inductor gets them, but no codegen (seconds on
+# CPU); inductor's own numerics are the GPU benchmark's (benchmarks/video_step.py --compile).
+AOT = {"backend": "aot_eager", "dynamic": False}
+
+
+@pytest.mark.parametrize("policy", ["full", "keep_attention", None])
+def test_compiled_blocks_share_one_graph_keep_the_policy_and_the_gradients(policy):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    plain_calls, plain = _step(None)
+    calls, got = _step(policy, compile=AOT)
+    blocks = build_transformer(preset="tiny").config.num_layers
+    assert blocks > 1 and counters["stats"]["unique_graphs"] == 1  # every block runs the one graph
+    # compiled outside the checkpoint, the selective policy still holds: attention is not recomputed
+    assert calls == {"full": 2 * blocks, "keep_attention": 0, None: 0}[policy]
+    assert got.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(got[name], plain[name], msg=name)
+
+
+def test_compile_blocks_option():
+    from fourdgen.stages.video import VideoDiffusion
+
+    assert compile_options(False) is None and compile_options(True) == {"dynamic": False}
+    assert compile_options({"mode": "max-autotune"}) == {"dynamic": False, "mode": "max-autotune"}
+    model = VideoDiffusion(gradient_checkpointing=True, compile_blocks={"backend": "aot_eager"})
+    model.configure_model()
+    func = model.transformer._gradient_checkpointing_func
+    assert hasattr(func, "_torchdynamo_orig_callable")  # the checkpointed call is the compiled one
+    model = VideoDiffusion(compile_blocks={"backend": "aot_eager"})
+    model.configure_model()
+    assert all(b._compiled_call_impl is not None for b in model.transformer.blocks)

@@ -251,6 +251,34 @@ def test_projection_matches_gsplat_reference():
     assert torch.allclose(c[vis], c_ref[vis], rtol=1e-4, atol=1e-6)
     assert torch.allclose(d, d_ref)
     assert not vis[0, -20:].any()  # behind camera 0
+    # antialiased mode's opacity compensation, against gsplat's reference
+    *_, comp_ref = gref._fully_fused_projection(g.means, covars, w2c, K, W, H, calc_compensations=True)
+    *_, comp = project_gaussians(g.means, g.quats, g.scales, g.opacities, w2c, K, W, H, compensate=True)
+    assert torch.allclose(comp[vis], comp_ref[vis], rtol=1e-4, atol=1e-6)
+    assert (comp[vis] < 1).all() and (comp[vis] > 0).all()
+
+
+def test_antialiased_mode_keeps_a_small_splats_weight():
+    """One splat much smaller than a pixel: classic mode renders the 0.3 px dilated blob at full
+    opacity; antialiased mode scales its opacity so the rendered weight ~ the splat's own (tiny)."""
+    K = torch.tensor([[[50.0, 0, 16.5], [0, 50.0, 16.5], [0, 0, 1]]])  # the splat on a pixel centre
+    w2c = torch.eye(4)[None]
+    g = {
+        "means": torch.tensor([[0.0, 0.0, 5.0]]),
+        "quats": torch.tensor([[1.0, 0, 0, 0]]),
+        "log_scales": torch.full((1, 3), math.log(0.01)),  # 0.1 px on screen
+        "opacity_logits": torch.tensor([4.0]),
+        "colors": torch.ones(1, 3),
+    }
+    classic = rasterize(g, K, w2c, 32, 32, backend="torch")
+    aa = rasterize(g, K, w2c, 32, 32, backend="torch", rasterize_mode="antialiased")
+    o = torch.sigmoid(torch.tensor(4.0))
+    s2 = (50 * 0.01 / 5) ** 2  # screen variance of the splat, px^2
+    comp = s2 / (s2 + 0.3)  # sqrt(det ratio) of an isotropic 2-D Gaussian
+    assert torch.allclose(classic.alpha.max(), o, rtol=1e-3)
+    assert torch.allclose(aa.alpha.max(), o * comp, rtol=1e-3)
+    with pytest.raises(ValueError, match="rasterize_mode"):
+        rasterize(g, K, w2c, 32, 32, backend="torch", rasterize_mode="mip")
 
 
 def test_gaussians_behind_camera_contribute_nothing():

@@ -1,4 +1,4 @@
-"""View-OR-time attention as three dense attentions merged by log-sum-exp (fourdgen/nn/lse_attention.py)
+"""View-OR-time attention as two disjoint dense attentions merged by log-sum-exp (nn/lse_attention.py)
 against dense SDPA with the boolean mask: forward and backward, several layouts, both CPU kernels."""
 
 from __future__ import annotations
@@ -12,7 +12,16 @@ from torch.utils.checkpoint import checkpoint
 
 from fourdgen.nn.fused_attention import grid_attention
 from fourdgen.nn.grid_layout import GridLayout
-from fourdgen.nn.lse_attention import ViewTimeLSE, batches, grid, merge, view_time_attention
+from fourdgen.nn.lse_attention import (
+    ViewTimeLSE,
+    fold,
+    merge,
+    time_major,
+    view_batches,
+    view_grid,
+    view_time_attention,
+    windows,
+)
 from fourdgen.nn.view_time_mask import ViewTimeMask
 
 VT = ("same_view", "same_time")
@@ -91,30 +100,44 @@ def test_merge_is_stable_for_large_logits():
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-3)  # scores ~ 40^2: gradients are large
-    # The merge by itself: equal view and time mass, frame = all of it -> the frame's output.
-    o = torch.randn(2, 5, 4)
+    # The merge by itself: equal masses -> the mean of the outputs, log-sum-exp + log 2, no overflow.
+    o1, o2 = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
     lse = torch.full((2, 5), 300.0)
-    out, L = merge(o, o, o, lse, lse, lse)
-    torch.testing.assert_close(out, o)
-    torch.testing.assert_close(L, lse)
+    out, L = merge(o1, o2, lse, lse)
+    torch.testing.assert_close(out, (o1 + o2) / 2)
+    torch.testing.assert_close(L, lse + torch.log(torch.tensor(2.0)))
+    out, L = merge(o1, o2, lse, lse - 1e4)  # the others' mass underflows: the view's output
+    torch.testing.assert_close(out, o1)
 
 
-@pytest.mark.parametrize("part", ["view", "time", "frame"])
 @pytest.mark.parametrize("heads_inner", [False, True])
-def test_batches_and_grid_are_inverse(part, heads_inner):
+def test_view_batches_and_grid_are_inverse(heads_inner):
     layout = GridLayout(3, 4, 1, 2)
     x = qkv(layout, B=2, H=3, D=5, heads_inner=heads_inner)[0].detach()
-    y = batches(x, part, 3, 4)
-    g = grid(y, part, 3, 4)  # [B, H, V, F, S, D]
+    y = view_batches(x, 3, 4)
+    g = view_grid(y, 3, 4)  # [B, H, V, F, S, D]
     torch.testing.assert_close(g.reshape(x.shape), x, rtol=0, atol=0)
-    # Batch contents: view v holds its frames, time f every view's frame f, frame (v, f) itself.
     xs = x.unflatten(2, (3, 4, 2))  # [B, H, V, F, S, D]
-    if part == "view":
-        assert torch.equal(y[1 * 3 + 2], xs[1, :, 2].flatten(1, 2))
-    elif part == "time":
-        assert torch.equal(y[1 * 4 + 3], xs[1, :, :, 3].flatten(1, 2))
-    else:
-        assert torch.equal(y[(1 * 3 + 2) * 4 + 3], xs[1, :, 2, 3])
+    assert torch.equal(y[1 * 3 + 2], xs[1, :, 2].flatten(1, 2))  # view v holds its frames
+
+
+def test_windows_hold_the_other_views_and_fold_is_their_adjoint():
+    """Window v of a frame holds views v + 1 .. v + V - 1 (mod V) of that frame, as a view of the
+    doubled copy (no copy); fold sums window gradients back onto their views (the adjoint)."""
+    V, Fr, S, H, D = 4, 3, 2, 3, 5
+    x = torch.randn(2, H, V * Fr * S, D, dtype=torch.float64)
+    xt, xd = time_major(x, V, Fr), time_major(x, V, Fr, doubled=True)  # [B, F, V(2V), S, H, D]
+    xs = x.unflatten(2, (V, Fr, S))  # [B, H, V, F, S, D]
+    assert torch.equal(xt[1, 2, 3], xs[1, :, 3, 2].transpose(0, 1))
+    w = windows(xd[1, 2], V)  # [V, H, (V-1) S, D]
+    assert w.data_ptr() == xd[1, 2, 1].data_ptr()  # a view: no per-window copy
+    for v in range(V):
+        others = [xs[1, :, (v + 1 + j) % V, 2] for j in range(V - 1)]  # [H, S, D] each
+        assert torch.equal(w[v], torch.cat(others, 1))
+    frame = xt[1, 2].clone().requires_grad_()  # [V, S, H, D]
+    g = torch.randn(V, H, (V - 1) * S, D, dtype=torch.float64)
+    (windows(torch.cat([frame, frame]), V) * g).sum().backward()
+    torch.testing.assert_close(fold(g, V), frame.grad.transpose(1, 2))
 
 
 def test_expanded_output_gradient():

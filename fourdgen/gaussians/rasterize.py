@@ -66,11 +66,16 @@ def _unpack(g: Gaussians | Mapping[str, Tensor]):
     return g["means"], g["quats"], log_s.exp(), torch.sigmoid(logit), sh, sh_degree_from_bases(sh.shape[1])
 
 
-def project_gaussians(means, quats, scales, opacities, w2c, K, width, height, eps2d=0.3, near=0.01, far=1e10):
+def project_gaussians(
+    means, quats, scales, opacities, w2c, K, width, height, eps2d=0.3, near=0.01, far=1e10, compensate=False
+):
     """EWA projection, gsplat's ``fully_fused_projection`` (CUDA semantics, non-packed).
 
     means/quats/scales/opacities ``[N, 3|4|3|-]``, w2c ``[C, 4, 4]``, K ``[C, 3, 3]`` ->
-    radii ``[C, N, 2]`` int32 (0 = culled), means2d ``[C, N, 2]``, depths ``[C, N]``, conics ``[C, N, 3]``.
+    radii ``[C, N, 2]`` int32 (0 = culled), means2d ``[C, N, 2]``, depths ``[C, N]``, conics ``[C, N, 3]``;
+    with ``compensate`` also ``[C, N]``: the opacity factor of gsplat's ``antialiased`` mode
+    (Mip-Splatting's 2-D filter), ``sqrt(det(cov2d) / det(cov2d + eps2d I))``, which keeps a splat's
+    integrated weight when the ``eps2d`` dilation widens it.
     """
     R, t = w2c[:, :3, :3], w2c[:, :3, 3]
     p = torch.einsum("cij,nj->cni", R, means) + t[:, None]
@@ -92,6 +97,9 @@ def project_gaussians(means, quats, scales, opacities, w2c, K, width, height, ep
     b = (A[..., 0, :] * A[..., 1, :]).sum(-1)
     det = (a * c - b * b).clamp_min(1e-10)
     conics = torch.stack([c / det, -b / det, a / det], -1)
+    if compensate:
+        det0 = (a - eps2d) * (c - eps2d) - b * b
+        comp = torch.sqrt((det0 / det).clamp_min(0.0))
     means2d = torch.stack([fx * x / zs + cx, fy * y / zs + cy], -1)
     with torch.no_grad():
         # opacity-aware box (gsplat >= 1.5): alpha < 1/255 beyond sqrt(2 ln(255 o)) sigmas
@@ -103,6 +111,8 @@ def project_gaussians(means, quats, scales, opacities, w2c, K, width, height, ep
         inside &= (m[..., 1] + r[..., 1] > 0) & (m[..., 1] - r[..., 1] < height)
         keep = ok & (op >= ALPHA_MIN) & inside & (r > 0).any(-1)
         radii = torch.where(keep[..., None], r, 0.0).int()
+    if compensate:
+        return radii, means2d, z, conics, comp
     return radii, means2d, z, conics
 
 
@@ -231,10 +241,13 @@ class _Composite(torch.autograd.Function):
         return gQ, gF, None
 
 
-def _rasterize_torch(splats, K, w2c, W, H, bg, near, far, eps2d, render_depth, absgrad, packed):
+def _rasterize_torch(splats, K, w2c, W, H, bg, near, far, eps2d, render_depth, absgrad, packed, mode):
     means, quats, scales, opac, colors, sh_degree = splats
     C, N = w2c.shape[0], means.shape[0]
-    radii, means2d, depths, conics = project_gaussians(*splats[:4], w2c, K, W, H, eps2d, near, far)
+    aa = mode == "antialiased"
+    radii, means2d, depths, conics, *comp = project_gaussians(
+        *splats[:4], w2c, K, W, H, eps2d, near, far, compensate=aa
+    )
     if sh_degree is None:  # post-activation colours [N, D]
         rgb = colors.expand(C, N, colors.shape[-1])
     elif sh_degree == 0:
@@ -242,7 +255,7 @@ def _rasterize_torch(splats, K, w2c, W, H, bg, near, far, eps2d, render_depth, a
     else:  # view-dependent colour; camera centre as gsplat computes it
         dirs = means[None] - torch.inverse(w2c)[:, None, :3, 3]
         rgb = _spherical_harmonics(sh_degree, dirs, colors.expand(C, *colors.shape)).add(0.5).clamp_min(0.0)
-    op = opac.expand(C, N)
+    op = opac * comp[0] if aa else opac.expand(C, N)  # the box above used the raw opacity, as gsplat
     info = {"camera_ids": None, "gaussian_ids": None, "batch_ids": None}
     if packed:  # gsplat's packed layout: one row per visible (camera, Gaussian)
         sel = (radii > 0).all(-1)
@@ -301,6 +314,7 @@ def rasterize(
     render_depth: bool = True,
     absgrad: bool = False,
     packed: bool = False,
+    rasterize_mode: Literal["classic", "antialiased"] = "classic",
 ) -> RenderOutput:
     """Render Gaussians into C cameras ``K [C, 3, 3]``, ``w2c [C, 4, 4]`` (OpenCV, see
     ``fourdgen.geometry.cameras``) at ``width`` x ``height``.
@@ -311,7 +325,11 @@ def rasterize(
     e.g. the ParameterDict that gsplat's ``DefaultStrategy`` edits.
     ``background [C, D] | [D]`` is composited under the splats. ``sh_degree``: SH bands to use
     (None: all). ``backend``: "gsplat" (CUDA only), "torch" (anywhere), "auto" (gsplat on CUDA).
+    ``rasterize_mode``: gsplat's ``classic`` or ``antialiased`` (opacities scaled by
+    :func:`project_gaussians`' compensation: splats smaller than a pixel fade instead of growing).
     """
+    if rasterize_mode not in ("classic", "antialiased"):
+        raise ValueError(f"rasterize_mode: expected 'classic' or 'antialiased', got {rasterize_mode!r}")
     *splats, avail = _unpack(gaussians)  # means, quats, scales, opacities, colours
     if sh_degree is None or avail is None:
         sh_degree = avail
@@ -322,7 +340,7 @@ def rasterize(
     if backend == "auto":
         backend = "gsplat" if splats[0].is_cuda else "torch"
     if backend == "torch":
-        args = (near, far, eps2d, render_depth, absgrad, packed)
+        args = (near, far, eps2d, render_depth, absgrad, packed, rasterize_mode)
         return _rasterize_torch((*splats, sh_degree), K, w2c, width, height, background, *args)
     if backend != "gsplat":
         raise ValueError(f"unknown backend {backend!r}")
@@ -332,7 +350,13 @@ def rasterize(
 
     mode = "RGB+ED" if render_depth else "RGB"
     kw = dict(
-        near_plane=near, far_plane=far, eps2d=eps2d, sh_degree=sh_degree, packed=packed, absgrad=absgrad
+        near_plane=near,
+        far_plane=far,
+        eps2d=eps2d,
+        sh_degree=sh_degree,
+        packed=packed,
+        absgrad=absgrad,
+        rasterize_mode=rasterize_mode,
     )
     img, alpha, info = rasterization(*splats, w2c, K, width, height, render_mode=mode, **kw)
     if info["means2d"].requires_grad:

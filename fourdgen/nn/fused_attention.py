@@ -6,8 +6,9 @@ Attention itself (:func:`grid_attention`) has exact implementations of one mask
 - ``dense``: SDPA with the ``N x N`` boolean mask. The reference; small layouts only.
 - ``flex``: block-sparse FlexAttention (compiled) with the cached :class:`BlockMask`. The general
   GPU path (any mask, e.g. Full-4D's cross-half term).
-- ``lse``: a mask of exactly ``same_view | same_time`` (4Real-Video-V2) as three dense attentions
-  (per view, per time, minus per frame) merged through their log-sum-exp, with its own backward
+- ``lse``: a mask of exactly ``same_view | same_time`` (4Real-Video-V2) as two disjoint dense
+  attentions (per view; each frame against the other views' same frame) merged through their
+  log-sum-exp, with its own backward
   (:mod:`fourdgen.nn.lse_attention`): dense kernels (cuDNN) instead of flex's block-sparse one.
 - a mask of ``same_view`` alone is per-view dense attention (a batch of V ordinary videos), which
   SDPA runs at full speed with no mask at all: Full-4D's original per-video branch.

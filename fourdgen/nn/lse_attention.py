@@ -1,26 +1,30 @@
-"""Exact view-OR-time attention from three dense attentions merged through their log-sum-exp.
+"""Exact view-OR-time attention from two dense attentions merged through their log-sum-exp.
 
 4Real-Video-V2's fused mask lets the token of (view v, frame f) attend to the keys of view v (any
-frame) OR of frame f (any view). As key sets, ``view(v) | time(f)``, whose intersection is the
-single frame ``(v, f)``. With ``Z_X = sum_{j in X} exp(s_j) = exp(L_X)`` and ``O_X`` the ordinary
-attention over X alone, inclusion-exclusion gives the attention over the union exactly::
+frame) OR of frame f (any view). As key sets, that union splits into two disjoint ones::
 
-    Z = Z_view + Z_time - Z_frame,      O = (Z_view O_view + Z_time O_time - Z_frame O_frame) / Z
+    view(v) | time(f) = view(v) + others(v, f),     others(v, f) = frame f of the views != v
 
-and every X is a dense attention over a batch of contiguous token blocks, which fused kernels
-(cuDNN, flash) run at full speed with no mask:
+and with ``Z_X = sum_{j in X} exp(s_j) = exp(L_X)`` and ``O_X`` the ordinary attention over X alone,
+the attention over the union is exactly ``O = (Z_view O_view + Z_others O_others) / (Z_view + Z_others)``
+(no subtraction: nothing cancels). Each part is a dense attention that fused kernels (cuDNN, flash)
+run at full speed with no mask:
 
-- view:  ``B V`` batches of ``F S`` tokens (a reshape of the grid order),
-- time:  ``B F`` batches of ``V S`` tokens (a permutation: one copy of q, k, v),
-- frame: ``B V F`` batches of ``S`` tokens (a reshape),
+- view: ``B V`` batches of ``F S`` tokens (a reshape of the grid order);
+- others: for each (batch, frame), ``V`` batches of ``S`` queries against ``(V - 1) S`` keys. The
+  keys of view v are views ``v + 1 .. v + V - 1`` (mod V) of the frame: a contiguous window of the
+  frame's views laid out twice, so the ``V`` windows are one overlapping strided view of a doubled
+  copy of k and v (fused kernels read any strides; nothing is copied per window).
 
 with ``S = h w`` tokens per frame (:class:`~fourdgen.nn.grid_layout.GridLayout` order: view, frame,
-token). Work: view + time + frame = union + 2 frame pairs, and the frame term is ``1 / (V + F - 1)``
-of the union: 13% more pairs than the mask's own on an 8 x 8 grid.
+token). The parts compute exactly the mask's pairs. An earlier version merged view + time - frame
+(inclusion-exclusion): 13% more pairs on an 8 x 8 grid, a third attention and a cancelling merge; on
+the H200 the others part runs in 43 ms against 52 ms for time + frame forward, 114 against 141 ms
+backward (``benchmarks/RESULTS.md``, issue 21 P1).
 
-The backward is ring attention's: each component's backward kernel, called with the MERGED output
-and MERGED log-sum-exp, returns exactly its share of the union's gradient (see
-:meth:`ViewTimeLSE.backward`).
+The backward is ring attention's: each part's backward kernel, called with the MERGED output and
+MERGED log-sum-exp, returns exactly its share of the union's gradient (see
+:meth:`ViewTimeLSE.backward`); the windows' key gradients are folded back onto their views.
 
 Kernels (``kernel=``): ``cudnn`` / ``flash`` (CUDA, fp16/bf16), ``cpu_flash`` (CPU) and ``math``
 (matmul softmax with a hand-written backward: anywhere, ``O(L^2)`` memory; the reference).
@@ -39,7 +43,7 @@ from fourdgen.nn.grid_layout import GridLayout
 
 aten = torch.ops.aten
 KERNELS = ("auto", "cudnn", "flash", "cpu_flash", "math")
-PARTS = ("view", "time", "frame")
+PARTS = ("view", "others")
 
 
 # --- component kernels: (q, k, v [b, H, L, D]) -> out [b, H, L, D], lse [b, H, L] ---------------
@@ -167,67 +171,74 @@ def _heads_inner(x: Tensor) -> bool:
     return x.stride(1) < x.stride(2)
 
 
-def batches(x: Tensor, part: str, views: int, frames: int) -> Tensor:
-    """Grid-ordered ``x [B, H, N, D]`` -> ``[b, H, L, D]``, one batch per view / time / frame.
-
-    view and frame split the token axis (a view where memory allows); time permutes it (a copy,
-    keeping heads where ``x`` has them so the copy moves whole rows)."""
+def view_batches(x: Tensor, views: int, frames: int) -> Tensor:
+    """Grid-ordered ``x [B, H, N, D]`` -> ``[B V, H, F S, D]``, one batch per view (a view of ``x``
+    where its memory allows)."""
     B, H, N, D = x.shape
-    V, Fr = views, frames
-    S = N // (V * Fr)
-    if part == "view":
-        return x.unflatten(2, (V, Fr * S)).transpose(1, 2).reshape(B * V, H, Fr * S, D)
-    if part == "frame":
-        return x.unflatten(2, (V * Fr, S)).transpose(1, 2).reshape(B * V * Fr, H, S, D)
-    y = x.unflatten(2, (V, Fr, S)).permute(0, 3, 1, 2, 4, 5)  # [B, F, H, V, S, D]
-    if _heads_inner(x):
-        y = y.permute(0, 1, 3, 4, 2, 5).contiguous().permute(0, 1, 4, 2, 3, 5)
-    return y.reshape(B * Fr, H, V * S, D)
+    return x.unflatten(2, (views, -1)).transpose(1, 2).reshape(B * views, H, N // views, D)
 
 
-def grid(y: Tensor, part: str, views: int, frames: int) -> Tensor:
-    """Inverse of :func:`batches` as a view: ``[b, H, L, D]`` -> ``[B, H, V, F, S, D]``."""
-    V, Fr = views, frames
-    if part == "view":
-        return y.unflatten(0, (-1, V)).unflatten(3, (Fr, -1)).permute(0, 2, 1, 3, 4, 5)
-    if part == "frame":
-        return y.unflatten(0, (-1, V, Fr)).permute(0, 3, 1, 2, 4, 5)
-    return y.unflatten(0, (-1, Fr)).unflatten(3, (V, -1)).permute(0, 2, 3, 1, 4, 5)
+def view_grid(y: Tensor, views: int, frames: int) -> Tensor:
+    """Inverse of :func:`view_batches` as a view: ``[B V, H, F S, D]`` -> ``[B, H, V, F, S, D]``."""
+    return y.unflatten(0, (-1, views)).unflatten(3, (frames, -1)).permute(0, 2, 1, 3, 4, 5)
 
 
-def _lse_batches(lse: Tensor, part: str, views: int, frames: int) -> Tensor:
-    return batches(lse.unsqueeze(-1), part, views, frames).squeeze(-1)
+def time_major(x: Tensor, views: int, frames: int, doubled: bool = False) -> Tensor:
+    """Grid-ordered ``x [B, H, N, D]`` -> ``[B, F, V, S, H, D]`` (a contiguous copy, heads inner);
+    ``doubled``: ``[B, F, 2V, S, H, D]``, each frame's views twice in a row (:func:`windows`)."""
+    B, H, N, D = x.shape
+    src = x.unflatten(2, (views, frames, -1)).permute(0, 3, 2, 4, 1, 5)  # [B, F, V, S, H, D]
+    if not doubled:
+        return src.contiguous()
+    out = x.new_empty(B, frames, 2 * views, *src.shape[3:])
+    out[:, :, :views] = src
+    out[:, :, views:] = out[:, :, :views]
+    return out
 
 
-def _lse_grid(lse: Tensor, part: str, views: int, frames: int) -> Tensor:
-    return grid(lse.unsqueeze(-1), part, views, frames).squeeze(-1)
+def windows(xd: Tensor, views: int) -> Tensor:
+    """One frame's doubled keys ``xd [2V, S, H, D]`` (contiguous) -> ``[V, H, (V - 1) S, D]``: for
+    query view v the keys of views ``v + 1 .. v + V - 1`` mod V, as one overlapping strided view
+    (``unfold``: a sliding window over the views; dynamo traces it, unlike ``as_strided``'s offset)."""
+    V = views
+    w = xd[1 : 2 * V - 1].unfold(0, V - 1, 1)  # [V, S, H, D, V-1]
+    return w.permute(0, 2, 4, 1, 3).flatten(2, 3)
+
+
+def fold(dw: Tensor, views: int) -> Tensor:
+    """Key gradients of :func:`windows` ``dw [V, H, (V - 1) S, D]`` -> their views' ``[V, H, S, D]``:
+    block j of window v belongs to view ``(v + 1 + j) mod V`` (summed in fp32, returned in ``dw``'s
+    dtype)."""
+    V = views
+    blocks = dw.unflatten(2, (V - 1, -1))  # [V, H, V-1, S, D]
+    a = _acc(dw.dtype)
+    acc = torch.roll(blocks[:, :, 0].to(a), 1, 0)
+    for j in range(1, V - 1):
+        acc = acc + torch.roll(blocks[:, :, j].to(a), 1 + j, 0)
+    return acc.to(dw.dtype)
 
 
 # --- merge and gradient sum (pointwise; compiled into one kernel each on CUDA) -------------------
 
 
-def merge(ov, ot, of, lv, lt, lf):
-    """``(view, time, frame)`` outputs ``[..., D]`` and log-sum-exps ``[...]`` -> the union's output
-    (input dtype) and log-sum-exp, computed in fp32 (fp64 for fp64 inputs).
-
-    Stable: weights are ``exp(L_X - max(L_view, L_time))`` <= 1 (``L_frame`` is below both: its key
-    set is inside both). The union holds each of view and time, so ``Z >= max(Z_view, Z_time)``,
-    i.e. the shifted denominator is >= 1 exactly; clamping it there only absorbs rounding (with
-    ``V, F >= 2`` the union is strictly larger than the frame, and the cancellation amplifies the
-    components' rounding at most 3x)."""
+def merge(ov, oo, lv, lo):
+    """``(view, others)`` outputs ``[..., D]`` and log-sum-exps ``[...]`` of two disjoint key sets
+    -> their union's output (input dtype) and log-sum-exp, computed in fp32 (fp64 for fp64
+    inputs). Stable: both weights are ``exp(L_X - max) <= 1`` and their sum is ``>= 1``."""
     a = _acc(ov.dtype)
-    lv, lt, lf = lv.to(a), lt.to(a), lf.to(a)
-    m = torch.maximum(lv, lt)
-    wv, wt, wf = torch.exp(lv - m), torch.exp(lt - m), torch.exp(lf - m)
-    den = (wv + wt - wf).clamp_min(1.0)
-    num = wv[..., None] * ov.to(a) + wt[..., None] * ot.to(a) - wf[..., None] * of.to(a)
-    return (num / den[..., None]).to(ov.dtype), m + torch.log(den)
+    lv, lo = lv.to(a), lo.to(a)
+    m = torch.maximum(lv, lo)
+    wv, wo = torch.exp(lv - m), torch.exp(lo - m)
+    den = wv + wo
+    return ((wv[..., None] * ov.to(a) + wo[..., None] * oo.to(a)) / den[..., None]).to(
+        ov.dtype
+    ), m + torch.log(den)
 
 
-def combine(gv, gt, gf):
-    """Gradient over the union = view + time - frame (summed in fp32, returned in input dtype)."""
+def combine(gv, go):
+    """Gradient over the union = view's + others' (summed in fp32, returned in input dtype)."""
     a = _acc(gv.dtype)
-    return (gv.to(a) + gt.to(a) - gf.to(a)).to(gv.dtype)
+    return (gv.to(a) + go.to(a)).to(gv.dtype)
 
 
 _compiled: dict[str, Callable] = {}
@@ -252,6 +263,11 @@ def _logical(x6: Tensor, heads_inner: bool) -> Tensor:
     return x6.permute(0, 4, 1, 2, 3, 5) if heads_inner else x6
 
 
+def _others_grid(y: Tensor) -> Tensor:
+    """The others part's per-frame results stacked ``[B, F, V, H, S, ...]`` -> ``[B, H, V, F, S, ...]``."""
+    return y.permute(0, 3, 2, 1, *range(4, y.dim()))
+
+
 # --- forward and backward (lists, not generators: dynamo fails on generators here) ---------------
 
 
@@ -261,21 +277,33 @@ def _like(x: Tensor, ref: Tensor) -> Tensor:
     return x if x.stride() == ref.stride() else torch.empty_like(ref).copy_(x)
 
 
+def _frames(x: Tensor) -> list[tuple[int, int]]:
+    return [(b, f) for b in range(x.shape[0]) for f in range(x.shape[1])]
+
+
 def lse_forward(q, k, v, views, frames, kernel, scale) -> tuple[Tensor, Tensor, list]:
     """``q, k, v [B, H, N, D]`` -> ``out [B, H, N, D]`` (q's layout), ``lse [B, H, N]`` (contiguous,
-    accumulation dtype) and the kernels' aux tensors (3 parts, in :data:`PARTS` order)."""
-    fn = KERNEL_FNS[kernel]
-    outs, lses, aux = [], [], []
-    for part in PARTS:
-        o, lse, extra = fn.fwd(*[batches(x, part, views, frames) for x in (q, k, v)], scale)
-        outs.append(grid(o, part, views, frames))
-        lses.append(_lse_grid(lse, part, views, frames))
+    accumulation dtype) and the kernels' aux tensors (the view part's, then one per frame)."""
+    fn, V = KERNEL_FNS[kernel], views
+    ov, lv, aux_v = fn.fwd(*[view_batches(x, V, frames) for x in (q, k, v)], scale)
+    qt = time_major(q, V, frames)  # [B, F, V, S, H, D]
+    kd, vd = time_major(k, V, frames, doubled=True), time_major(v, V, frames, doubled=True)
+    outs, lses, aux = [], [], [aux_v]
+    for b, f in _frames(qt):
+        o, lse, extra = fn.fwd(qt[b, f].transpose(1, 2), windows(kd[b, f], V), windows(vd[b, f], V), scale)
+        outs.append(o)
+        lses.append(lse)
         aux.append(extra)
+    B, H, N, D = q.shape
+    oo = torch.stack(outs).unflatten(0, (B, frames))  # [B, F, V, H, S, D]
+    lo = torch.stack(lses).unflatten(0, (B, frames))  # [B, F, V, H, S]
     hi = _heads_inner(q)
     o6, lse5 = _pointwise(merge, q)(
-        *[_physical(o, hi) for o in outs], *[_physical(x[..., None], hi)[..., 0] for x in lses]
+        _physical(view_grid(ov, V, frames), hi),
+        _physical(_others_grid(oo), hi),
+        _physical(view_grid(lv[..., None], V, frames), hi)[..., 0],
+        _physical(_others_grid(lo)[..., None], hi)[..., 0],
     )
-    B, H, N, D = q.shape
     out = _logical(o6.contiguous(), hi).reshape(B, H, N, D)  # a view: o6 is q-ordered in memory
     lse = _logical(lse5[..., None], hi)[..., 0].reshape(B, H, N).contiguous()
     return out, lse, aux
@@ -283,18 +311,30 @@ def lse_forward(q, k, v, views, frames, kernel, scale) -> tuple[Tensor, Tensor, 
 
 def lse_backward(do, q, k, v, out, lse, aux, views, frames, kernel, scale):
     """Gradients of q, k, v (q's layout) from each part's backward with the merged out and lse."""
-    fn = KERNEL_FNS[kernel]
+    fn, V = KERNEL_FNS[kernel], views
+    qp, kp, vp = [view_batches(x, V, frames) for x in (q, k, v)]
+    op, dop = [_like(view_batches(x, V, frames), qp) for x in (out, do)]
+    view_grads = fn.bwd(dop, qp, kp, vp, op, view_batches(lse[..., None], V, frames)[..., 0], aux[0], scale)
+    # others: the copies are rebuilt here rather than kept from the forward (activation memory)
+    qt, ot, dot = [time_major(x, V, frames) for x in (q, out, do)]
+    kd, vd = time_major(k, V, frames, doubled=True), time_major(v, V, frames, doubled=True)
+    lt = lse.unflatten(2, (V, frames, -1)).permute(0, 3, 2, 1, 4)  # [B, F, V, H, S]
     grads = [[], [], []]
-    for part, extra in zip(PARTS, aux, strict=True):
-        qp, kp, vp = [batches(x, part, views, frames) for x in (q, k, v)]
-        op, dop = [_like(batches(x, part, views, frames), qp) for x in (out, do)]
-        lp = _lse_batches(lse, part, views, frames)
-        for g, dx in zip(grads, fn.bwd(dop, qp, kp, vp, op, lp, extra, scale), strict=True):
-            g.append(grid(dx, part, views, frames))
+    for i, (b, f) in enumerate(_frames(qt)):
+        qf = qt[b, f].transpose(1, 2)
+        dq, dk, dv = fn.bwd(
+            dot[b, f].transpose(1, 2), qf, windows(kd[b, f], V), windows(vd[b, f], V),
+            ot[b, f].transpose(1, 2), lt[b, f].contiguous(), aux[1 + i], scale,
+        )  # fmt: skip
+        folded = _pointwise(fold, q)
+        for g, x in zip(grads, (dq, folded(dk, V), folded(dv, V)), strict=True):
+            g.append(x)
+    B = q.shape[0]
     hi = _heads_inner(q)
     res = []
-    for x, g in zip((q, k, v), grads, strict=True):
-        g6 = _pointwise(combine, q)(*[_physical(p, hi) for p in g])
+    for x, gv, go in zip((q, k, v), view_grads, grads, strict=True):
+        others = _others_grid(torch.stack(go).unflatten(0, (B, frames)))
+        g6 = _pointwise(combine, q)(_physical(view_grid(gv, V, frames), hi), _physical(others, hi))
         res.append(_logical(g6.contiguous(), hi).reshape(x.shape))
     return res
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -31,7 +31,7 @@ from fourdgen.components import build
 from fourdgen.diffusion.latents import vae_id
 from fourdgen.errors import FileFormatError
 from fourdgen.nn.adapters import Adapter, default_adapter
-from fourdgen.nn.checkpointing import checkpoint_function
+from fourdgen.nn.checkpointing import checkpoint_function, compile_options
 from fourdgen.nn.coupling import DiTCoupling
 from fourdgen.nn.lora import ATTN_TARGETS
 from fourdgen.stages.common import (
@@ -68,6 +68,12 @@ class DiTFinetune(NonFiniteGuard, BatchContract, L.LightningModule):
         checkpoint_policy: what a checkpointed block recomputes: ``full`` (everything) or
             ``keep_attention`` (the attention kernels' outputs are saved, the rest recomputed: less
             recompute for one ``[B, N, C]`` tensor per attention call; :mod:`fourdgen.nn.checkpointing`).
+        compile_blocks: ``torch.compile`` the DiT's blocks (regional compilation: one graph that every
+            block shares; with checkpointing, the checkpointed call is what is compiled, see
+            :func:`~fourdgen.nn.checkpointing.checkpoint_function`). It fuses each block's norms,
+            modulation, RoPE and gates, memory-bound passes over the whole clip's tokens (issue 21,
+            P2; ``benchmarks/video_step.py --compile``). ``true`` or a dict of ``torch.compile``
+            options (e.g. ``{mode: max-autotune-no-cudagraphs}``). The first step compiles.
         base_dtype: dtype of the frozen base weights ("bfloat16" for the real models).
         on_nonfinite: a NaN/inf loss term or gradient: ``stop`` (raise, naming the step and the
             term) or ``skip`` the batch (warned and counted; one process only). See
@@ -100,6 +106,7 @@ class DiTFinetune(NonFiniteGuard, BatchContract, L.LightningModule):
         val_sample_steps: int = 10,
         gradient_checkpointing: bool = False,
         checkpoint_policy: Literal["full", "keep_attention"] = "full",
+        compile_blocks: bool | dict[str, Any] = False,
         base_dtype: str = "float32",
         on_nonfinite: Literal["stop", "skip"] = "stop",
     ):
@@ -162,15 +169,18 @@ class DiTFinetune(NonFiniteGuard, BatchContract, L.LightningModule):
         with torch.device("meta") if empty else contextlib.nullcontext():  # new layers beside the base
             self.coupling.install(model)
             self.adapter.setup(model, keep_trainable=self.coupling.trainable, init=h.init_lora)
+        compiled = compile_options(h.get("compile_blocks"))  # .get: checkpoints from before the options
         if h.gradient_checkpointing:
-            policy = h.get("checkpoint_policy", "full")  # checkpoints from before the option
-            model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_function(policy))
+            fn = checkpoint_function(h.get("checkpoint_policy", "full"), compile=compiled)
+            model.enable_gradient_checkpointing(gradient_checkpointing_func=fn)
         if dp is not None:
             full = model.state_dict() if from_rank0 and not empty else {}  # rank 0's tensors, not copies
             shard_transformer(model, dp, param_dtype=None if dtype == torch.float32 else dtype)
             if from_rank0:
                 load_shards_from_rank0(model, full, device)
                 del full
+        if compiled is not None and not h.gradient_checkpointing and not meta_base:
+            model.compile_repeated_blocks(**compiled)  # after sharding: FSDP2's hooks compile with them
         self.transformer = model if meta_base else model.to(device)
         self.vae = vae
         self.vae_id = vae_id(vae)

@@ -117,6 +117,10 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         lpips_net / lpips_weights / lpips_allow_random_backbone: LPIPS for val/test metrics
             (``lpips_net=None`` skips LPIPS).
         backend: rasterizer backend ("auto": gsplat on CUDA, torch on CPU).
+        rasterize_mode: gsplat's ``classic`` (3DGS) or ``antialiased`` (Mip-Splatting's 2-D filter:
+            opacities scaled so that the 0.3 px dilation keeps each splat's weight; for views at other
+            distances or grazing angles than the training ones). Exported PLYs hold the raw
+            opacities, as Mip-Splatting's do.
         compile: ``torch.compile`` the deformation field, its regularisers and the training
             frames' photometric loss on CUDA (each is many small kernels: compiling fuses them, see
             ``benchmarks/fit_speed.py``).
@@ -154,6 +158,7 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         lpips_weights: str | None = None,
         lpips_allow_random_backbone: bool = False,
         backend: str = "auto",
+        rasterize_mode: Literal["classic", "antialiased"] = "classic",
         log_images_every_n_val: int = 1,
         compile: bool = False,
         on_nonfinite: Literal["stop", "skip"] = "stop",
@@ -406,6 +411,7 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
             info.height,
             backend=self.hparams.backend,
             background=self.bg if background is None else background,
+            rasterize_mode=self.hparams.get("rasterize_mode", "classic"),  # .get: older checkpoints
         )
 
     def export_gaussians(self, t: float) -> Gaussians:
