@@ -34,6 +34,7 @@ from fourdgen.gaussians.bounds import camera_extent, foreground_bounds
 from fourdgen.gaussians.container import Gaussians
 from fourdgen.gaussians.deformation import DeformationField
 from fourdgen.gaussians.densify import BudgetStrategy
+from fourdgen.gaussians.initialization import SPLAT_KEYS, STATIC_KEY, initial_splats
 from fourdgen.gaussians.losses import (
     add_hexplane_regularization,
     inverse_depth_l1,
@@ -42,9 +43,8 @@ from fourdgen.gaussians.losses import (
 from fourdgen.gaussians.optim import LearningRates, group_views
 from fourdgen.gaussians.rasterize import ALPHA_MIN, RenderOutput, rasterize
 from fourdgen.gaussians.regularizers import NovelViewRegularizer, NovelViewRender, SourceClip
-from fourdgen.gaussians.temporal import faded_logits, initial_log_scale
+from fourdgen.gaussians.temporal import faded_logits
 from fourdgen.geometry.interpolation import interpolate_loop
-from fourdgen.geometry.projection import unproject
 from fourdgen.media import log_images, log_video
 from fourdgen.metrics.image import ImageMetrics, pooled_psnr
 from fourdgen.stages.common import (
@@ -69,11 +69,6 @@ def _frame_terms(rgb: Tensor, target: Tensor, ssim_weight: float) -> tuple[Tenso
 def _forget_host_copies(module: Gaussian4DFitter, incompatible_keys) -> None:
     """Load-state-dict post hook: the host copies of loaded buffers are stale."""
     module._steps, module._moving = None, None
-
-
-SPLAT_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")
-TEMPORAL_KEYS = ("t_mean", "t_scale")  # with temporal_opacity: time centre, log temporal std
-STATIC_KEY = "static"  # 1 for Gaussians of points the scene classified static (not trainable)
 
 
 class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
@@ -247,51 +242,22 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
 
     def _init_splats(self, info: SceneInfo) -> None:
         h = self.hparams
-        rig = info.w2c[info.train_views, 0]
-        if info.points is not None:
-            points, colors = info.points, info.colors
-        else:
-            points, colors = self._random_frustum_points(info, h.init_random_points, h.init_random_depth)
-        g = Gaussians.from_points(
-            points.float(), colors.float(), sh_degree=h.sh_degree, init_opacity=h.init_opacity
+        init, points = initial_splats(
+            info,
+            h.sh_degree,
+            h.init_opacity,
+            temporal_opacity=h.temporal_opacity,
+            temporal_width=h.temporal_width,
+            random_points=h.init_random_points,
+            random_depth=h.init_random_depth,
         )
-        init = {
-            "means": g.means,
-            "scales": g.log_scales,
-            "quats": g.quats,
-            "opacities": g.opacity_logits,
-            "sh0": g.sh0,
-            "shN": g.shN,
-        }
-        if h.temporal_opacity:
-            if info.point_times is None or len(info.times) < 2:
-                warnings.warn(
-                    "model.temporal_opacity: the initial points carry no times (data.init_frames: all "
-                    "gives them): the Gaussians do not fade in time",
-                    stacklevel=2,
-                )
-            else:
-                init["t_mean"] = info.point_times.float()
-                init["t_scale"] = torch.full_like(
-                    init["t_mean"], initial_log_scale(len(info.times), h.temporal_width)
-                )
-        if info.point_static is not None and info.points is not None:
-            init[STATIC_KEY] = info.point_static.float()
         for k, v in init.items():
             self.splats[k] = nn.Parameter(v.detach().clone(), requires_grad=k != STATIC_KEY)
+        rig = info.w2c[info.train_views, 0]
         self.scene_scale.fill_(float(camera_extent(rig)))
         if self.deformation is not None:  # the foreground the cameras look at, not a far background
             lo, hi = foreground_bounds(points, rig, radius=h.bounds_radius, quantile=h.bounds_quantile)
             self.deformation.set_bounds(lo, hi)
-
-    @staticmethod
-    def _random_frustum_points(info: SceneInfo, n: int, depth: tuple[float, float]) -> tuple[Tensor, Tensor]:
-        g = torch.Generator().manual_seed(0)
-        views = torch.tensor(info.train_views)[torch.randint(len(info.train_views), (n,), generator=g)]
-        uv = torch.rand(n, 2, generator=g) * torch.tensor([info.width, info.height])
-        z = depth[0] + (depth[1] - depth[0]) * torch.rand(n, generator=g)
-        pts = unproject(uv[:, None], z[:, None], info.K[views], info.w2c[views, 0])[:, 0]
-        return pts, torch.rand(n, 3, generator=g)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)  # the pending finite check first
