@@ -43,7 +43,6 @@ from fourdgen.nn.grid_layout import GridLayout
 
 aten = torch.ops.aten
 KERNELS = ("auto", "cudnn", "flash", "cpu_flash", "math")
-PARTS = ("view", "others")
 
 
 # --- component kernels: (q, k, v [b, H, L, D]) -> out [b, H, L, D], lse [b, H, L] ---------------
