@@ -292,6 +292,19 @@ def lse_variants(layout: GridLayout, mask: ViewTimeMask, q, k, v, record) -> lis
             f"LSE (library, {fused_kernel(q)})", lambda q, k, v: grid_attention(q, k, v, layout, mask, "lse")
         )
     ]
+    if q.is_cuda:  # the k/v copies on the main stream, side by side with the side stream
+        from fourdgen.nn import lse_attention as la
+
+        la.overlap_copies = False
+        try:
+            rows.append(
+                record(
+                    "LSE (library, copies not overlapped)",
+                    lambda q, k, v: grid_attention(q, k, v, layout, mask, "lse"),
+                )
+            )
+        finally:
+            la.overlap_copies = True
     lse_breakdown(layout, q, k, v)
     for kernel in ("flash",) if q.is_cuda else ():
         rows.append(
@@ -304,7 +317,9 @@ def lse_variants(layout: GridLayout, mask: ViewTimeMask, q, k, v, record) -> lis
 
 def lse_breakdown(layout: GridLayout, q, k, v) -> None:
     """Where the LSE path's time goes: each part's kernels alone (forward, and their backward given
-    the part's own output), the others part's copies (q time-major, k and v doubled) and the merge."""
+    the part's own output), the others part's copies (k and v cycled) and the merge."""
+    from itertools import product
+
     from fourdgen.nn import lse_attention as la
 
     V, Fr = layout.views, layout.frames
@@ -313,7 +328,7 @@ def lse_breakdown(layout: GridLayout, q, k, v) -> None:
     q, k, v = q.detach(), k.detach(), v.detach()
     iters = 10
     print(f"LSE breakdown ({kernel}), ms:")
-    qp, kp, vp = [la.view_batches(x, V, Fr) for x in (q, k, v)]
+    qp, kp, vp = [la.view_batches(x, V) for x in (q, k, v)]
     ov, lv, aux = fn.fwd(qp, kp, vp, scale)
     do = torch.randn_like(ov)
     f = timed(lambda: fn.fwd(qp, kp, vp, scale), iters)
@@ -324,29 +339,27 @@ def lse_breakdown(layout: GridLayout, q, k, v) -> None:
     )
 
     def copies():
-        return la.time_major(q, V, Fr), la.time_major(k, V, Fr, True), la.time_major(v, V, Fr, True)
+        return la.cycled(k, V, Fr), la.cycled(v, V, Fr)
 
-    qt, kd, vd = copies()
-    calls = [
-        (qt[i, j].transpose(1, 2), la.windows(kd[i, j], V), la.windows(vd[i, j], V))
-        for i, j in la._frames(qt)
-    ]
-    res = [fn.fwd(*c, scale) for c in calls]
+    qf = la.frame_batches(q, V, Fr)
+    kc, vc = copies()
+    calls = [(qf[i, j], kc[i, j], vc[i, j]) for i, j in product(range(q.shape[0]), range(Fr))]
+    res = [fn.fwd(*c, scale, V) for c in calls]
     dos = [torch.randn_like(r[0]) for r in res]
-    f = timed(lambda: [fn.fwd(*c, scale) for c in calls], iters)
+    f = timed(lambda: [fn.fwd(*c, scale, V) for c in calls], iters)
     b = timed(
-        lambda: [fn.bwd(d, *c, r[0], r[1], r[2], scale) for d, c, r in zip(dos, calls, res, strict=True)],
+        lambda: [fn.bwd(d, *c, r[0], r[1], r[2], scale, V) for d, c, r in zip(dos, calls, res, strict=True)],
         iters,
     )
-    q1, k1 = calls[0][0], calls[0][1]
+    q1, k1 = calls[0][0], la.windows(calls[0][1], V)
     flop = len(calls) * q1.shape[0] * q1.shape[2] * k1.shape[2] * q1.shape[1] * q1.shape[3] * 4
     print(
         f"  others: {len(calls)} calls of {q1.shape[0]} x {q1.shape[2]} queries x {k1.shape[2]} keys, "
         f"fwd {f:.2f}, bwd {b:.2f} (window gradients not folded), fwd {flop / f / 1e9:.0f} TFLOP/s"
     )
-    print(f"  copies (q time-major, k and v doubled): {timed(copies, iters):.2f}")
+    print(f"  copies (k and v cycled): {timed(copies, iters):.2f}")
     folded = la._pointwise(la.fold, q)
-    dk = fn.bwd(dos[0], *calls[0], res[0][0], res[0][1], res[0][2], scale)[1]
+    dk = fn.bwd(dos[0], *calls[0], res[0][0], res[0][1], res[0][2], scale, V)[1]
     fold_ms = timed(lambda: folded(dk, V), iters)
     print(f"  fold of one frame's window gradients (2 per frame: k and v): {fold_ms:.3f}")
     hi = la._heads_inner(q)

@@ -92,11 +92,26 @@ def _attention_grid(
         frac = computed_fraction(mask.block_mask(layout, dev))
     except Exception:  # no block mask on this device (a CPU without flex): the exact density
         frac = mask.density(layout)
+    name = f"{layout.views}v x {layout.frames}f x {layout.frame_tokens} tok, {heads} heads, {'|'.join(terms)}"
+    # q/k/v as [B, H, N, D] tensors, and (P1) as the DiT hands them: [B, N, H, D] transposed
+    out = []
+    for heads_inner in (False, True) if fid == "P1" else (False,):
+        out += _attention_layout(fid, layout, heads, mask, frac, name, heads_inner, cfg, dev, iters)
+    return out
+
+
+def _attention_layout(fid, layout, heads, mask, frac, name, heads_inner, cfg, dev, iters) -> list[Figure]:
     g = torch.Generator(device=dev).manual_seed(0)
-    shape = (1, heads, layout.num_tokens, cfg["head_dim"])
-    q, k, v = (
-        torch.randn(shape, device=dev, dtype=cfg["dtype"], generator=g).requires_grad_() for _ in range(3)
-    )
+    N, D = layout.num_tokens, cfg["head_dim"]
+    shape = (1, N, heads, D) if heads_inner else (1, heads, N, D)
+
+    def leaf():
+        x = torch.randn(shape, device=dev, dtype=cfg["dtype"], generator=g)
+        return (x.transpose(1, 2) if heads_inner else x).detach().requires_grad_()
+
+    q, k, v = leaf(), leaf(), leaf()
+    if heads_inner:
+        name += ", heads inner"
 
     def fwd_bwd(attn):
         def run():
@@ -111,9 +126,8 @@ def _attention_grid(
     with torch.no_grad():
         dense_f = timed(dense, dev, iters)
     dense_fb = timed(fwd_bwd(dense), dev, iters)
-    name = f"{layout.views}v x {layout.frames}f x {layout.frame_tokens} tok, {heads} heads, {'|'.join(terms)}"
     # the library path (auto), and the LSE path where the mask is view-OR-time (opt-in until measured)
-    backends = ["auto"] + (["lse"] if mask.is_view_or_time(layout) else [])
+    backends = ["auto"] + (["lse"] if mask.is_view_or_time(layout) and not heads_inner else [])
     out = []
     for backend in backends:
 
@@ -147,15 +161,17 @@ def _attention_grid(
     return out
 
 
-def video_figures(cfg: dict, dev: torch.device, peak: float) -> list[Figure]:
+P2_POLICIES = ("full", "keep_attention", "keep_attention+compile")
+
+
+def video_figures(cfg: dict, dev: torch.device, peak: float, policies=P2_POLICIES) -> list[Figure]:
     """P2: MFU of the 14B LoRA training step, both stage-1 couplings (``benchmarks/video_step.py``)."""
     import video_step
 
     out = []
     for coupling in ("width", "dlc"):
         args = argparse.Namespace(**cfg["video"], coupling=coupling, device=str(dev), no_checkpointing=False)
-        policies = ["full", "keep_attention", "keep_attention+compile"]
-        for r in video_step.bench_policies(cfg["video_preset"], args, policies, peak):
+        for r in video_step.bench_policies(cfg["video_preset"], args, list(policies), peak):
             out.append(
                 Figure(
                     "P2",
@@ -329,6 +345,13 @@ def main(argv: list[str] | None = None) -> list[Figure]:
     p.add_argument("--profile-fit", action="store_true", help="P3: print the dynamic step's slowest kernels")
     p.add_argument("--profile-recon", action="store_true", help="P4: GPU time by component (eager)")
     p.add_argument("--sync-debug", action="store_true", help="P3: count the step's host syncs by site")
+    p.add_argument(
+        "--policies",
+        nargs="+",
+        choices=P2_POLICIES,
+        default=list(P2_POLICIES),
+        help="P2: the checkpoint policies to time (a 14B step with every policy takes about 10 minutes)",
+    )
     args = p.parse_args(argv)
     cfg = TINY if args.tiny else PAPER
     dev = torch.device("cpu" if args.tiny else "cuda")
@@ -336,7 +359,7 @@ def main(argv: list[str] | None = None) -> list[Figure]:
     peak = matmul_rate(dev, n=cfg["matmul"], dtype=torch.bfloat16)
     sections = {
         "P1": lambda: attention_figures(cfg, dev, cfg["iters"]),
-        "P2": lambda: video_figures(cfg, dev, peak),
+        "P2": lambda: video_figures(cfg, dev, peak, args.policies),
         "P3": lambda: fit_figures(cfg, dev, args.profile_fit, args.sync_debug),
         "P4": lambda: recon_figures(cfg, dev, cfg["iters"], args.profile_recon),
     }

@@ -63,7 +63,7 @@ def bench_policies(
         lora_alpha=args.rank / 2,
         base_dtype="bfloat16",
         gradient_checkpointing=not args.no_checkpointing,
-        checkpoint_policy=policies[0],
+        checkpoint_policy=policies[0].partition("+")[0],
         compile_blocks=getattr(args, "compile", False),
     ).to(dev)
     t0 = time.perf_counter()

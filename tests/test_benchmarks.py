@@ -14,7 +14,8 @@ def test_run_all_measures_every_figure_beside_its_reference(monkeypatch, capsys)
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the recipes are repo-relative
     torch.manual_seed(0)
     figures = runpy.run_path("benchmarks/run_all.py")["main"](["--tiny"])
-    assert [f.id for f in figures] == ["P1"] * 4 + ["P1b"] + ["P2"] * 6 + ["P3", "P4"]  # P2: 3 policies x 2
+    # P1: auto and lse fwd, fwd+bwd, and auto with heads inner; P2: 3 policies x 2 couplings
+    assert [f.id for f in figures] == ["P1"] * 6 + ["P1b"] + ["P2"] * 6 + ["P3", "P4"]
     for f in figures:
         assert f.value > 0 and f.reference > 0 and math.isfinite(f.ratio), f
     printed = capsys.readouterr().out

@@ -391,7 +391,9 @@ def test_budget_accumulate_adds_each_renders_statistics():
     ours, gsplats = strategy.initialize_state(scene_scale=1.0), strategy.initialize_state(scene_scale=1.0)
     strategy.accumulate(params, ours, both.info)
     DefaultStrategy._update_state(strategy, params, gsplats, both.info)
-    torch.testing.assert_close(ours["grad2d"], grad2d, rtol=1e-5, atol=1e-9)
+    # one backward through both cameras sums in another order than two: float32 rounding (2e-5
+    # relative seen on one CPU), not a different statistic
+    torch.testing.assert_close(ours["grad2d"], grad2d, rtol=1e-4, atol=1e-9)
     torch.testing.assert_close(ours["count"], count)
     torch.testing.assert_close(ours["radii"], radii)
     torch.testing.assert_close(ours["grad2d"], gsplats["grad2d"], rtol=1e-5, atol=1e-9)

@@ -14,9 +14,10 @@ from fourdgen.nn.fused_attention import grid_attention
 from fourdgen.nn.grid_layout import GridLayout
 from fourdgen.nn.lse_attention import (
     ViewTimeLSE,
+    cycled,
     fold,
+    frame_batches,
     merge,
-    time_major,
     view_batches,
     view_grid,
     view_time_attention,
@@ -114,7 +115,7 @@ def test_merge_is_stable_for_large_logits():
 def test_view_batches_and_grid_are_inverse(heads_inner):
     layout = GridLayout(3, 4, 1, 2)
     x = qkv(layout, B=2, H=3, D=5, heads_inner=heads_inner)[0].detach()
-    y = view_batches(x, 3, 4)
+    y = view_batches(x, 3)
     g = view_grid(y, 3, 4)  # [B, H, V, F, S, D]
     torch.testing.assert_close(g.reshape(x.shape), x, rtol=0, atol=0)
     xs = x.unflatten(2, (3, 4, 2))  # [B, H, V, F, S, D]
@@ -123,20 +124,26 @@ def test_view_batches_and_grid_are_inverse(heads_inner):
 
 def test_windows_hold_the_other_views_and_fold_is_their_adjoint():
     """Window v of a frame holds views v + 1 .. v + V - 1 (mod V) of that frame, as a view of the
-    doubled copy (no copy); fold sums window gradients back onto their views (the adjoint)."""
+    cycled copy (no copy); frame_batches reads the queries in place; fold sums window gradients
+    back onto their views (the adjoint)."""
     V, Fr, S, H, D = 4, 3, 2, 3, 5
     x = torch.randn(2, H, V * Fr * S, D, dtype=torch.float64)
-    xt, xd = time_major(x, V, Fr), time_major(x, V, Fr, doubled=True)  # [B, F, V(2V), S, H, D]
     xs = x.unflatten(2, (V, Fr, S))  # [B, H, V, F, S, D]
-    assert torch.equal(xt[1, 2, 3], xs[1, :, 3, 2].transpose(0, 1))
-    w = windows(xd[1, 2], V)  # [V, H, (V-1) S, D]
-    assert w.data_ptr() == xd[1, 2, 1].data_ptr()  # a view: no per-window copy
-    for v in range(V):
-        others = [xs[1, :, (v + 1 + j) % V, 2] for j in range(V - 1)]  # [H, S, D] each
-        assert torch.equal(w[v], torch.cat(others, 1))
-    frame = xt[1, 2].clone().requires_grad_()  # [V, S, H, D]
+    qf = frame_batches(x, V, Fr)  # [B, F, V, H, S, D]
+    assert qf.data_ptr() == x.data_ptr() and torch.equal(qf[1, 2, 3], xs[1, :, 3, 2])
+    for src in (x, x.transpose(1, 2).contiguous().transpose(1, 2)):  # heads outer, heads inner
+        xc = cycled(src, V, Fr)  # [B, F, 2V-2, S, H, D]
+        assert xc.shape == (2, Fr, 2 * V - 2, S, H, D)
+        inner = src.stride(1) < src.stride(2)
+        assert xc.is_contiguous() if inner else xc.permute(0, 4, 1, 2, 3, 5).is_contiguous()
+        w = windows(xc[1, 2], V)  # [V, H, (V-1) S, D]
+        assert w.data_ptr() == xc[1, 2, 0].data_ptr()  # a view: no per-window copy
+        for v in range(V):
+            others = [xs[1, :, (v + 1 + j) % V, 2] for j in range(V - 1)]  # [H, S, D] each
+            assert torch.equal(w[v], torch.cat(others, 1))
+    frame = xs[1, :, :, 2].transpose(0, 2).transpose(0, 1).clone().requires_grad_()  # [V, S, H, D]
     g = torch.randn(V, H, (V - 1) * S, D, dtype=torch.float64)
-    (windows(torch.cat([frame, frame]), V) * g).sum().backward()
+    (windows(torch.cat([frame[1:], frame[:-1]]), V) * g).sum().backward()
     torch.testing.assert_close(fold(g, V), frame.grad.transpose(1, 2))
 
 

@@ -13,8 +13,9 @@ run at full speed with no mask:
 - view: ``B V`` batches of ``F S`` tokens (a reshape of the grid order);
 - others: for each (batch, frame), ``V`` batches of ``S`` queries against ``(V - 1) S`` keys. The
   keys of view v are views ``v + 1 .. v + V - 1`` (mod V) of the frame: a contiguous window of the
-  frame's views laid out twice, so the ``V`` windows are one overlapping strided view of a doubled
-  copy of k and v (fused kernels read any strides; nothing is copied per window).
+  frame's views laid out as ``1 .. V - 1, 0 .. V - 2`` (:func:`cycled`, ``2V - 2`` views), so the
+  ``V`` windows are one overlapping strided view of one copy of k and v (fused kernels read any
+  strides; nothing is copied per window). The queries are read in place (:func:`frame_batches`).
 
 with ``S = h w`` tokens per frame (:class:`~fourdgen.nn.grid_layout.GridLayout` order: view, frame,
 token). The parts compute exactly the mask's pairs. An earlier version merged view + time - frame
@@ -33,6 +34,7 @@ Kernels (``kernel=``): ``cudnn`` / ``flash`` (CUDA, fp16/bf16), ``cpu_flash`` (C
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import product
 from typing import NamedTuple
 
 import torch
@@ -49,9 +51,11 @@ KERNELS = ("auto", "cudnn", "flash", "cpu_flash", "math")
 
 
 class Kernel(NamedTuple):
-    """``fwd(q, k, v, scale) -> (out, lse [b, H, L], aux)``; ``bwd(do, q, k, v, out, lse, aux,
-    scale) -> (dq, dk, dv)`` where ``out, lse`` may be any (here: the merged) output and
-    log-sum-exp. ``aux``: kernel tensors the backward wants back (tuple, may hold None)."""
+    """``fwd(q, k, v, scale, views) -> (out, lse [b, H, L], aux)``; ``bwd(do, q, k, v, out, lse, aux,
+    scale, views) -> (dq, dk, dv)`` where ``out, lse`` may be any (here: the merged) output and
+    log-sum-exp. ``views > 0``: k and v are one frame's cycled keys ``[2V - 2, S, H, D]`` and the
+    kernel attends to their :func:`windows` (dk, dv are then the windows' gradients). ``aux``:
+    kernel tensors the backward wants back (tuple)."""
 
     fwd: Callable
     bwd: Callable
@@ -61,7 +65,12 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _math_fwd(q, k, v, scale):
+def _keys(x: Tensor, views: int) -> Tensor:
+    return windows(x, views) if views else x
+
+
+def _math_fwd(q, k, v, scale, views=0):
+    k, v = _keys(k, views), _keys(v, views)
     a = _acc(q.dtype)
     s = torch.matmul(q.to(a), k.to(a).transpose(-1, -2)) * scale
     lse = torch.logsumexp(s, dim=-1)
@@ -69,9 +78,10 @@ def _math_fwd(q, k, v, scale):
     return out.to(q.dtype), lse, ()
 
 
-def _math_bwd(do, q, k, v, out, lse, aux, scale):
+def _math_bwd(do, q, k, v, out, lse, aux, scale, views=0):
     # Softmax gradient with the probabilities rebuilt from the (given) log-sum-exp:
     # P = exp(s - L), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K, dK = dS^T Q.
+    k, v = _keys(k, views), _keys(v, views)
     a = _acc(q.dtype)
     q_, k_, v_, do_ = q.to(a), k.to(a), v.to(a), do.to(a)
     p = torch.exp(torch.matmul(q_, k_.transpose(-1, -2)) * scale - lse.to(a)[..., None])
@@ -82,44 +92,81 @@ def _math_bwd(do, q, k, v, out, lse, aux, scale):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _cpu_flash_fwd(q, k, v, scale):
+def _cpu_flash_fwd(q, k, v, scale, views=0):
+    k, v = _keys(k, views), _keys(v, views)
     out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
     return out, lse, ()  # lse [b, H, L] (a transposed [b, L, H]); float64 for float64 inputs
 
 
-def _cpu_flash_bwd(do, q, k, v, out, lse, aux, scale):
+def _cpu_flash_bwd(do, q, k, v, out, lse, aux, scale, views=0):
+    k, v = _keys(k, views), _keys(v, views)
     return aten._scaled_dot_product_flash_attention_for_cpu_backward(
         do, q, k, v, out, lse, 0.0, False, scale=scale
     )
 
 
-def _cudnn_fwd(q, k, v, scale):
-    # (output, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, philox_seed, philox_offset, debug)
+# cuDNN runs as two custom ops rather than bare aten calls, for two reasons:
+# - cuDNN caches its backward plan keyed by q/k/v sizes and strides only, but builds the plan with
+#   out's and dO's strides too: a later call with the same q/k/v strides and different out/dO
+#   strides silently reads them wrongly. The backward op enforces one rule at run time (out and dO
+#   have q's strides), which a compiled graph could not: inductor may lay out intermediates
+#   differently from eager, and a check traced on fake tensors would not see it.
+# - ``needs_exact_strides``: inductor hands the ops tensors with exactly their traced strides, so
+#   the outputs' real layouts (cuDNN follows q's layout) are the ones the fake functions declare.
+_EXACT = (torch.Tag.needs_exact_strides,)
+
+
+@torch.library.custom_op("fourdgen::cudnn_attention", mutates_args=(), tags=_EXACT)
+def cudnn_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, views: int) -> tuple[Tensor, Tensor]:
+    """cuDNN attention ``q [b, H, L, D]`` -> ``out`` (q's layout), ``lse [b, H, L]`` (float32)."""
+    k, v = _keys(k, views), _keys(v, views)
     r = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)
-    b, H, L = q.shape[:3]
-    # logsumexp is [b, H, L] before torch 2.9 and [b, H, L, 1] from 2.9 on: the backward gets it
-    # back in the shape the forward gave (the dummy's shape carries it, also under fake tensors).
-    return r[0], r[1].reshape(b, H, L), (r[6], r[7], r[1].new_empty((0,) * r[1].dim()))
+    return r[0], r[1].reshape(q.shape[:3])  # logsumexp is [b, H, L, 1] from torch 2.9 on
 
 
-def _cudnn_bwd(do, q, k, v, out, lse, aux, scale):
-    seed, offset, like = aux
-    lse = lse.contiguous()  # packed BHS: older cuDNN backward kernels ignore the stats' strides
-    if like.dim() == 4:
-        lse = lse.unsqueeze(-1)
-    L, Lk = q.shape[2], k.shape[2]
+@cudnn_attention.register_fake
+def _(q, k, v, scale, views):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("fourdgen::cudnn_attention_backward", mutates_args=(), tags=_EXACT)
+def cudnn_attention_backward(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, views: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`cudnn_attention` given any ``out`` and ``lse`` (the merged ones here)."""
+    kw, vw = _keys(k, views), _keys(v, views)
+    if out.stride() != q.stride() or do.stride() != q.stride():  # the plan-cache rule (above)
+        q, out, do = [torch.empty_like(q).copy_(x) for x in (q, out, do)]
+    L, Lk = q.shape[2], kw.shape[2]
+    seed = torch.empty((), dtype=torch.int64, device=q.device)  # dropout off: never read
     return aten._scaled_dot_product_cudnn_attention_backward(
-        do, q, k, v, out, lse, seed, offset, None, None, None, L, Lk, 0.0, False, scale=scale
-    )[:3]
+        do, q, kw, vw, out, lse.contiguous().unsqueeze(-1), seed, seed,
+        None, None, None, L, Lk, 0.0, False, scale=scale,
+    )[:3]  # fmt: skip
 
 
-def _flash_fwd(q, k, v, scale):
+@cudnn_attention_backward.register_fake
+def _(do, q, k, v, out, lse, scale, views):
+    return tuple(torch.empty_like(x) for x in (q, _keys(k, views), _keys(v, views)))
+
+
+def _cudnn_fwd(q, k, v, scale, views=0):
+    return (*cudnn_attention(q, k, v, scale, views), ())
+
+
+def _cudnn_bwd(do, q, k, v, out, lse, aux, scale, views=0):
+    return cudnn_attention_backward(do, q, k, v, out, lse, scale, views)
+
+
+def _flash_fwd(q, k, v, scale, views=0):
     # (output, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, rng_state/philox_seed, unused/offset, debug)
+    k, v = _keys(k, views), _keys(v, views)
     r = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
     return r[0], r[1], (r[6], r[7])
 
 
-def _flash_bwd(do, q, k, v, out, lse, aux, scale):
+def _flash_bwd(do, q, k, v, out, lse, aux, scale, views=0):
+    k, v = _keys(k, views), _keys(v, views)
     seed, offset = aux
     L, Lk = q.shape[2], k.shape[2]
     return aten._scaled_dot_product_flash_attention_backward(
@@ -170,7 +217,7 @@ def _heads_inner(x: Tensor) -> bool:
     return x.stride(1) < x.stride(2)
 
 
-def view_batches(x: Tensor, views: int, frames: int) -> Tensor:
+def view_batches(x: Tensor, views: int) -> Tensor:
     """Grid-ordered ``x [B, H, N, D]`` -> ``[B V, H, F S, D]``, one batch per view (a view of ``x``
     where its memory allows)."""
     B, H, N, D = x.shape
@@ -182,25 +229,32 @@ def view_grid(y: Tensor, views: int, frames: int) -> Tensor:
     return y.unflatten(0, (-1, views)).unflatten(3, (frames, -1)).permute(0, 2, 1, 3, 4, 5)
 
 
-def time_major(x: Tensor, views: int, frames: int, doubled: bool = False) -> Tensor:
-    """Grid-ordered ``x [B, H, N, D]`` -> ``[B, F, V, S, H, D]`` (a contiguous copy, heads inner);
-    ``doubled``: ``[B, F, 2V, S, H, D]``, each frame's views twice in a row (:func:`windows`)."""
-    B, H, N, D = x.shape
-    src = x.unflatten(2, (views, frames, -1)).permute(0, 3, 2, 4, 1, 5)  # [B, F, V, S, H, D]
-    if not doubled:
-        return src.contiguous()
-    out = x.new_empty(B, frames, 2 * views, *src.shape[3:])
-    out[:, :, :views] = src
-    out[:, :, views:] = out[:, :, :views]
-    return out
+def frame_batches(x: Tensor, views: int, frames: int) -> Tensor:
+    """Grid-ordered ``x [B, H, N, D]`` -> ``[B, F, V, H, S, D]`` (a view, no copy): for each (batch,
+    frame) the frame's tokens of every view, one batch per view."""
+    return x.unflatten(2, (views, frames, -1)).permute(0, 3, 2, 1, 4, 5)
 
 
-def windows(xd: Tensor, views: int) -> Tensor:
-    """One frame's doubled keys ``xd [2V, S, H, D]`` (contiguous) -> ``[V, H, (V - 1) S, D]``: for
+def cycled(x: Tensor, views: int, frames: int) -> Tensor:
+    """Grid-ordered ``x [B, H, N, D]`` -> ``[B, F, 2V - 2, S, H, D]``, a copy: each frame's views
+    ``1 .. V - 1`` then ``0 .. V - 2``, so that the keys of every view's others lie at one token
+    stride (:func:`windows`). In memory heads stay where ``x`` has them (inner: ``[B, F, 2V - 2, S,
+    H, D]``, outer: ``[B, H, F, 2V - 2, S, D]``), so the copy moves whole frames of a view at a time
+    (a transposing copy ran at a quarter of the memory bandwidth). One copy kernel: 2 - 2/V times
+    the tensor written."""
+    src = x.unflatten(2, (views, frames, -1))  # [B, H, V, F, S, D]
+    if _heads_inner(x):
+        src = src.permute(0, 3, 2, 4, 1, 5)  # [B, F, V, S, H, D]
+        return torch.cat([src[:, :, 1:], src[:, :, :-1]], dim=2)
+    src = src.transpose(2, 3)  # [B, H, F, V, S, D]
+    return torch.cat([src[:, :, :, 1:], src[:, :, :, :-1]], dim=3).permute(0, 2, 3, 4, 1, 5)
+
+
+def windows(xc: Tensor, views: int) -> Tensor:
+    """One frame's cycled keys ``xc [2V - 2, S, H, D]`` (:func:`cycled`) -> ``[V, H, (V - 1) S, D]``: for
     query view v the keys of views ``v + 1 .. v + V - 1`` mod V, as one overlapping strided view
     (``unfold``: a sliding window over the views; dynamo traces it, unlike ``as_strided``'s offset)."""
-    V = views
-    w = xd[1 : 2 * V - 1].unfold(0, V - 1, 1)  # [V, S, H, D, V-1]
+    w = xc.unfold(0, views - 1, 1)  # [V, S, H, D, V-1]
     return w.permute(0, 2, 4, 1, 3).flatten(2, 3)
 
 
@@ -215,6 +269,32 @@ def fold(dw: Tensor, views: int) -> Tensor:
     for j in range(1, V - 1):
         acc = acc + torch.roll(blocks[:, :, j].to(a), 1 + j, 0)
     return acc.to(dw.dtype)
+
+
+# Eager CUDA runs the k/v copies on a side stream, so that these memory-bound copies overlap the
+# view part's compute-bound kernel (a compiled graph fuses them with their producers instead).
+overlap_copies = True
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _cycled_kv(k: Tensor, v: Tensor, views: int, frames: int) -> Callable[[], tuple[Tensor, Tensor]]:
+    """Starts :func:`cycled` of k and v; the returned function waits for them and returns them."""
+    if not (k.is_cuda and overlap_copies) or torch.compiler.is_compiling():
+        kc, vc = cycled(k, views, frames), cycled(v, views, frames)
+        return lambda: (kc, vc)
+    main = torch.cuda.current_stream(k.device)
+    side = _side_streams.setdefault(k.device, torch.cuda.Stream(k.device))
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        kc, vc = cycled(k, views, frames), cycled(v, views, frames)
+
+    def join():
+        main.wait_stream(side)
+        for x in (kc, vc):
+            x.record_stream(main)  # allocated on the side stream, used and freed on the main one
+        return kc, vc
+
+    return join
 
 
 # --- merge and gradient sum (pointwise; compiled into one kernel each on CUDA) -------------------
@@ -270,30 +350,20 @@ def _others_grid(y: Tensor) -> Tensor:
 # --- forward and backward (lists, not generators: dynamo fails on generators here) ---------------
 
 
-def _like(x: Tensor, ref: Tensor) -> Tensor:
-    """``x`` with ``ref``'s strides (a copy if they differ). cuDNN caches its backward graph by the
-    q/k/v strides only, so out and dO always come in q's layout, as in torch's own SDPA."""
-    return x if x.stride() == ref.stride() else torch.empty_like(ref).copy_(x)
-
-
-def _frames(x: Tensor) -> list[tuple[int, int]]:
-    return [(b, f) for b in range(x.shape[0]) for f in range(x.shape[1])]
-
-
 def lse_forward(q, k, v, views, frames, kernel, scale) -> tuple[Tensor, Tensor, list]:
     """``q, k, v [B, H, N, D]`` -> ``out [B, H, N, D]`` (q's layout), ``lse [B, H, N]`` (contiguous,
     accumulation dtype) and the kernels' aux tensors (the view part's, then one per frame)."""
-    fn, V = KERNEL_FNS[kernel], views
-    ov, lv, aux_v = fn.fwd(*[view_batches(x, V, frames) for x in (q, k, v)], scale)
-    qt = time_major(q, V, frames)  # [B, F, V, S, H, D]
-    kd, vd = time_major(k, V, frames, doubled=True), time_major(v, V, frames, doubled=True)
+    fn, V, B = KERNEL_FNS[kernel], views, q.shape[0]
+    copies = _cycled_kv(k, v, V, frames)
+    ov, lv, aux_v = fn.fwd(*[view_batches(x, V) for x in (q, k, v)], scale)
+    qf = frame_batches(q, V, frames)  # [B, F, V, H, S, D], strided: read in place
+    kc, vc = copies()
     outs, lses, aux = [], [], [aux_v]
-    for b, f in _frames(qt):
-        o, lse, extra = fn.fwd(qt[b, f].transpose(1, 2), windows(kd[b, f], V), windows(vd[b, f], V), scale)
+    for b, f in product(range(B), range(frames)):
+        o, lse, extra = fn.fwd(qf[b, f], kc[b, f], vc[b, f], scale, V)
         outs.append(o)
         lses.append(lse)
         aux.append(extra)
-    B, H, N, D = q.shape
     oo = torch.stack(outs).unflatten(0, (B, frames))  # [B, F, V, H, S, D]
     lo = torch.stack(lses).unflatten(0, (B, frames))  # [B, F, V, H, S]
     hi = _heads_inner(q)
@@ -303,32 +373,29 @@ def lse_forward(q, k, v, views, frames, kernel, scale) -> tuple[Tensor, Tensor, 
         _physical(view_grid(lv[..., None], V, frames), hi)[..., 0],
         _physical(_others_grid(lo)[..., None], hi)[..., 0],
     )
-    out = _logical(o6.contiguous(), hi).reshape(B, H, N, D)  # a view: o6 is q-ordered in memory
-    lse = _logical(lse5[..., None], hi)[..., 0].reshape(B, H, N).contiguous()
+    out = _logical(o6.contiguous(), hi).reshape(q.shape)  # a view: o6 is q-ordered in memory
+    lse = _logical(lse5[..., None], hi)[..., 0].reshape(q.shape[:3]).contiguous()
     return out, lse, aux
 
 
 def lse_backward(do, q, k, v, out, lse, aux, views, frames, kernel, scale):
     """Gradients of q, k, v (q's layout) from each part's backward with the merged out and lse."""
-    fn, V = KERNEL_FNS[kernel], views
-    qp, kp, vp = [view_batches(x, V, frames) for x in (q, k, v)]
-    op, dop = [_like(view_batches(x, V, frames), qp) for x in (out, do)]
-    view_grads = fn.bwd(dop, qp, kp, vp, op, view_batches(lse[..., None], V, frames)[..., 0], aux[0], scale)
-    # others: the copies are rebuilt here rather than kept from the forward (activation memory)
-    qt, ot, dot = [time_major(x, V, frames) for x in (q, out, do)]
-    kd, vd = time_major(k, V, frames, doubled=True), time_major(v, V, frames, doubled=True)
-    lt = lse.unflatten(2, (V, frames, -1)).permute(0, 3, 2, 1, 4)  # [B, F, V, H, S]
+    fn, V, B = KERNEL_FNS[kernel], views, q.shape[0]
+    copies = _cycled_kv(k, v, V, frames)  # not kept from the forward: activation memory
+    view_grads = fn.bwd(
+        *[view_batches(x, V) for x in (do, q, k, v, out)],
+        view_batches(lse[..., None], V)[..., 0], aux[0], scale,
+    )  # fmt: skip
+    # others: q, out and dO are read in place
+    qf, of, dof = [frame_batches(x, V, frames) for x in (q, out, do)]
+    lf = frame_batches(lse[..., None], V, frames)[..., 0]  # [B, F, V, H, S]
+    kc, vc = copies()
+    folded = _pointwise(fold, q)
     grads = [[], [], []]
-    for i, (b, f) in enumerate(_frames(qt)):
-        qf = qt[b, f].transpose(1, 2)
-        dq, dk, dv = fn.bwd(
-            dot[b, f].transpose(1, 2), qf, windows(kd[b, f], V), windows(vd[b, f], V),
-            ot[b, f].transpose(1, 2), lt[b, f].contiguous(), aux[1 + i], scale,
-        )  # fmt: skip
-        folded = _pointwise(fold, q)
+    for i, (b, f) in enumerate(product(range(B), range(frames))):
+        dq, dk, dv = fn.bwd(dof[b, f], qf[b, f], kc[b, f], vc[b, f], of[b, f], lf[b, f], aux[1 + i], scale, V)
         for g, x in zip(grads, (dq, folded(dk, V), folded(dv, V)), strict=True):
             g.append(x)
-    B = q.shape[0]
     hi = _heads_inner(q)
     res = []
     for x, gv, go in zip((q, k, v), view_grads, grads, strict=True):
@@ -360,9 +427,8 @@ class ViewTimeLSE(torch.autograd.Function):
         #     dS_j = P_j (dO . v_j - rowsum(dO * O)),     dv_j = P_j dO,     dq = sum_j dS_j k_j.
         # Each term depends on (q, k_j, v_j, dO) and on the merged O and L only. A part's kernel
         # called with (O, L) therefore computes these same P_j, dS_j for the keys j of its part;
-        # every pair of U lies in view or time and the pairs in both are the frame's, so
-        # view + time - frame sums each pair's contribution exactly once (pair by pair, for dq,
-        # dk and dv alike).
+        # view and others are disjoint and cover U, so the sum of the two parts' gradients counts
+        # each pair's contribution exactly once (pair by pair, for dq, dk and dv alike).
         q, k, v, out, lse, *flat = ctx.saved_tensors
         aux, i = [], 0
         for n in ctx.aux_sizes:

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fourdgen.nn.fused_attention as fa
 from fourdgen.backbones.wan import build_transformer
+from fourdgen.nn import lse_attention as la
 from fourdgen.nn.fused_attention import grid_attention
 from fourdgen.nn.grid_coupling import GridInputs, ReferenceGrid
 from fourdgen.nn.grid_layout import GridLayout
@@ -161,6 +162,44 @@ def test_auto_picks_lse_for_view_or_time_only(monkeypatch):
     grid_attention(q, k, v, layout, full4d, "auto")  # cross-half term: flex
     grid_attention(q.float(), k.float(), v.float(), layout, vt, "auto")  # float32: no fused kernel, flex
     assert len(calls) == 1
+
+
+def _frame_call(dtype=torch.bfloat16):
+    """One frame's others call as the library makes it: q strided in place, cycled k and v."""
+    V, Fr = 4, 3
+    layout = GridLayout(V, Fr, 4, 6)
+    q, k, v = (t.detach() for t in _qkv(layout, dtype, heads_inner=True))
+    return la.frame_batches(q, V, Fr)[0, 1], la.cycled(k, V, Fr)[0, 1], la.cycled(v, V, Fr)[0, 1], V
+
+
+def test_cudnn_custom_ops_pass_opcheck():
+    """Schema, fake (meta) functions and strides, and AOT dispatch of both cuDNN ops, plain and
+    windowed."""
+    q, kc, vc, V = _frame_call()
+    scale = q.shape[-1] ** -0.5
+    for k, v, views in ((q.contiguous(), q.contiguous(), 0), (kc, vc, V)):
+        out, lse = la.cudnn_attention(q, k, v, scale, views)
+        torch.library.opcheck(la.cudnn_attention, (q, k, v, scale, views))
+        do = torch.randn_like(out)
+        torch.library.opcheck(la.cudnn_attention_backward, (do, q, k, v, out, lse, scale, views))
+
+
+def test_cudnn_backward_with_other_strides_of_out_and_grad():
+    """cuDNN's backward plan cache is keyed by q/k/v only: after a call whose out / dO have q's
+    strides, a call with the same q/k/v and other out / dO strides must still be right (the op
+    copies them into q's layout)."""
+    q, kc, vc, V = _frame_call()
+    scale = q.shape[-1] ** -0.5
+    out, lse = la.cudnn_attention(q, kc, vc, scale, V)
+    do = torch.randn_like(out)
+    ref = la._math_bwd(do, q, kc, vc, out, lse, (), scale, V)
+    for o, d in (
+        (out, do),
+        (out.contiguous(), do.contiguous()),
+        (out, do.transpose(-1, -2).contiguous().transpose(-1, -2)),
+    ):
+        for a, b in zip(la.cudnn_attention_backward(d, q, kc, vc, o, lse, scale, V), ref, strict=True):
+            torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_torch_compile_fullgraph_equals_eager():
