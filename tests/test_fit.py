@@ -513,6 +513,35 @@ def test_random_background_only_in_training_and_drawn_from_the_step(tmp_path):
     assert runs[0] == runs[1]  # drawn from (seed, step): a resumed fit composites the same
 
 
+def _keeps(model) -> list:
+    """Wrap ``model.render`` to record the DropGaussian mask of every call (None: every Gaussian)."""
+    seen, render = [], model.render
+
+    def spy(*args, keep=None, **kw):
+        seen.append(None if keep is None else keep.clone())
+        return render(*args, keep=keep, **kw)
+
+    model.render = spy
+    return seen
+
+
+def test_gaussian_dropout_only_in_training_and_drawn_from_the_step(tmp_path):
+    runs = []
+    for run in ("a", "b"):
+        L.seed_everything(0)
+        model = _fitter(8, gaussian_dropout=0.3, coarse_steps=100)
+        seen = _keeps(model)
+        trainer = _trainer(tmp_path / run, 3)
+        trainer.fit(model, _dm(tmp_path, init_points=300))
+        runs.append(list(seen))
+        assert len(seen) == 3 and all(k is not None and 0.6 < k.float().mean() < 0.8 for k in seen)
+        seen.clear()
+        trainer.test(model, _dm(tmp_path, init_points=300), verbose=False)
+        assert seen and all(k is None for k in seen)  # evaluation renders every Gaussian
+    assert not torch.equal(runs[0][0], runs[0][1])  # a new draw every step ...
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))  # ... from (seed, step)
+
+
 def test_host_copies_of_the_step_count_and_moving_index_follow_the_state(tmp_path):
     """The step reads a host int for the stage and a cached moving index (a CUDA buffer read or a
     ``nonzero`` is a host sync): densification renews the index, a loaded state renews both."""

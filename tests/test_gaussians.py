@@ -26,6 +26,7 @@ from fourdgen.gaussians import (
 )
 from fourdgen.gaussians.bounds import camera_extent, foreground_bounds
 from fourdgen.gaussians.densify import BudgetStrategy
+from fourdgen.gaussians.dropout import dropped_logits, keep_mask
 from fourdgen.gaussians.losses import add_hexplane_regularization, inverse_depth_l1, photometric_loss
 from fourdgen.gaussians.optim import LearningRates, exp_decay
 from fourdgen.geometry.cameras import look_at, make_intrinsics
@@ -484,6 +485,27 @@ def test_inverse_depth_l1_matches_a_plain_reference():
     got.backward()
     assert preds[0].grad[0, :3].abs().sum() == 0 and preds[0].grad[1:].abs().sum() > 0
     assert inverse_depth_l1([torch.ones(2, 2)], [torch.zeros(2, 2)]).item() == 0  # no known pixel
+
+
+def test_dropped_logits_leave_out_and_compensate_like_a_plain_reference():
+    logits = torch.tensor([0.0, 2.0, -1.0, -200.0, 8.0, 0.5], requires_grad=True)
+    keep = torch.tensor([True, True, False, True, True, False])
+    rate = 0.25
+    out = dropped_logits(logits, keep, rate)
+    for i, (lg, k) in enumerate(zip(logits.tolist(), keep.tolist(), strict=True)):
+        alpha = float(torch.sigmoid(out[i]))
+        if not k:
+            assert alpha < 1e-12  # left out
+        else:  # the kept ones: opacity / (1 - rate), within (0, 1)
+            want = min(max(1 / (1 + math.exp(-lg)) / (1 - rate), 1e-6), 1 - 1e-6)
+            assert alpha == pytest.approx(want, rel=1e-4)
+    out.sum().backward()
+    assert torch.isfinite(logits.grad).all()  # also for alpha 0 (faded out) and the dropped ones
+    assert logits.grad[~keep].abs().sum() == 0
+    g = torch.Generator().manual_seed(3)
+    m = keep_mask(20_000, 0.2, g, torch.device("cpu"))
+    assert m.dtype == torch.bool and abs(m.float().mean().item() - 0.8) < 0.01
+    assert torch.equal(m, keep_mask(20_000, 0.2, torch.Generator().manual_seed(3), torch.device("cpu")))
 
 
 def test_learning_rate_schedule():

@@ -34,6 +34,7 @@ from fourdgen.gaussians.bounds import camera_extent, foreground_bounds
 from fourdgen.gaussians.container import Gaussians
 from fourdgen.gaussians.deformation import DeformationField
 from fourdgen.gaussians.densify import BudgetStrategy
+from fourdgen.gaussians.dropout import dropped_logits, keep_mask
 from fourdgen.gaussians.initialization import SPLAT_KEYS, STATIC_KEY, initial_splats
 from fourdgen.gaussians.losses import (
     add_hexplane_regularization,
@@ -93,6 +94,9 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
             training batches, e.g. ``data.train_depth: true``). Not in Full-4D, where FMD
             regularises the views between the cameras: with few cameras and no prior, the geometry
             between them is otherwise free (issue 17). 0 turns it off.
+        gaussian_dropout: DropGaussian's rate (:mod:`~fourdgen.gaussians.dropout`): the share of
+            Gaussians left out of each training step's renders, the others' opacity raised to
+            keep the expected coverage; for sparse cameras (not in Full-4D). 0 turns it off.
         tv_weight / time_smooth_weight / time_l1_weight: HexPlane regularisers (fine stage).
         regularizers: novel-view losses (e.g. :class:`~fourdgen.gaussians.fmd.FlowMatchingDistillation`);
             at the steps one is due (its ``start_step``/``every``, on multiples of ``regularize_every``)
@@ -139,6 +143,7 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         bounds_quantile: float = 0.01,
         ssim_weight: float = 0.2,
         depth_weight: float = 0.0,
+        gaussian_dropout: float = 0.0,
         tv_weight: float = 2e-4,
         time_smooth_weight: float = 1e-3,
         time_l1_weight: float = 1e-4,
@@ -366,11 +371,16 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         w2c: Tensor,
         deform: bool | None = None,
         background: Tensor | None = None,
+        keep: Tensor | None = None,
     ) -> RenderOutput:
-        """Render at time ``t`` into cameras ``K [C, 3, 3]``, ``w2c [C, 4, 4]`` at the scene size."""
+        """Render at time ``t`` into cameras ``K [C, 3, 3]``, ``w2c [C, 4, 4]`` at the scene size;
+        ``keep [N]``: DropGaussian's mask (training renders)."""
         info = self.info
+        g = self.gaussians_at(t, deform)
+        if keep is not None:
+            g["opacities"] = dropped_logits(g["opacities"], keep, self.hparams.gaussian_dropout)
         return rasterize(
-            self.gaussians_at(t, deform),
+            g,
             K,
             w2c,
             info.width,
@@ -416,8 +426,15 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
             if h.random_background
             else None
         )
+        rate = h.get("gaussian_dropout", 0.0)  # .get: checkpoints from before the option
+        keep = None
+        if rate > 0:
+            n = len(self.splats["means"])
+            keep = keep_mask(n, rate, step_generator(self.global_step, 2), self.device)
         for i in range(B):  # frames of one batch can have different times: one render each
-            out = self.render(batch.times[i, 0], batch.K[i, :1], batch.w2c[i, 0, :1], background=bg)
+            out = self.render(
+                batch.times[i, 0], batch.K[i, :1], batch.w2c[i, 0, :1], background=bg, keep=keep
+            )
             self._render_infos.append(out.info)
             terms.append(self._frame_terms_fn()(out.rgb[:1], batch.rgb[i, 0, :1], h.ssim_weight))
             depths.append(out.depth[0, ..., 0])
