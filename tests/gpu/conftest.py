@@ -3,7 +3,8 @@
 gsplat builds its extension at first import (about 80 s on the device). Under pytest-xdist every
 worker starts that build in the same folder at once, and the builds delete each other's objects
 (seen on the H200: 12 tests failed with "can't create ....cuda.o"); with the lock one worker builds
-and the others load the result."""
+and the others load the result. Modules that render ask for it (``usefixtures``): the others (the
+attention, grid and video tests) do not wait for the build."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def gsplat_built_once():
     if not torch.cuda.is_available():
         return

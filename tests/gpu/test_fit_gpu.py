@@ -19,6 +19,7 @@ from tests.test_fit import _budget, _dm, _fitter, _trainer
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.usefixtures("gsplat_built_once"),
 ]
 
 

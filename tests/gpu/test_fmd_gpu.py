@@ -12,6 +12,7 @@ from tests.test_grid_prior import _fitter_with, _save_grid_checkpoint
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.usefixtures("gsplat_built_once"),
 ]
 
 

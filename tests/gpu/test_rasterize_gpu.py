@@ -19,6 +19,7 @@ from fourdgen.geometry.cameras import intrinsics_from_fov, look_at
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.usefixtures("gsplat_built_once"),
 ]
 
 KEYS = ["means", "log_scales", "quats", "opacity_logits", "sh0", "shN"]

@@ -17,6 +17,7 @@ from tests.test_recon import _dm
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.usefixtures("gsplat_built_once"),
 ]
 
 
