@@ -3,8 +3,9 @@
 With few cameras, 3DGS fits each training view with Gaussians that only line up from there; views
 between the cameras then see them as floaters. Dropping a random share ``r`` of the Gaussians in
 each training step, and raising the others' opacity by ``1 / (1 - r)`` so that the expected
-coverage stays, makes every Gaussian matter to more renders: the paper reports +1 to +2 dB on
-LLFF / DTU with 3 views. Validation, test and export render every Gaussian.
+coverage stays, makes every Gaussian matter to more renders (the paper's few-view benchmarks
+gain over 3DGS; here: benchmarks/RESULTS.md, issue 17 fifth pass). Validation, test and export
+render every Gaussian.
 """
 
 from __future__ import annotations

@@ -378,7 +378,7 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         info = self.info
         g = self.gaussians_at(t, deform)
         if keep is not None:
-            g["opacities"] = dropped_logits(g["opacities"], keep, self.hparams.gaussian_dropout)
+            g["opacities"] = dropped_logits(g["opacities"], keep, self.hparams.get("gaussian_dropout", 0.0))
         return rasterize(
             g,
             K,
