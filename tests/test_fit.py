@@ -485,16 +485,23 @@ def test_random_init_without_geometry_and_export(tmp_path):
     assert len(list((tmp_path / "out/renders").glob("view_*.mp4"))) == 4
 
 
-def _backgrounds(model) -> list:
-    """Wrap ``model.render`` to record the ``background`` of every call (None: the fixed one)."""
+def _render_args(model, name: str, record) -> list:
+    """Wrap ``model.render`` to record ``record(value)`` of its keyword ``name`` at every call
+    (None where it is not given)."""
     seen, render = [], model.render
 
-    def spy(*args, background=None, **kw):
-        seen.append(None if background is None else tuple(background.tolist()))
-        return render(*args, background=background, **kw)
+    def spy(*args, **kw):
+        value = kw.get(name)
+        seen.append(None if value is None else record(value))
+        return render(*args, **kw)
 
     model.render = spy
     return seen
+
+
+def _backgrounds(model) -> list:
+    """The ``background`` of every render (None: the fixed one)."""
+    return _render_args(model, "background", lambda b: tuple(b.tolist()))
 
 
 def test_random_background_only_in_training_and_drawn_from_the_step(tmp_path):
@@ -514,15 +521,8 @@ def test_random_background_only_in_training_and_drawn_from_the_step(tmp_path):
 
 
 def _keeps(model) -> list:
-    """Wrap ``model.render`` to record the DropGaussian mask of every call (None: every Gaussian)."""
-    seen, render = [], model.render
-
-    def spy(*args, keep=None, **kw):
-        seen.append(None if keep is None else keep.clone())
-        return render(*args, keep=keep, **kw)
-
-    model.render = spy
-    return seen
+    """The DropGaussian mask of every render (None: every Gaussian)."""
+    return _render_args(model, "keep", lambda k: k.clone())
 
 
 def test_gaussian_dropout_only_in_training_and_drawn_from_the_step(tmp_path):
