@@ -2,7 +2,8 @@
 
 When a regulariser is due (``start_step``, ``every``), the fitter samples a camera on the
 interpolated path between the training views (seeded by the step, so a resumed fit draws the same
-cameras), renders the whole clip from it and hands a :class:`NovelViewRender` to each regulariser.
+cameras), renders the clip from it (the whole clip, or as many random frames as the due
+regularisers ask for: ``frames``) and hands a :class:`NovelViewRender` to each regulariser.
 Flow-matching distillation (Full-4D, :mod:`fourdgen.gaussians.fmd`) plugs in here. Frozen models a
 regulariser uses are loaded by it, never trained, and kept out of the fitter's checkpoint (the
 fitter does not register regularisers as submodules); a resumed fit builds them again from the
@@ -14,7 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+
+from fourdgen.geometry.cameras import camera_centers
+from fourdgen.geometry.warp import backward_warp
 
 
 @dataclass
@@ -37,7 +42,8 @@ class SourceClip:
 @dataclass
 class NovelViewRender:
     """A clip rendered from one novel camera. ``rgb [T, 3, H, W]`` in [0, 1], ``alpha`` and
-    ``depth [T, 1, H, W]``, ``K [3, 3]``, ``w2c [4, 4]``, ``times [T]`` in [0, 1], ``step``."""
+    ``depth [T, 1, H, W]``, ``K [3, 3]``, ``w2c [4, 4]``, ``times [T]`` in [0, 1], ``step``;
+    ``frames [T]``: which of the scene's frames they are (None: all, in order)."""
 
     rgb: Tensor
     alpha: Tensor
@@ -47,6 +53,7 @@ class NovelViewRender:
     times: Tensor
     step: int
     batch: Any = None
+    frames: Tensor | None = None
 
 
 class NovelViewRegularizer(nn.Module):
@@ -57,18 +64,25 @@ class NovelViewRegularizer(nn.Module):
         weight: loss weight.
         start_step: first global step at which it applies (e.g. after the coarse stage).
         every: it applies at every ``every``-th step from ``start_step`` on.
+        frames: how many of the clip's frames it needs rendered (random ones, drawn per step; None:
+            the whole clip). The fitter renders the most any due regulariser asks for.
 
-    ``needs_source``: the fitter passes the scene's :class:`SourceClip` to :meth:`setup`.
+    ``needs_source``: the fitter passes the scene's :class:`SourceClip` to :meth:`setup`;
+    ``needs_views``: it passes every training view's, one :class:`SourceClip` each, to
+    :meth:`setup_views`.
     """
 
     name = "novel_view"
     needs_source = False
+    needs_views = False
 
-    def __init__(self, weight: float = 1.0, start_step: int = 0, every: int = 1):
+    def __init__(self, weight: float = 1.0, start_step: int = 0, every: int = 1, frames: int | None = None):
         super().__init__()
         if every < 1:
             raise ValueError(f"{type(self).__name__}.every: expected an integer >= 1, got {every}")
-        self.weight, self.start_step, self.every = weight, start_step, every
+        if frames is not None and frames < 1:
+            raise ValueError(f"{type(self).__name__}.frames: expected an integer >= 1 or null, got {frames}")
+        self.weight, self.start_step, self.every, self.frames = weight, start_step, every, frames
 
     def due(self, step: int) -> bool:
         """Whether it applies at global step ``step``."""
@@ -77,6 +91,9 @@ class NovelViewRegularizer(nn.Module):
     def setup(self, source: SourceClip | None) -> None:
         """Called once by the fitter before training, with the scene's source clip when
         ``needs_source`` (frozen models load lazily, on the first call, on the right device)."""
+
+    def setup_views(self, views: list[SourceClip]) -> None:
+        """Called once by the fitter before training with the training views when ``needs_views``."""
 
     def forward(self, render: NovelViewRender) -> Tensor:
         raise NotImplementedError
@@ -90,3 +107,102 @@ class CoverageRegularizer(NovelViewRegularizer):
 
     def forward(self, render: NovelViewRender) -> Tensor:
         return (1 - render.alpha).mean()
+
+
+class WarpConsistency(NovelViewRegularizer):
+    """L1 between a novel view and the training views warped into it through its rendered depth.
+
+    For each frame of the novel render, the ``views`` training cameras nearest to it lend their
+    images, sampled where the render's expected depth lands in them (:func:`~fourdgen.geometry.
+    warp.backward_warp`: only where that camera sees the same surface, by its depth). Their mean
+    is the target, without gradient; the loss is the mean absolute error on the pixels that have
+    one and that the render covers (``alpha > min_alpha``). Six cameras can be
+    fitted exactly by Gaussians that smear between them; this asks the views between them to agree
+    with what the cameras saw (Lambertian scenes; Binocular-Guided 3DGS, Han et al. 2024, warps
+    training views into shifted cameras the same way). Needs the training views' depth (the
+    scene's depth files, e.g. ``fourdgen generate``'s, or ``data.depth_model``'s).
+
+    Args:
+        frames: frames of the novel clip per step (default 1: one extra render a step).
+        views: how many training cameras (nearest by camera centre) warp into each novel view.
+        rel_tol: the occlusion and depth-edge test of :func:`backward_warp`.
+        min_alpha: novel-view pixels with less opacity have no surface to warp from.
+    """
+
+    name = "warp"
+    needs_views = True
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        start_step: int = 0,
+        every: int = 1,
+        frames: int | None = 1,
+        views: int = 2,
+        rel_tol: float = 0.01,
+        min_alpha: float = 0.5,
+    ):
+        super().__init__(weight, start_step, every, frames)
+        if views < 1:
+            raise ValueError(f"WarpConsistency.views: expected an integer >= 1, got {views}")
+        self.views, self.rel_tol, self.min_alpha = views, rel_tol, min_alpha
+        self._clips: list[SourceClip] = []
+
+    def setup_views(self, views: list[SourceClip]) -> None:
+        missing = [c.view for c in views if c.depth is None]
+        if missing:
+            raise ValueError(
+                f"WarpConsistency: training views {missing} have no depth; the warp needs each "
+                "training view's depth (scene depth files, or data.depth_model to estimate them)"
+            )
+        self._clips = views
+
+    def _on(self, device: torch.device) -> list[SourceClip]:
+        """The clips on ``device`` (moved once, on the first call there)."""
+        if self._clips and self._clips[0].rgb.device != device:
+            self._clips = [
+                SourceClip(c.rgb.to(device), c.depth.to(device), c.K.to(device), c.w2c.to(device),
+                           c.times.to(device), c.view)
+                for c in self._clips
+            ]  # fmt: skip
+        return self._clips
+
+    def targets(self, render: NovelViewRender) -> tuple[Tensor, Tensor]:
+        """The warped target ``[T, 3, H, W]`` and where it exists ``[T, H, W]`` bool."""
+        clips = self._on(render.rgb.device)
+        if not clips:
+            raise RuntimeError("WarpConsistency: no training views (the fitter calls setup_views first)")
+        T = render.rgb.shape[0]
+        frames = render.frames
+        if frames is None and clips[0].rgb.shape[0] != T:
+            raise ValueError(
+                f"WarpConsistency: the novel render has {T} frames and no frame indices, the "
+                f"training views {clips[0].rgb.shape[0]}"
+            )
+
+        def pick(x: Tensor) -> Tensor:  # the training views' frames that were rendered
+            return x if frames is None else x[frames.to(x.device)]
+
+        with torch.no_grad():
+            center = camera_centers(render.w2c)
+            dist = torch.stack([(camera_centers(c.w2c[0]) - center).norm() for c in clips])
+            near = dist.topk(min(self.views, len(clips)), largest=False).indices.tolist()
+            depth = render.depth[:, 0].detach()
+            w2c = render.w2c.to(depth.dtype).expand(T, 4, 4)
+            acc = torch.zeros_like(render.rgb)
+            count = torch.zeros_like(depth)
+            for i in near:
+                c = clips[i]
+                rgb, ok = backward_warp(
+                    depth, render.K.to(depth.dtype), w2c, pick(c.rgb), pick(c.depth), c.K, pick(c.w2c),
+                    self.rel_tol,
+                )  # fmt: skip
+                acc += rgb
+                count += ok
+            valid = (count > 0) & (render.alpha[:, 0].detach() > self.min_alpha)
+            return acc / count.clamp_min(1)[:, None], valid
+
+    def forward(self, render: NovelViewRender) -> Tensor:
+        target, valid = self.targets(render)
+        err = (render.rgb - target).abs().sum(1)  # [T, H, W]
+        return torch.where(valid, err, 0.0).sum() / (3 * valid.sum().clamp_min(1))

@@ -216,6 +216,13 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
             self._init_splats(self.info)
         for r in self._regularizers:
             r.setup(self._source_clip(dm, r) if r.needs_source else None)
+            if r.needs_views:
+                where = f"model.regularizers ({type(r).__name__})"
+                check_datamodule(dm, SourceClipSource, f"{where} (e.g. with SceneFramesDataModule)")
+                try:
+                    r.setup_views([self._clip(dm, v) for v in self.info.train_views])
+                except ValueError as e:
+                    raise ConfigError(f"{where}, scene {getattr(dm, 'root', '?')}: {e}") from None
 
     def _source_clip(self, dm, reg: NovelViewRegularizer) -> SourceClip:
         """The scene's input video for ``reg`` (its ``source_view``, else the scene's)."""
@@ -233,6 +240,11 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
                 f"{where}: source_view {view} is not a view of the scene (0..{len(info.K) - 1})"
             )
         check_datamodule(dm, SourceClipSource, f"{where} (e.g. with SceneFramesDataModule)")
+        return self._clip(dm, view)
+
+    def _clip(self, dm, view: int) -> SourceClip:
+        """View ``view`` of the scene as a :class:`SourceClip` (``dm``: a SourceClipSource)."""
+        info = self.info
         clip = dm.view_clip(view)
         return SourceClip(
             rgb=clip["rgb"],
@@ -459,7 +471,8 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         step = self.global_step
         active = [r for r in self._regularizers if r.due(step)] if step % h.regularize_every == 0 else []
         if active:
-            novel = self._render_novel_view(batch)
+            wants = [getattr(r, "frames", None) for r in active]
+            novel = self._render_novel_view(batch, None if None in wants else max(wants))
             for r in active:
                 value = r(novel)
                 losses[f"reg_{r.name}"] = value
@@ -480,11 +493,17 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         self.log("train/psnr", psnr, batch_size=B)
         return loss
 
-    def _render_novel_view(self, batch: GridBatch) -> NovelViewRender:
+    def _render_novel_view(self, batch: GridBatch, frames: int | None = None) -> NovelViewRender:
+        """The clip (or ``frames`` random frames of it, in time order) from a path camera."""
         K, path = self.camera_path()
         # Drawn from (seed, step), not the global RNG: a resumed fit samples the same cameras.
-        idx = int(torch.randint(len(path), (1,), generator=step_generator(self.global_step)))
+        gen = step_generator(self.global_step)
+        idx = int(torch.randint(len(path), (1,), generator=gen))
         times = self.info.times.to(self.device)
+        picked = None
+        if frames is not None and frames < len(times):
+            picked = torch.randperm(len(times), generator=gen)[:frames].sort().values
+            times = times[picked.to(self.device)]
         outs = [self.render(t, K[None], path[idx : idx + 1]) for t in times]
         cat = lambda key: torch.cat([getattr(o, key) for o in outs]).permute(0, 3, 1, 2)  # noqa: E731
         return NovelViewRender(
@@ -496,6 +515,7 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
             times=times,
             step=self.global_step,
             batch=batch,
+            frames=picked,
         )
 
     def on_after_backward(self) -> None:
