@@ -557,3 +557,10 @@ def test_host_copies_of_the_step_count_and_moving_index_follow_the_state(tmp_pat
     model.load_state_dict(state)
     assert not model.is_fine and model._steps == 1
     assert len(model._moving_index()) == 0
+
+
+def test_a_budget_below_the_initial_gaussians_is_named(tmp_path):
+    with pytest.warns(UserWarning, match=r"model.densify.max_gaussians \(100\) is below the 300 initial"):
+        _trainer(tmp_path, 1).fit(
+            _fitter(1, densify=_budget(40, max_gaussians=100)), _dm(tmp_path, init_points=300)
+        )

@@ -270,6 +270,15 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         )
         for k, v in init.items():
             self.splats[k] = nn.Parameter(v.detach().clone(), requires_grad=k != STATIC_KEY)
+        n, budget = len(self.splats["means"]), self.densify.max_gaussians
+        if n > budget:  # measured: a 6-camera GPU fit lost its background this way (RESULTS, issue 17)
+            warnings.warn(
+                f"model.densify.max_gaussians ({budget}) is below the {n} initial Gaussians (data."
+                "init_points, or init_random_points without scene geometry): densification cannot add "
+                "any, and opacity resets (densify.reset_every) leave nothing to regrow from; raise "
+                "max_gaussians or lower init_points",
+                stacklevel=2,
+            )
         rig = info.w2c[info.train_views, 0]
         self.scene_scale.fill_(float(camera_extent(rig)))
         if self.deformation is not None:  # the foreground the cameras look at, not a far background
