@@ -148,6 +148,7 @@ class WarpConsistency(NovelViewRegularizer):
             raise ValueError(f"WarpConsistency.views: expected an integer >= 1, got {views}")
         self.views, self.rel_tol, self.min_alpha = views, rel_tol, min_alpha
         self._clips: list[SourceClip] = []
+        self._stacked: tuple[Tensor, ...] | None = None
 
     def setup_views(self, views: list[SourceClip]) -> None:
         missing = [c.view for c in views if c.depth is None]
@@ -156,46 +157,50 @@ class WarpConsistency(NovelViewRegularizer):
                 f"WarpConsistency: training views {missing} have no depth; the warp needs each "
                 "training view's depth (scene depth files, or data.depth_model to estimate them)"
             )
-        self._clips = views
+        self._clips, self._stacked = views, None
 
-    def _on(self, device: torch.device) -> list[SourceClip]:
-        """The clips on ``device`` (moved once, on the first call there)."""
-        if self._clips and self._clips[0].rgb.device != device:
-            self._clips = [
-                SourceClip(c.rgb.to(device), c.depth.to(device), c.K.to(device), c.w2c.to(device),
-                           c.times.to(device), c.view)
-                for c in self._clips
-            ]  # fmt: skip
-        return self._clips
+    def _on(self, device: torch.device) -> tuple[Tensor, ...]:
+        """The training views stacked on ``device`` (once per device): ``rgb [V, T, 3, H, W]``,
+        ``depth [V, T, H, W]``, ``K [V, 3, 3]``, ``w2c [V, T, 4, 4]`` and first-frame centres ``[V, 3]``.
+        Stacked so that the nearest views are picked on the device, without a host sync."""
+        if not self._clips:
+            raise RuntimeError("WarpConsistency: no training views (the fitter calls setup_views first)")
+        if self._stacked is None or self._stacked[0].device != device:
+            c = self._clips
+            self._stacked = tuple(
+                torch.stack(x).to(device)
+                for x in (
+                    [v.rgb for v in c], [v.depth for v in c], [v.K for v in c], [v.w2c for v in c],
+                    [camera_centers(v.w2c[0]) for v in c],
+                )
+            )  # fmt: skip
+        return self._stacked
 
     def targets(self, render: NovelViewRender) -> tuple[Tensor, Tensor]:
         """The warped target ``[T, 3, H, W]`` and where it exists ``[T, H, W]`` bool."""
-        clips = self._on(render.rgb.device)
-        if not clips:
-            raise RuntimeError("WarpConsistency: no training views (the fitter calls setup_views first)")
+        rgb_v, depth_v, K_v, w2c_v, centers = self._on(render.rgb.device)
         T = render.rgb.shape[0]
         frames = render.frames
-        if frames is None and clips[0].rgb.shape[0] != T:
+        if frames is None and rgb_v.shape[1] != T:
             raise ValueError(
                 f"WarpConsistency: the novel render has {T} frames and no frame indices, the "
-                f"training views {clips[0].rgb.shape[0]}"
+                f"training views {rgb_v.shape[1]}"
             )
-
-        def pick(x: Tensor) -> Tensor:  # the training views' frames that were rendered
-            return x if frames is None else x[frames.to(x.device)]
-
+        if frames is not None:  # the training views' frames that were rendered
+            f = frames.to(rgb_v.device)
+            rgb_v, depth_v, w2c_v = (x.index_select(1, f) for x in (rgb_v, depth_v, w2c_v))
         with torch.no_grad():
-            center = camera_centers(render.w2c)
-            dist = torch.stack([(camera_centers(c.w2c[0]) - center).norm() for c in clips])
-            near = dist.topk(min(self.views, len(clips)), largest=False).indices.tolist()
+            dist = (centers - camera_centers(render.w2c)).norm(dim=-1)
+            near = dist.topk(min(self.views, len(centers)), largest=False).indices  # stays on the device
             depth = render.depth[:, 0].detach()
             w2c = render.w2c.to(depth.dtype).expand(T, 4, 4)
             acc = torch.zeros_like(render.rgb)
             count = torch.zeros_like(depth)
-            for i in near:
-                c = clips[i]
+            for j in range(len(near)):
+                i = near[j : j + 1]
                 rgb, ok = backward_warp(
-                    depth, render.K.to(depth.dtype), w2c, pick(c.rgb), pick(c.depth), c.K, pick(c.w2c),
+                    depth, render.K.to(depth.dtype), w2c, rgb_v.index_select(0, i)[0],
+                    depth_v.index_select(0, i)[0], K_v.index_select(0, i)[0], w2c_v.index_select(0, i)[0],
                     self.rel_tol,
                 )  # fmt: skip
                 acc += rgb
