@@ -27,6 +27,7 @@ from torchvision.utils import save_image
 from fourdgen.batch import GridBatch
 from fourdgen.cli import FourDGenCLI
 from fourdgen.data.scene import read_scene
+from fourdgen.data.synthetic import MARKER, SyntheticConfig, make_objects, render_view
 from fourdgen.geometry.visibility import covered_pixels
 from fourdgen.metrics.image import pooled_psnr
 
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace, deform: bool, workdir: str) -> dict:
     }
     # Each result printed as it comes (a run cut short by a time limit keeps what it measured).
     out.update(region_psnr(cli.model, cli.datamodule.root, cli.datamodule.hparams.holdout_views))
+    out.update(between_psnr(cli.model, cli.datamodule.root, cli.datamodule.hparams.holdout_views))
     print(f"fit_quality {name} regions: {json.dumps(out)}", flush=True)
     metrics = cli.trainer.test(cli.model, cli.datamodule, verbose=False)[0]
     out.update({k.removeprefix("test/"): v for k, v in metrics.items()})
@@ -129,6 +131,36 @@ def region_psnr(model, scene_dir, holdout: list[int]) -> dict[str, float]:
         out["covered_share"] = float(cov.float().mean())
         out.update(surface_psnr(pred, ref, cov, s, holdout, psnr))
     return out
+
+
+@torch.no_grad()
+def between_psnr(model, scene_dir, holdout: list[int]) -> dict[str, float]:
+    """PSNR of the training views halfway between their captured times (what a fly-through shows
+    between frames), all pixels and moving ones, against the synthetic scene ray-cast at those
+    times; empty for a scene fourdgen did not generate."""
+    marker = Path(scene_dir) / MARKER
+    if not marker.is_file():
+        return {}
+    fields = SyntheticConfig.__dataclass_fields__
+    cfg = SyntheticConfig(**{k: v for k, v in json.loads(marker.read_text()).items() if k in fields})
+    if cfg.num_frames < 2:
+        return {}
+    s, objects, dev = read_scene(scene_dir), make_objects(cfg), model.device
+    times = torch.linspace(0, 1, cfg.num_frames)
+    mid = (times[:-1] + times[1:]) / 2
+    preds, refs, moving = [], [], []
+    for v in (v for v in range(s.num_views) if v not in holdout):
+        w2c = s.w2c[v, :-1]  # the camera at the frame before (static rigs: the same)
+        rgb, _, _, mask = render_view(objects, s.K[v], w2c, mid, cfg.height, cfg.width, cfg.supersample)
+        preds += [model.render(t, s.K[v : v + 1].to(dev), w2c[i : i + 1].to(dev)).rgb[0].clamp(0, 1).cpu()
+                  for i, t in enumerate(mid)]  # fmt: skip
+        refs.append(rgb)
+        moving.append(mask > 0)
+    pred, ref, mv = torch.stack(preds), torch.cat(refs), torch.cat(moving)[..., None].expand(-1, -1, -1, 3)
+    return {
+        "between_psnr": float(pooled_psnr(pred, ref)),
+        "between_moving": float(pooled_psnr(pred, ref, mask=mv)) if mv.any() else float("nan"),
+    }
 
 
 def surface_psnr(pred, ref, cov, s, holdout: list[int], psnr) -> dict[str, float]:
@@ -212,6 +244,8 @@ def main() -> None:
         "cov_other",
         "cov_near",
         "cov_far",
+        "between_psnr",
+        "between_moving",
     ]
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\nheld-out view, {args.config}, device {dev}")

@@ -101,7 +101,8 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         regularizers: novel-view losses (e.g. :class:`~fourdgen.gaussians.fmd.FlowMatchingDistillation`);
             at the steps one is due (its ``start_step``/``every``, on multiples of ``regularize_every``)
             a camera of the interpolated path (``path_samples`` cameras, Full-4D: 120), drawn from
-            the step, renders the whole clip for them.
+            the step, renders the whole clip for them (or, when each asks for ``frames``, the most
+            frames any of them asks for, drawn from the step too).
         temporal_opacity: each Gaussian fades in time around the time of the frame its initial
             point came from (:mod:`~fourdgen.gaussians.temporal`; needs ``SceneInfo.point_times``,
             e.g. ``data.init_frames: all``), with a learned centre and width starting at
