@@ -481,7 +481,7 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         step = self.global_step
         active = [r for r in self._regularizers if r.due(step)] if step % h.regularize_every == 0 else []
         if active:
-            wants = [getattr(r, "frames", None) for r in active]
+            wants = [r.frames for r in active]
             novel = self._render_novel_view(batch, None if None in wants else max(wants))
             for r in active:
                 value = r(novel)
@@ -509,11 +509,11 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         # Drawn from (seed, step), not the global RNG: a resumed fit samples the same cameras.
         gen = step_generator(self.global_step)
         idx = int(torch.randint(len(path), (1,), generator=gen))
-        times = self.info.times.to(self.device)
-        picked = None
+        times, picked = self.info.times, None
         if frames is not None and frames < len(times):
             picked = torch.randperm(len(times), generator=gen)[:frames].sort().values
-            times = times[picked.to(self.device)]
+            times = times[picked]
+        times = times.to(self.device)
         outs = [self.render(t, K[None], path[idx : idx + 1]) for t in times]
         cat = lambda key: torch.cat([getattr(o, key) for o in outs]).permute(0, 3, 1, 2)  # noqa: E731
         return NovelViewRender(
