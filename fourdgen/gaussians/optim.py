@@ -36,6 +36,9 @@ class LearningRates:
     grid_final: float = 1.6e-4
     t_mean: float = 1e-4  # temporal_opacity's time centres (time runs over [0, 1]) ...
     t_scale: float = 1e-2  # ... and log widths (Spacetime Gaussians' rates)
+    # Widths held at their initial value until this step: while they are wide, a Gaussian is
+    # seen at its neighbour frames too and the deformation must carry it there (issue 17)
+    t_scale_start: int = 0
     max_steps: int = 20_000
 
     def initial(self, name: str, scene_scale: float) -> float:
@@ -56,6 +59,9 @@ class LearningRates:
         if name in ("deformation", "grid"):
             init, final = getattr(self, name), getattr(self, f"{name}_final")
             return lambda s: exp_decay(max(s - fine_start, 0), init, final, self.max_steps) / init
+        if name == "t_scale" and self.t_scale_start > 0:
+            start = self.t_scale_start
+            return lambda s: float(s >= start)
         return lambda s: 1.0
 
 

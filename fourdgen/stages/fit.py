@@ -3,7 +3,8 @@
 Canonical Gaussians + a HexPlane deformation field, rendered with gsplat (CUDA) or the pure-torch
 rasterizer (CPU). A coarse stage trains static Gaussians, the fine stage adds the deformation.
 Densification follows gsplat's 3DGS rules under a hard budget (:class:`BudgetStrategy`).
-Novel-view regularisers (e.g. flow-matching distillation) plug into ``regularizers``.
+Novel-view regularisers (e.g. flow-matching distillation) plug into ``regularizers``; their path
+cameras and renders are :mod:`fourdgen.stages.novel_views`'s.
 
 This module wires components and logs; the math lives in ``fourdgen.gaussians`` (``bounds``: scene
 extent and HexPlane box, ``losses``, ``optim``: learning-rate schedule, ``densify``) and
@@ -25,14 +26,13 @@ from fourdgen.data.protocols import (
     CAMERAS_KEY,
     SceneInfo,
     SceneSource,
-    SourceClipSource,
     camera_record,
     check_datamodule,
 )
 from fourdgen.errors import ConfigError
 from fourdgen.gaussians.bounds import camera_extent, foreground_bounds
 from fourdgen.gaussians.container import Gaussians
-from fourdgen.gaussians.deformation import DeformationField
+from fourdgen.gaussians.deformation import Deformation, DeformationField
 from fourdgen.gaussians.densify import BudgetStrategy
 from fourdgen.gaussians.dropout import dropped_logits, keep_mask
 from fourdgen.gaussians.initialization import SPLAT_KEYS, STATIC_KEY, initial_splats
@@ -43,9 +43,8 @@ from fourdgen.gaussians.losses import (
 )
 from fourdgen.gaussians.optim import LearningRates, group_views
 from fourdgen.gaussians.rasterize import ALPHA_MIN, RenderOutput, rasterize
-from fourdgen.gaussians.regularizers import NovelViewRegularizer, NovelViewRender, SourceClip
+from fourdgen.gaussians.regularizers import NovelViewRegularizer
 from fourdgen.gaussians.temporal import faded_logits
-from fourdgen.geometry.interpolation import interpolate_loop
 from fourdgen.media import log_images, log_video
 from fourdgen.metrics.image import ImageMetrics, pooled_psnr
 from fourdgen.stages.common import (
@@ -56,6 +55,7 @@ from fourdgen.stages.common import (
     compile_graphed,
     step_generator,
 )
+from fourdgen.stages.novel_views import NovelViews
 
 
 def _frame_terms(rgb: Tensor, target: Tensor, ssim_weight: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -72,7 +72,7 @@ def _forget_host_copies(module: Gaussian4DFitter, incompatible_keys) -> None:
     module._steps, module._moving = None, None
 
 
-class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
+class Gaussian4DFitter(NovelViews, NonFiniteGuard, BatchContract, L.LightningModule):
     """Per-scene 4D Gaussian Splatting.
 
     Args:
@@ -110,6 +110,12 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
             option because large motion is hard to learn through the field alone (issue 17).
             Gaussians of points the scene classified static (``SceneInfo.point_static``, e.g.
             ``data.split_static``) neither fade nor deform.
+        relative_deformation: with ``temporal_opacity``, a Gaussian's offsets at ``t`` are the
+            field's at ``t`` minus the field's at its own time centre: it sits where its point was
+            at that time, and the field carries it from there. Without it, Gaussians born at
+            different frames at one place share one offset at every time: the field hardly moves
+            them (0.005 scene units a frame on the quickstart, its objects 0.31) and the fades
+            explain the frames, a cross-fade between them (issue 17, seventh pass).
         background: RGB in [0, 1] composited under the splats.
         random_background: training renders composite over a random colour per step instead (the
             ground truth is opaque, so any see-through pixel costs: the scene cannot hide holes in
@@ -153,6 +159,7 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         path_samples: int = 120,
         temporal_opacity: bool = False,
         temporal_width: float = 1.0,
+        relative_deformation: bool = False,
         background: tuple[float, float, float] = (0.0, 0.0, 0.0),
         random_background: bool = False,
         lpips_net: str | None = "alex",
@@ -165,6 +172,11 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         on_nonfinite: Literal["stop", "skip"] = "stop",
     ):
         super().__init__()
+        if relative_deformation and not temporal_opacity:
+            raise ConfigError(
+                "model.relative_deformation: true counts each Gaussian's offsets from its own time, "
+                "which only model.temporal_opacity: true gives Gaussians; turn that on, or this off"
+            )
         # Checkpoints hold plain dicts (Lightning loads them with weights_only=True); rebuild from them.
         if isinstance(deformation, dict):
             deformation = DeformationField(**deformation)
@@ -215,48 +227,7 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
             )
         if len(self.splats) == 0:
             self._init_splats(self.info)
-        for r in self._regularizers:
-            r.setup(self._source_clip(dm, r) if r.needs_source else None)
-            if r.needs_views:
-                where = f"model.regularizers ({type(r).__name__})"
-                check_datamodule(dm, SourceClipSource, f"{where} (e.g. with SceneFramesDataModule)")
-                try:
-                    r.setup_views([self._clip(dm, v) for v in self.info.train_views])
-                except ValueError as e:
-                    raise ConfigError(f"{where}, scene {getattr(dm, 'root', '?')}: {e}") from None
-
-    def _source_clip(self, dm, reg: NovelViewRegularizer) -> SourceClip:
-        """The scene's input video for ``reg`` (its ``source_view``, else the scene's)."""
-        info = self.info
-        view = getattr(reg, "source_view", None)
-        view = info.source_view if view is None else view
-        where = f"model.regularizers ({type(reg).__name__})"
-        if view is None:
-            raise ConfigError(
-                f"{where}: which view is the input video? The scene states none (scene.json "
-                "'source_view', written by GridVideoWriter); set source_view in its init_args"
-            )
-        if not 0 <= view < len(info.K):
-            raise ConfigError(
-                f"{where}: source_view {view} is not a view of the scene (0..{len(info.K) - 1})"
-            )
-        check_datamodule(dm, SourceClipSource, f"{where} (e.g. with SceneFramesDataModule)")
-        return self._clip(dm, view)
-
-    def _clip(self, dm, view: int) -> SourceClip:
-        """View ``view`` of the scene as a :class:`SourceClip` (``dm``: a SourceClipSource)."""
-        info = self.info
-        clip = dm.view_clip(view)
-        return SourceClip(
-            rgb=clip["rgb"],
-            depth=clip.get("depth"),
-            K=info.K[view],
-            w2c=info.w2c[view],
-            times=info.times,
-            view=view,
-            caption=info.caption,
-            rig=info.w2c[:, 0],
-        )
+        self._setup_regularizers(dm)
 
     def _init_splats(self, info: SceneInfo) -> None:
         h = self.hparams
@@ -347,7 +318,7 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         static = p[STATIC_KEY] > 0.5 if STATIC_KEY in p else None
         if deform and self.deformation is not None:
             if static is None:
-                d = self._deform_fn("forward")(p["means"], t)
+                d = self._offsets(p["means"], t)
                 out.update(
                     means=p["means"] + d.d_means,
                     scales=p["scales"] + d.d_log_scales,
@@ -355,7 +326,7 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
                 )
             else:  # only the moving Gaussians: the field's cost and capacity go to them
                 idx = self._moving_index()
-                d = self._deform_fn("forward")(p["means"][idx], t)
+                d = self._offsets(p["means"][idx], t, idx)
                 out.update(
                     means=p["means"].index_add(0, idx, d.d_means),
                     scales=p["scales"].index_add(0, idx, d.d_log_scales),
@@ -364,6 +335,17 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         if "t_mean" in p:
             out["opacities"] = faded_logits(p["opacities"], t, p["t_mean"], p["t_scale"], always=static)
         return out
+
+    def _offsets(self, means: Tensor, t: float | Tensor, idx: Tensor | None = None) -> Deformation:
+        """The field's offsets of Gaussians ``means [M, 3]`` (``idx [M]`` into the splats, or all)
+        at time ``t``; with ``relative_deformation``, minus its offsets at each one's own time."""
+        field = self._deform_fn("forward")
+        d = field(means, t)
+        if not (self.hparams.get("relative_deformation") and "t_mean" in self.splats):
+            return d
+        own = self.splats["t_mean"] if idx is None else self.splats["t_mean"][idx]
+        d0 = field(means, own)
+        return Deformation(d.d_means - d0.d_means, d.d_log_scales - d0.d_log_scales, d.d_quats - d0.d_quats)
 
     def _deform_fn(self, name: str):
         """The deformation field's ``forward``/``regularization``, compiled on CUDA if asked."""
@@ -427,14 +409,6 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
                 shN=g["shN"],
             ).detach()
 
-    def camera_path(self, num: int | None = None) -> tuple[Tensor, Tensor]:
-        """Interpolated loop through the training cameras: ``K [3, 3]``, ``w2c [num, 4, 4]``."""
-        info = self.info
-        w2c = info.w2c[info.train_views, 0].to(self.device)
-        up = -w2c[:, 1, :3].mean(0)  # cameras' average "up" (OpenCV y points down)
-        path, _ = interpolate_loop(w2c, num_samples=num or self.hparams.path_samples, up=up)
-        return info.K[info.train_views[0]].to(self.device), path
-
     # ------------------------------------------------------------------------------- training
     def training_step(self, batch: GridBatch, batch_idx: int) -> Tensor:
         batch = GridBatch.coerce(batch)
@@ -478,15 +452,7 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
             reg = self._deform_fn("regularization")()
             loss = add_hexplane_regularization(loss, reg, h.tv_weight, h.time_smooth_weight, h.time_l1_weight)
             losses.update({f"reg_{k}": v for k, v in reg.items()})
-        step = self.global_step
-        active = [r for r in self._regularizers if r.due(step)] if step % h.regularize_every == 0 else []
-        if active:
-            wants = [r.frames for r in active]
-            novel = self._render_novel_view(batch, None if None in wants else max(wants))
-            for r in active:
-                value = r(novel)
-                losses[f"reg_{r.name}"] = value
-                loss = loss + r.weight * value
+        loss = self._add_regularization(batch, loss, losses)
         if not self.losses_finite({f"train/{k}": v for k, v in {**losses, "loss": loss}.items()}):
             self._render_infos = []  # no backward: densification sees nothing of this batch
             return None
@@ -502,31 +468,6 @@ class Gaussian4DFitter(NonFiniteGuard, BatchContract, L.LightningModule):
         self.log("train/num_gaussians", n, prog_bar=True, batch_size=B)
         self.log("train/psnr", psnr, batch_size=B)
         return loss
-
-    def _render_novel_view(self, batch: GridBatch, frames: int | None = None) -> NovelViewRender:
-        """The clip (or ``frames`` random frames of it, in time order) from a path camera."""
-        K, path = self.camera_path()
-        # Drawn from (seed, step), not the global RNG: a resumed fit samples the same cameras.
-        gen = step_generator(self.global_step)
-        idx = int(torch.randint(len(path), (1,), generator=gen))
-        times, picked = self.info.times, None
-        if frames is not None and frames < len(times):
-            picked = torch.randperm(len(times), generator=gen)[:frames].sort().values
-            times = times[picked]
-        times = times.to(self.device)
-        outs = [self.render(t, K[None], path[idx : idx + 1]) for t in times]
-        cat = lambda key: torch.cat([getattr(o, key) for o in outs]).permute(0, 3, 1, 2)  # noqa: E731
-        return NovelViewRender(
-            rgb=cat("rgb"),
-            alpha=cat("alpha"),
-            depth=cat("depth"),
-            K=K,
-            w2c=path[idx],
-            times=times,
-            step=self.global_step,
-            batch=batch,
-            frames=picked,
-        )
 
     def on_after_backward(self) -> None:
         """Densify/prune after the gradients exist and before the optimizer steps (gsplat's order)."""
