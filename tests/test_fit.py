@@ -564,3 +564,18 @@ def test_a_budget_below_the_initial_gaussians_is_named(tmp_path):
         _trainer(tmp_path, 1).fit(
             _fitter(1, densify=_budget(40, max_gaussians=100)), _dm(tmp_path, init_points=300)
         )
+
+
+def test_the_camera_path_is_kept_per_scene_and_size(tmp_path):
+    """A regularised step reads the path from the cache (the spline runs on the host); another
+    size or a new scene computes it again, to the same values as a fresh fitter's."""
+    model, dm = _fitter(2), _dm(tmp_path, init_points=300)
+    _trainer(tmp_path, 2).fit(model, dm)
+    K, path = model.camera_path()
+    assert model.camera_path()[1] is path and model.camera_path(5)[1].shape == (5, 4, 4)
+    fresh = _fitter(2)
+    fresh.info = model.info
+    torch.testing.assert_close(fresh.camera_path(), (K, path))
+    model.info = dm.scene_info()  # a new SceneInfo (e.g. set up again)
+    assert model.camera_path()[1] is not path
+    torch.testing.assert_close(model.camera_path()[1], path)

@@ -69,12 +69,20 @@ class NovelViews:
         )
 
     def camera_path(self, num: int | None = None) -> tuple[Tensor, Tensor]:
-        """Interpolated loop through the training cameras: ``K [3, 3]``, ``w2c [num, 4, 4]``."""
-        info = self.info
+        """Interpolated loop through the training cameras: ``K [3, 3]``, ``w2c [num, 4, 4]``.
+
+        Kept per (scene, size, device): the spline runs on the host, and a regularised step
+        would otherwise copy the cameras there and back (a host sync on CUDA) every time."""
+        info, num = self.info, num or self.hparams.path_samples
+        cache = self.__dict__.setdefault("_paths", {})
+        hit = cache.get(num)
+        if hit is not None and hit[0] is info and hit[1] == self.device:
+            return hit[2]
         w2c = info.w2c[info.train_views, 0].to(self.device)
         up = -w2c[:, 1, :3].mean(0)  # cameras' average "up" (OpenCV y points down)
-        path, _ = interpolate_loop(w2c, num_samples=num or self.hparams.path_samples, up=up)
-        return info.K[info.train_views[0]].to(self.device), path
+        path, _ = interpolate_loop(w2c, num_samples=num, up=up)
+        cache[num] = (info, self.device, (info.K[info.train_views[0]].to(self.device), path))
+        return cache[num][2]
 
     def _add_regularization(self, batch: GridBatch, loss: Tensor, losses: dict[str, Tensor]) -> Tensor:
         """``loss`` plus the weighted terms of the regularisers due at this step (each also put in
