@@ -50,8 +50,40 @@ def test_graphed_regularisers_and_compiled_field_equal_eager_across_steps():
         opt_a.step(), opt_b.step()
 
 
-def test_compiled_fit_runs_and_keeps_its_host_copies(tmp_path):
-    model = _fitter(12, compile=True, temporal_opacity=True, densify=_budget(4))
+def test_compiled_field_at_per_gaussian_times_equals_eager():
+    """``relative_deformation`` evaluates the field at each Gaussian's own time (``t [M]``): the
+    compiled field gives eager's offsets and gradients there, next to the scalar-time call."""
+    torch.manual_seed(0)
+    field = DeformationField(features=8, resolution=(8, 8, 8, 5), multires=(1, 2), width=16).cuda()
+    for p in field.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    fwd = compile_dynamic(field.forward)
+    for n in (300, 257):
+        means = torch.rand(n, 3, device="cuda") * 2 - 1
+        own = torch.rand(n, device="cuda")
+        t = torch.tensor(0.4, device="cuda")
+        got = [fwd(means, t), fwd(means, own)]
+        ref = [field(means, t), field(means, own)]
+
+        def relative_loss(pair):  # what the fitter's _offsets subtracts, squared
+            now, own_time = (vars(d).values() for d in pair)
+            return sum((a - b).square().sum() for a, b in zip(now, own_time, strict=True))
+
+        loss_got, loss_ref = relative_loss(got), relative_loss(ref)
+        for g, r in zip(got, ref, strict=True):
+            for a, b in zip(vars(g).values(), vars(r).values(), strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        params = list(field.parameters())
+        grads = zip(torch.autograd.grad(loss_got, params), torch.autograd.grad(loss_ref, params), strict=True)
+        for a, b in grads:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative_deformation"])
+def test_compiled_fit_runs_and_keeps_its_host_copies(tmp_path, relative):
+    model = _fitter(
+        12, compile=True, temporal_opacity=True, densify=_budget(4), relative_deformation=relative
+    )
     dm = _dm(tmp_path, init_points=300, init_frames="all", split_static=True)
     trainer = _trainer(tmp_path, 12, accelerator="gpu", devices=1)
     trainer.fit(model, dm)
