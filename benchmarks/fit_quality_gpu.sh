@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue 17's GPU run, several variants side by side on one GPU (the fit is launch-bound: four to six
+# fits share an H100/H200 at about 1.2-1.5x the time of one). Each variant adds --set pairs to the
+# best recipe so far: depth supervision, SH 0, the training views warped into a path camera every
+# other step (benchmarks/RESULTS.md, issue 17 sixth pass), on the 7-view orbit with view 3 held out,
+# 16 frames at 256 px, 7000 steps (2000 coarse).
+#
+#   benchmarks/fit_quality_gpu.sh OUT_DIR NAME=PAIRS... [-- extra fit_quality args]
+#   benchmarks/fit_quality_gpu.sh /tmp/fq base= noreset=model.init_args.densify.reset_every=1000000
+#
+# Extra fit_quality args go after "--" and override the run's (--steps, --size, ...), but not --set:
+# give --set pairs in the variants.
+#
+# Each variant's log is OUT_DIR/NAME.log; its "fit_quality dynamic regions:" line (printed before the
+# test step) holds the covered held-out PSNR. Several pairs in one variant: separate them with spaces.
+set -uo pipefail
+out=$1; shift
+mkdir -p "$out"
+warp='model.init_args.regularizers=[{"class_path":"fourdgen.gaussians.regularizers.WarpConsistency","init_args":{"weight":1.0,"start_step":500,"frames":1}}]'
+best="model.init_args.depth_weight=1.0 data.init_args.train_depth=true model.init_args.sh_degree=0 model.init_args.regularize_every=2"
+variants=(); extra=()
+while (($#)); do
+  if [[ $1 == -- ]]; then shift; extra=("$@"); break; fi
+  variants+=("$1"); shift
+done
+for v in "${variants[@]}"; do
+  name=${v%%=*} pairs=${v#*=}
+  # shellcheck disable=SC2086  # the pairs are split on purpose
+  python3 benchmarks/fit_quality.py --config lightning_configs/fit/full4d.yaml --views 7 --frames 16 --size 256 \
+    --holdout 3 --no-export --steps 7000 --coarse 2000 --only dynamic --scene-dir "$out/scene_$name" \
+    "${extra[@]}" --set $best "$warp" $pairs >"$out/$name.log" 2>&1 &
+done
+wait
+grep -H "fit_quality dynamic regions" "$out"/*.log
