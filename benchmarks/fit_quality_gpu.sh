@@ -31,4 +31,4 @@ for v in "${variants[@]}"; do
     "${extra[@]}" --set $best "$warp" $pairs >"$out/$name.log" 2>&1 &
 done
 wait
-grep -H "fit_quality dynamic regions" "$out"/*.log
+grep -H -E "fit_quality dynamic (regions|between)" "$out"/*.log
