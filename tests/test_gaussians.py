@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -282,6 +284,34 @@ def test_antialiased_mode_keeps_a_small_splats_weight():
         rasterize(g, K, w2c, 32, 32, backend="torch", rasterize_mode="mip")
 
 
+def test_a_large_cpu_render_warns_once_when_a_gpu_is_there(monkeypatch):
+    """The trap after ``trainer.fit`` (Lightning moves the model to the CPU): a GPU-size render
+    with ``backend='auto'`` on CPU tensors warns once; small renders and an explicit
+    ``backend='torch'`` do not."""
+    rmod = importlib.import_module("fourdgen.gaussians.rasterize")  # the package exports the function
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(rmod, "_cpu_warned", False)
+    monkeypatch.setattr(rmod, "_CPU_WARN_COUNT", 8)
+    K, w2c = torch.tensor([[[8.0, 0, 4], [0, 8.0, 4], [0, 0, 1]]]), torch.eye(4)[None]
+
+    def gs(n):
+        means = torch.zeros(n, 3)
+        means[:, 2] = 3
+        return {"means": means, "quats": torch.tensor([[1.0, 0, 0, 0]]).expand(n, 4),
+                "log_scales": torch.full((n, 3), -2.0), "opacity_logits": torch.zeros(n),
+                "colors": torch.ones(n, 3)}  # fmt: skip
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rasterize(gs(4), K, w2c, 8, 8)  # small: no warning
+        rasterize(gs(8), K, w2c, 8, 8, backend="torch")  # on purpose: none
+    with pytest.warns(UserWarning, match=r"8 Gaussians rendered on the CPU.*model.cuda\(\)"):
+        rasterize(gs(8), K, w2c, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rasterize(gs(8), K, w2c, 8, 8)  # once per process
+
+
 def test_gaussians_behind_camera_contribute_nothing():
     g, K, w2c, W, H, bg = random_scene(3, n=60, n_behind=30)
     out_all = rasterize(g, K, w2c, W, H, backend="torch", background=bg)
@@ -355,6 +385,42 @@ def test_gsplat_default_strategy_cycle(packed):
         assert opt.state[p]["exp_avg"].shape == p.shape
     out = rasterize(params, K, w2c, W, H, backend="torch")  # still renders
     assert out.rgb.isfinite().all()
+
+
+def test_size_prune_by_distance_keeps_a_far_background_and_is_3dgs_inside_the_rig():
+    """3DGS prunes Gaussians above ``prune_scale3d`` x extent once past ``reset_every``; by distance,
+    the limit grows with the distance from the cameras' centre beyond the extent. Plain reference:
+    extent 2 (limit 0.2 inside the rig); a 1-unit Gaussian 0.5 from the centre goes either way, one
+    20 units away (limit 2) stays by distance; a transparent one goes; before the first reset
+    nothing is pruned for size."""
+    means = torch.tensor([[0.5, 0, 0], [0, 0, 20.0], [0, 20.0, 0], [0, 0, 1.0]])
+    scales = torch.log(torch.tensor([1.0, 1.0, 3.0, 0.05]))[:, None].expand(4, 3).clone()
+    opacities = torch.tensor([3.0, 3.0, 3.0, -6.0])  # the last below prune_opa
+
+    def pruned(by_distance, step, center=(0.0, 0.0, 0.0)):
+        params = torch.nn.ParameterDict(
+            {
+                "means": torch.nn.Parameter(means.clone()),
+                "scales": torch.nn.Parameter(scales.clone()),
+                "opacities": torch.nn.Parameter(opacities.clone()),
+            }
+        )
+        opts = {k: torch.optim.Adam([p]) for k, p in params.items()}
+        strategy = BudgetStrategy(prune_to=0, reset_every=100, prune_scale3d_by_distance=by_distance)
+        state = strategy.initialize_state(scene_scale=2.0)
+        state["scene_center"] = center
+        state["grad2d"], state["count"] = torch.zeros(4), torch.zeros(4)
+        strategy._prune_gs(params, opts, state, step)
+        assert state["grad2d"].shape == (len(params["means"]),)  # the state follows the surgery
+        kept = params["means"].detach()
+        return [i for i in range(4) if not (kept == means[i]).all(-1).any()]
+
+    assert pruned(False, 101) == [0, 1, 2, 3]  # gsplat: every Gaussian above 0.2, and the transparent one
+    assert pruned(True, 101) == [0, 2, 3]  # 20 units out: limit 0.1 x 20 = 2 keeps the 1, not the 3
+    # from a centre at the second: the first is 20 out (kept), the second inside (pruned), the third
+    # 28 out (limit 2.8 < 3)
+    assert pruned(True, 101, center=(0.0, 0.0, 20.0)) == [1, 2, 3]
+    assert pruned(True, 100) == pruned(False, 100) == [3]  # no size prune until past reset_every
 
 
 def test_budget_accumulate_adds_each_renders_statistics():

@@ -11,6 +11,14 @@ Budget rules (our reading of Full-4D appendix B, stated here because the paper i
 - Growth never makes the count exceed ``max_gaussians``: when there are more candidates than
   room, the ones with the largest mean screen-space gradient win.
 - Pruning (opacity < ``prune_opa``, or too large) runs only while the count is above ``prune_to``.
+
+3DGS (and gsplat, 4DGaussians) also prunes Gaussians larger than ``prune_scale3d`` x the cameras'
+extent once a step passes ``reset_every``. That limit is in world units, so it deletes a far
+background's Gaussians (a sky dome 3x the rig's radius away needs them about that much larger for the
+same pixels), and under a budget they do not regrow: on a six-camera CPU fit with one reset the
+dome fell from 29 to 11 dB (benchmarks/RESULTS.md, issue 17 eighth pass). ``prune_scale3d_by_distance``
+scales the limit by the Gaussian's distance from the cameras' centre beyond their extent, so it
+bounds the angular size instead; inside the rig it is 3DGS's rule.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from typing import Any
 
 import torch
 from gsplat.strategy import DefaultStrategy
-from gsplat.strategy.ops import duplicate, reset_opa, split
+from gsplat.strategy.ops import duplicate, remove, reset_opa, split
 
 
 @dataclass
@@ -28,6 +36,7 @@ class BudgetStrategy(DefaultStrategy):
     max_gaussians: int = 120_000
     prune_to: int = 80_000
     prune_opa: float = 0.015
+    prune_scale3d_by_distance: bool = False
 
     def accumulate(self, params, state: dict[str, Any], info: dict[str, Any], packed: bool = False) -> None:
         """Add one render's screen-space gradient statistics to ``state`` without refining.
@@ -111,4 +120,20 @@ class BudgetStrategy(DefaultStrategy):
     def _prune_gs(self, params, optimizers, state: dict[str, Any], step: int) -> int:
         if len(params["means"]) <= self.prune_to:
             return 0
-        return super()._prune_gs(params, optimizers, state, step)
+        center = state.get("scene_center")
+        if not self.prune_scale3d_by_distance or center is None or step <= self.reset_every:
+            return super()._prune_gs(params, optimizers, state, step)
+        # gsplat's rule with the size limit scaled by max(1, distance / extent): ``scene_center``
+        # (x, y, z) is the training cameras' mean centre (the fitter puts it in the state; a tuple,
+        # since gsplat's ops index every tensor of the state by Gaussian).
+        scale = state["scene_scale"]
+        dist = (params["means"] - params["means"].new_tensor(center)).norm(dim=-1)
+        limit = self.prune_scale3d * torch.maximum(dist, torch.full_like(dist, scale))
+        is_prune = torch.sigmoid(params["opacities"].flatten()) < self.prune_opa
+        is_prune |= torch.exp(params["scales"]).max(dim=-1).values > limit
+        if step < self.refine_scale2d_stop_iter:
+            is_prune |= state["radii"] > self.prune_scale2d
+        n_prune = int(is_prune.sum())
+        if n_prune > 0:
+            remove(params=params, optimizers=optimizers, state=state, mask=is_prune)
+        return n_prune

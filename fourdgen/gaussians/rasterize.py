@@ -23,6 +23,7 @@ transmittance to <= 1e-4, expected depth = sum(w z) / sum(w) ("ED"), colour = SH
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -298,6 +299,25 @@ def _rasterize_torch(splats, K, w2c, W, H, bg, near, far, eps2d, render_depth, a
     return RenderOutput(out, alpha, depth, info)
 
 
+_CPU_WARN_COUNT = 20_000
+_cpu_warned = False
+
+
+def _warn_cpu_render(n: int) -> None:
+    """Once per process: a large render on the CPU reference rasterizer while a GPU is there is
+    almost always a model left on the CPU, e.g. by Lightning's teardown after ``trainer.fit`` or
+    ``trainer.test`` (it takes minutes per frame where gsplat takes milliseconds)."""
+    global _cpu_warned
+    if not _cpu_warned:
+        _cpu_warned = True
+        warnings.warn(
+            f"rasterize: {n:,} Gaussians rendered on the CPU (the torch reference rasterizer) while CUDA "
+            "is available; Lightning moves a module to the CPU after trainer.fit/test: call "
+            "model.cuda() first, or pass backend='torch' to render on the CPU on purpose",
+            stacklevel=3,
+        )
+
+
 def rasterize(
     gaussians: Gaussians | Mapping[str, Tensor],
     K: Tensor,
@@ -339,6 +359,8 @@ def rasterize(
         background = background.to(splats[0]).expand(w2c.shape[0], background.shape[-1])
     if backend == "auto":
         backend = "gsplat" if splats[0].is_cuda else "torch"
+        if backend == "torch" and splats[0].shape[0] >= _CPU_WARN_COUNT and torch.cuda.is_available():
+            _warn_cpu_render(splats[0].shape[0])
     if backend == "torch":
         args = (near, far, eps2d, render_depth, absgrad, packed, rasterize_mode)
         return _rasterize_torch((*splats, sh_degree), K, w2c, width, height, background, *args)

@@ -45,6 +45,7 @@ from fourdgen.gaussians.optim import LearningRates, group_views
 from fourdgen.gaussians.rasterize import ALPHA_MIN, RenderOutput, rasterize
 from fourdgen.gaussians.regularizers import NovelViewRegularizer
 from fourdgen.gaussians.temporal import faded_logits
+from fourdgen.geometry.cameras import camera_centers
 from fourdgen.media import log_images, log_video
 from fourdgen.metrics.image import ImageMetrics, pooled_psnr
 from fourdgen.stages.common import (
@@ -475,6 +476,10 @@ class Gaussian4DFitter(NovelViews, NonFiniteGuard, BatchContract, L.LightningMod
             return
         if not self.strategy_state:
             self.strategy_state = self.densify.initialize_state(scene_scale=float(self.scene_scale))
+        if "scene_center" not in self.strategy_state and self.info is not None:  # also resumed older fits
+            rig = self.info.w2c[self.info.train_views, 0]
+            # a tuple: gsplat's ops index every tensor of the state by Gaussian
+            self.strategy_state["scene_center"] = tuple(camera_centers(rig).mean(0).tolist())
         opt = self.optimizers(use_pl_optimizer=False)
         views = group_views(opt, list(self.splats.keys()))
         for info in self._render_infos[:-1]:  # extra renders of this step only add statistics
