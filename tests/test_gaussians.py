@@ -537,13 +537,14 @@ def test_inverse_depth_l1_matches_a_plain_reference():
     preds = [torch.rand(5, 7, generator=g) * 4 + 0.5, torch.rand(3, 3, generator=g) * 4]
     targets = [torch.rand(5, 7, generator=g) * 4 + 0.5, torch.rand(3, 3, generator=g) * 4 + 0.5]
     targets[0][0, :3] = 0  # unknown pixels do not count
-    preds[1][1, 1] = 0  # nothing rendered there: clamped, not inf
+    preds[1][1, 1] = 0  # nothing rendered there: no gradient, does not count
+    preds[1][2, 2] = 1e-4  # a near splat: clamped, not inf
     want = 0.0
     for p_, t_ in zip(preds, targets, strict=True):
         terms = [
             abs(1 / max(a, 1e-3) - 1 / b)
             for a, b in zip(p_.flatten().tolist(), t_.flatten().tolist(), strict=True)
-            if b > 0
+            if b > 0 and a > 0
         ]
         want += sum(terms) / len(terms) / 2
     got = inverse_depth_l1([p.requires_grad_() for p in preds], targets)

@@ -46,11 +46,13 @@ def inverse_depth_l1(preds: Sequence[Tensor], targets: Sequence[Tensor], min_dep
     """Mean ``|1 / pred - 1 / target|`` over the pixels whose ``target > 0`` (0 = unknown), averaged
     over the frames: ``preds`` / ``targets`` one ``[H, W]`` z-depth each (rendered expected depth /
     the scene's or an aligned estimate). Inverse depth, as sparse-view depth priors use it (DNGaussian,
-    FSGS): far background (sky, dome) counts little, and the floor at grazing angles a lot. A frame
-    without known pixels adds 0."""
+    FSGS): far background (sky, dome) counts little, and the floor at grazing angles a lot. Pixels
+    the render leaves empty (``pred == 0``: no Gaussian there) do not count either: no gradient reaches
+    them, and at 1 / ``min_depth`` each they made the logged loss jump 1000-fold over a few holes
+    (issue 17, eighth pass). A frame without known pixels adds 0."""
     total = 0.0
     for pred, target in zip(preds, targets, strict=True):
-        known = target > 0
+        known = (target > 0) & (pred > 0)
         diff = (1 / pred.clamp_min(min_depth) - 1 / target.clamp_min(min_depth)).abs()
         total = total + (diff * known).sum() / known.sum().clamp_min(1)
     return total / max(len(preds), 1)
