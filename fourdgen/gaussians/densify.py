@@ -128,7 +128,7 @@ class BudgetStrategy(DefaultStrategy):
         # since gsplat's ops index every tensor of the state by Gaussian).
         scale = state["scene_scale"]
         dist = (params["means"] - params["means"].new_tensor(center)).norm(dim=-1)
-        limit = self.prune_scale3d * torch.maximum(dist, torch.full_like(dist, scale))
+        limit = self.prune_scale3d * dist.clamp_min(scale)
         is_prune = torch.sigmoid(params["opacities"].flatten()) < self.prune_opa
         is_prune |= torch.exp(params["scales"]).max(dim=-1).values > limit
         if step < self.refine_scale2d_stop_iter:
