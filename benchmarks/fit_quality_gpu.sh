@@ -6,9 +6,10 @@
 # 16 frames at 256 px, 7000 steps (2000 coarse).
 #
 #   benchmarks/fit_quality_gpu.sh OUT_DIR NAME=PAIRS... [-- extra fit_quality args]
-#   benchmarks/fit_quality_gpu.sh /tmp/fq base= noreset=model.init_args.densify.reset_every=1000000 \
-#     bydist=model.init_args.densify.prune_scale3d_by_distance=true
+#   benchmarks/fit_quality_gpu.sh /tmp/fq base= views=warp:depth=views \
+#     "views_dw=warp:depth=views warp:depth_weight=1.0" views_every=warp:depth=views model.init_args.regularize_every=1
 #
+# A pair "warp:KEY=VALUE" sets one of the warp's init_args (VALUE as JSON: numbers, true, or a bare string).
 # Extra fit_quality args go after "--" and override the run's (--steps, --size, ...), but not --set:
 # give --set pairs in the variants.
 #
@@ -18,19 +19,31 @@
 set -uo pipefail
 out=$1; shift
 mkdir -p "$out"
-warp='model.init_args.regularizers=[{"class_path":"fourdgen.gaussians.regularizers.WarpConsistency","init_args":{"weight":1.0,"start_step":500,"frames":1}}]'
+warp_base='model.init_args.regularizers=[{"class_path":"fourdgen.gaussians.regularizers.WarpConsistency","init_args":{"weight":1.0,"start_step":500,"frames":1}}]'
 best="model.init_args.depth_weight=1.0 data.init_args.train_depth=true model.init_args.sh_degree=0 model.init_args.regularize_every=2"
 variants=(); extra=()
 while (($#)); do
   if [[ $1 == -- ]]; then shift; extra=("$@"); break; fi
   variants+=("$1"); shift
 done
+set -f  # the pairs hold JSON brackets: no globbing
 for v in "${variants[@]}"; do
-  name=${v%%=*} pairs=${v#*=}
+  name=${v%%=*} pairs="" wargs=""
+  for p in ${v#*=}; do
+    if [[ $p == warp:* ]]; then
+      kv=${p#warp:} key=${kv%%=*} val=${kv#*=}
+      [[ $val =~ ^(-?[0-9.e-]+|true|false|null)$ ]] || val="\"$val\""
+      wargs+=",\"$key\":$val"
+    else
+      pairs+=" $p"
+    fi
+  done
+  warp=${warp_base/\"frames\":1/\"frames\":1$wargs}
   # shellcheck disable=SC2086  # the pairs are split on purpose
   python3 benchmarks/fit_quality.py --config lightning_configs/fit/full4d.yaml --views 7 --frames 16 --size 256 \
     --holdout 3 --no-export --steps 7000 --coarse 2000 --only dynamic --scene-dir "$out/scene_$name" \
     "${extra[@]}" --set $best "$warp" $pairs >"$out/$name.log" 2>&1 &
 done
 wait
+set +f
 grep -H -E "fit_quality dynamic (regions|between)" "$out"/*.log

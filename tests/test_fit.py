@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import imageio.v2 as iio
 import lightning as L
@@ -579,3 +580,50 @@ def test_the_camera_path_is_kept_per_scene_and_size(tmp_path):
     model.info = dm.scene_info()  # a new SceneInfo (e.g. set up again)
     assert model.camera_path()[1] is not path
     torch.testing.assert_close(model.camera_path()[1], path)
+
+
+def test_training_scalars_are_logged_only_on_the_steps_the_logger_writes(tmp_path, monkeypatch):
+    """Every ``log_every_n_steps``-th step and the last (self.log costs host time per call, written or
+    not); what the logger writes, and the metrics at the end, are those of logging at every step."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    import fourdgen.stages.fit as fit_module
+
+    def run(root):
+        steps = []
+        model = _fitter(7, coarse_steps=2)
+        log = model.log
+
+        def counting(name, *a, **k):
+            if name == "train/loss":
+                steps.append(model.global_step)
+            return log(name, *a, **k)
+
+        model.log = counting
+        trainer = L.Trainer(
+            max_steps=7, log_every_n_steps=3, logger=CSVLogger(root), enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, accelerator="cpu",
+            default_root_dir=root,
+        )  # fmt: skip
+        L.seed_everything(0)
+        trainer.fit(model, _dm(tmp_path, init_points=300))
+        return steps, trainer.logged_metrics, (Path(trainer.logger.log_dir) / "metrics.csv").read_text()
+
+    steps, metrics, csv = run(tmp_path / "sparse")
+    assert steps == [2, 5, 6]  # steps 3 and 6 (1-based) and the last, 7
+    assert {"train/loss", "train/psnr", "train/num_gaussians"} <= set(metrics)
+    monkeypatch.setattr(fit_module, "logs_this_step", lambda module: True)
+    every, metrics_every, csv_every = run(tmp_path / "every")
+    assert every == list(range(7))
+    assert metrics.keys() == metrics_every.keys()
+    # the same rows and columns; values to float noise (the fits are not bit-identical across runs)
+    rows, rows_every = ([r.split(",") for r in c.splitlines()] for c in (csv, csv_every))
+    assert rows[0] == rows_every[0] and [r[:2] for r in rows] == [r[:2] for r in rows_every]
+    for r, e in zip(rows[1:], rows_every[1:], strict=True):
+        assert [bool(x) for x in r] == [bool(x) for x in e]
+        torch.testing.assert_close(
+            torch.tensor([float(x) for x in r if x]),
+            torch.tensor([float(x) for x in e if x]),
+            rtol=0.05,
+            atol=1e-3,
+        )

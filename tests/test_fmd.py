@@ -82,6 +82,7 @@ def _fit(tmp_path, model, steps, ckpt_path=None, **kw):
     losses = _Losses()
     trainer = L.Trainer(
         max_steps=steps,
+        log_every_n_steps=1,  # the callback reads each step's losses
         accelerator="cpu",
         logger=False,
         enable_progress_bar=False,

@@ -1,4 +1,4 @@
-"""Backward warping (fourdgen.geometry.warp) and the fitter's warp-consistency regulariser."""
+"""Backward and forward warping (fourdgen.geometry.warp) and the fitter's warp-consistency regulariser."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from fourdgen.data.scene_frames import SceneFramesDataModule
 from fourdgen.data.synthetic import SyntheticConfig, make_scene
 from fourdgen.errors import ConfigError
 from fourdgen.gaussians.regularizers import NovelViewRender, SourceClip, WarpConsistency
-from fourdgen.geometry.warp import backward_warp
+from fourdgen.geometry.warp import backward_warp, forward_depth
 from fourdgen.stages.fit import Gaussian4DFitter
 
 ORBIT = SyntheticConfig(num_views=7, num_frames=2, height=48, width=48, layout="orbit", elevation_deg=25)
@@ -114,6 +114,88 @@ def test_backward_warp_of_the_neighbours_predicts_the_held_out_view(orbit):
     assert (loose[0] | loose[1]).sum() > m.sum()
 
 
+def _reference_forward_depth(src_depth, src_K, src_w2c, K, w2c, H, W, occlusion_tol):
+    """forward_depth point by point: each source pixel's point into its pixel, the four around it
+    where none lands, then the 3 x 3 see-through test."""
+    T, Hs, Ws = src_depth.shape
+    out = torch.zeros(T, H, W, dtype=torch.float64)
+    Ki = src_K.double().inverse()
+    for t in range(T):
+        near = torch.full((H, W), math.inf, dtype=torch.float64)
+        fill = near.clone()
+        c2w = src_w2c[t].double().inverse()
+        for r in range(Hs):
+            for c in range(Ws):
+                d = float(src_depth[t, r, c])
+                if d <= 0:
+                    continue
+                world = (
+                    c2w[:3, :3] @ (Ki @ torch.tensor([c + 0.5, r + 0.5, 1.0], dtype=torch.float64) * d)
+                    + c2w[:3, 3]
+                )
+                p = w2c[t].double()[:3, :3] @ world + w2c[t].double()[:3, 3]
+                if p[2] <= 0:
+                    continue
+                u, v, z = float(K[0].double() @ p / p[2]), float(K[1].double() @ p / p[2]), float(p[2])
+                i, j = math.floor(u), math.floor(v)
+                if 0 <= i < W and 0 <= j < H:
+                    near[j, i] = min(near[j, i], z)
+                for dx in (0, 1):
+                    for dy in (0, 1):
+                        i, j = math.floor(u - 0.5) + dx, math.floor(v - 0.5) + dy
+                        if 0 <= i < W and 0 <= j < H:
+                            fill[j, i] = min(fill[j, i], z)
+        z = torch.where(near.isfinite(), near, fill)
+        for j in range(H):
+            for i in range(W):
+                nearest = z[max(j - 1, 0) : j + 2, max(i - 1, 0) : i + 2].min()
+                if z[j, i].isfinite() and z[j, i] <= nearest * (1 + occlusion_tol):
+                    out[t, j, i] = z[j, i]
+    return out
+
+
+def test_forward_depth_equals_point_by_point_reference():
+    s = make_scene(
+        SyntheticConfig(num_views=4, num_frames=2, height=12, width=14, layout="arc", arc_degrees=40),
+        device="cpu",
+    )
+    args = (s.depth[2], s.K[2], s.w2c[2], s.K[1], s.w2c[1], 12, 14)
+    for tol in (0.05, None):
+        got = forward_depth(*args, occlusion_tol=tol)
+        ref = _reference_forward_depth(*args, occlusion_tol=math.inf if tol is None else tol)
+        # at 12 px a grazing floor's depth changes by more than 5% from pixel to pixel: the test drops some
+        assert (got > 0).float().mean() > (0.3 if tol else 0.6)
+        torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+    # into itself (no see-through test): every pixel lands in its own cell
+    own = forward_depth(s.depth[1], s.K[1], s.w2c[1], s.K[1], s.w2c[1], 12, 14, occlusion_tol=None)
+    torch.testing.assert_close(own, s.depth[1], atol=1e-4, rtol=1e-5)
+
+
+def test_forward_depth_of_the_neighbours_warps_the_held_out_view(orbit):
+    """Through the neighbours' splatted depth rather than the held-out view's exact one (27.97 dB
+    on 70%): 29.9 dB on 35% of the view measured at 48 px, 27.3 on 41% without the see-through
+    test (30.6 on 70% / 27.8 at 256 px)."""
+
+    def psnr_share(tol):
+        z = torch.stack([forward_depth(orbit.depth[v], orbit.K[v], orbit.w2c[v], orbit.K[3], orbit.w2c[3],
+                                       48, 48, occlusion_tol=tol) for v in (2, 4)])  # fmt: skip
+        z = torch.where(z > 0, z, torch.inf).amin(0)
+        z = torch.where(z.isfinite(), z, 0.0)
+        acc, count = 0, 0
+        for v in (2, 4):
+            src = orbit.rgb[v].permute(0, 3, 1, 2)
+            rgb, ok = backward_warp(
+                z, orbit.K[3], orbit.w2c[3], src, orbit.depth[v], orbit.K[v], orbit.w2c[v]
+            )
+            acc, count = acc + rgb, count + ok
+        m = count > 0
+        mse = (acc / count.clamp_min(1)[:, None] - orbit.rgb[3].permute(0, 3, 1, 2)).pow(2).mean(1)[m].mean()
+        return float(-10 * torch.log10(mse)), float(m.float().mean())
+
+    (tested, share), (untested, _) = psnr_share(0.05), psnr_share(None)
+    assert share > 0.3 and tested > 29.0 and tested > untested + 1.5, (tested, untested, share)
+
+
 def _clips(scene, views):
     return [
         SourceClip(scene.rgb[v].permute(0, 3, 1, 2), scene.depth[v], scene.K[v], scene.w2c[v], scene.times, v)
@@ -153,6 +235,37 @@ def test_warp_consistency_loss_and_gradient(orbit):
     only.setup_views(_clips(orbit, [2, 4]))
     t1, v1 = only.targets(_render(orbit, 3))
     assert torch.equal(valid, v1) and torch.allclose(target, t1)
+
+
+def test_warp_consistency_through_the_views_depth_ignores_the_render_geometry(orbit):
+    reg = WarpConsistency(views=2, depth="views", depth_weight=0.5)
+    reg.setup_views(_clips(orbit, [0, 1, 2, 4, 5, 6]))
+    exact = _render(orbit, 3)
+    empty = _render(orbit, 3)
+    empty.depth, empty.alpha = torch.zeros_like(exact.depth), torch.zeros_like(exact.alpha)
+    (t1, v1), (t2, v2) = reg.targets(exact), reg.targets(empty)
+    assert torch.equal(v1, v2) and torch.equal(t1, t2) and v1.float().mean() > 0.3
+    # against the render's own depth: the same target where that depth is exact (the held-out
+    # view's), less of it where the splatted depth has gaps or see-through
+    by_render = WarpConsistency(views=2)
+    by_render.setup_views(_clips(orbit, [0, 1, 2, 4, 5, 6]))
+    t3, v3 = by_render.targets(exact)
+    both = v1 & v3
+    assert both.sum() > 0.8 * v1.sum()
+    assert (t1 - t3).abs().amax(1)[both].median() < 0.01  # splatted depth: off by a sub-pixel step
+    # the depth term: the render's depth gets a gradient, none from a render that matches it
+    depth = exact.depth.clone().requires_grad_()
+    exact.depth = depth
+    reg(exact).backward()
+    assert depth.grad.abs().sum() < 1e-3 * depth.numel()
+    wrong = _render(orbit, 3)
+    wrong.depth = (orbit.depth[3][:, None] * 1.3).requires_grad_()
+    reg(wrong).backward()
+    assert wrong.depth.grad[v1[:, None]].abs().sum() > 0
+    with pytest.raises(ValueError, match="depth: expected 'render' or 'views'"):
+        WarpConsistency(depth="rendered")
+    with pytest.raises(ValueError, match="depth_weight: 1.0 needs depth: views"):
+        WarpConsistency(depth_weight=1.0)
 
 
 def test_warp_consistency_needs_depth(orbit):

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fourdgen.gaussians.losses import inverse_depth_l1
 from fourdgen.geometry.cameras import camera_centers
-from fourdgen.geometry.warp import backward_warp
+from fourdgen.geometry.warp import backward_warp, forward_depth
 
 
 @dataclass
@@ -123,11 +124,19 @@ class WarpConsistency(NovelViewRegularizer):
     e.g. ``fourdgen generate``'s, or ``data.depth_model``'s). Measured on six synthetic cameras:
     +1.5 dB on the held-out pixels some camera sees (benchmarks/RESULTS.md, issue 17 sixth pass).
 
+    ``depth="views"`` warps through the depth the nearest training views see instead
+    (:func:`~fourdgen.geometry.warp.forward_depth`, their depth maps z-buffered into the novel
+    camera): the target no longer depends on the render's geometry, so floaters and holes between
+    the cameras are supervised too, wherever a training view saw the surface. ``depth_weight`` then
+    adds the inverse-depth L1 of the render against that depth (a pseudo depth map per novel view).
+
     Args:
         frames: frames of the novel clip per step (default 1: one extra render a step).
         views: how many training cameras (nearest by camera centre) warp into each novel view.
         rel_tol: the occlusion and depth-edge test of :func:`backward_warp`.
-        min_alpha: novel-view pixels with less opacity have no surface to warp from.
+        min_alpha: novel-view pixels with less opacity have no surface to warp from (``depth="render"``).
+        depth: ``"render"`` (the render's expected depth) or ``"views"`` (the training views').
+        depth_weight: ``depth="views"`` only: weight of the render's inverse-depth L1 against it.
     """
 
     name = "warp"
@@ -142,11 +151,18 @@ class WarpConsistency(NovelViewRegularizer):
         views: int = 2,
         rel_tol: float = 0.01,
         min_alpha: float = 0.5,
+        depth: str = "render",
+        depth_weight: float = 0.0,
     ):
         super().__init__(weight, start_step, every, frames)
         if views < 1:
             raise ValueError(f"WarpConsistency.views: expected an integer >= 1, got {views}")
+        if depth not in ("render", "views"):
+            raise ValueError(f"WarpConsistency.depth: expected 'render' or 'views', got {depth!r}")
+        if depth_weight and depth != "views":
+            raise ValueError(f"WarpConsistency.depth_weight: {depth_weight} needs depth: views")
         self.views, self.rel_tol, self.min_alpha = views, rel_tol, min_alpha
+        self.depth, self.depth_weight = depth, depth_weight
         self._clips: list[SourceClip] = []
         self._stacked: tuple[Tensor, ...] | None = None
 
@@ -178,8 +194,13 @@ class WarpConsistency(NovelViewRegularizer):
 
     def targets(self, render: NovelViewRender) -> tuple[Tensor, Tensor]:
         """The warped target ``[T, 3, H, W]`` and where it exists ``[T, H, W]`` bool."""
+        target, valid, _ = self._targets(render)
+        return target, valid
+
+    def _targets(self, render: NovelViewRender) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`targets` and the depth warped through ``[T, H, W]`` (0: none)."""
         rgb_v, depth_v, K_v, w2c_v, centers = self._on(render.rgb.device)
-        T = render.rgb.shape[0]
+        T, _, H, W = render.rgb.shape
         frames = render.frames
         if frames is None and rgb_v.shape[1] != T:
             raise ValueError(
@@ -192,23 +213,38 @@ class WarpConsistency(NovelViewRegularizer):
         with torch.no_grad():
             dist = (centers - camera_centers(render.w2c)).norm(dim=-1)
             near = dist.topk(min(self.views, len(centers)), largest=False).indices  # stays on the device
-            depth = render.depth[:, 0].detach()
-            w2c = render.w2c.to(depth.dtype).expand(T, 4, 4)
+            picked = [near[j : j + 1] for j in range(len(near))]
+            K = render.K.to(depth_v.dtype)
+            w2c = render.w2c.to(depth_v.dtype).expand(T, 4, 4)
+            if self.depth == "views":
+                splats = [
+                    forward_depth(depth_v.index_select(0, i)[0], K_v.index_select(0, i)[0],
+                                  w2c_v.index_select(0, i)[0], K, w2c, H, W)
+                    for i in picked
+                ]  # fmt: skip
+                z = torch.stack(splats)
+                z = torch.where(z > 0, z, torch.inf).amin(0)  # the nearest surface any of them saw
+                depth = torch.where(z.isfinite(), z, 0.0)
+            else:
+                depth = render.depth[:, 0].detach()
             acc = torch.zeros_like(render.rgb)
             count = torch.zeros_like(depth)
-            for j in range(len(near)):
-                i = near[j : j + 1]
+            for i in picked:
                 rgb, ok = backward_warp(
-                    depth, render.K.to(depth.dtype), w2c, rgb_v.index_select(0, i)[0],
-                    depth_v.index_select(0, i)[0], K_v.index_select(0, i)[0], w2c_v.index_select(0, i)[0],
-                    self.rel_tol,
+                    depth, K, w2c, rgb_v.index_select(0, i)[0], depth_v.index_select(0, i)[0],
+                    K_v.index_select(0, i)[0], w2c_v.index_select(0, i)[0], self.rel_tol,
                 )  # fmt: skip
                 acc += rgb
                 count += ok
-            valid = (count > 0) & (render.alpha[:, 0].detach() > self.min_alpha)
-            return acc / count.clamp_min(1)[:, None], valid
+            valid = count > 0
+            if self.depth == "render":
+                valid &= render.alpha[:, 0].detach() > self.min_alpha
+            return acc / count.clamp_min(1)[:, None], valid, depth
 
     def forward(self, render: NovelViewRender) -> Tensor:
-        target, valid = self.targets(render)
+        target, valid, depth = self._targets(render)
         err = (render.rgb - target).abs().sum(1)  # [T, H, W]
-        return torch.where(valid, err, 0.0).sum() / (3 * valid.sum().clamp_min(1))
+        loss = torch.where(valid, err, 0.0).sum() / (3 * valid.sum().clamp_min(1))
+        if self.depth_weight:
+            loss = loss + self.depth_weight * inverse_depth_l1(list(render.depth[:, 0]), list(depth))
+        return loss

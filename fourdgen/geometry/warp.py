@@ -1,4 +1,5 @@
-"""Backward warping: the colours a camera would see, fetched from another view through depth.
+"""Warping between views through depth: a camera's colours fetched from another view (backward),
+and the depth a camera would see, splatted from other views' depth maps (forward).
 
 Given a target view's z-depth, each of its pixels is lifted to a world point, projected into a
 source view and the source image is sampled there (bilinear). Where the source sees that same
@@ -7,6 +8,10 @@ truth for a novel view from the training views (Binocular-Guided 3DGS, Han et al
 training view the same way). On the synthetic 7-view orbit at 256 px, warping the two neighbouring
 training views into the held-out view through its exact depth gives 34.3 dB on 73% of its pixels
 (81% are seen by some training camera).
+A novel view has no depth of its own: :func:`forward_depth` z-buffers the source views' surface
+points into it, so that :func:`backward_warp` can fetch their colours through it without trusting
+a render's geometry (MVPGS, Xu et al. ECCV 2024, forward-warps training views into pseudo views the
+same way).
 Cameras follow :mod:`.cameras`; pixel coordinates are corner-origin (:mod:`.projection`).
 """
 
@@ -71,3 +76,63 @@ def backward_warp(
     valid = (depth.reshape(T, -1) > 0) & (z > 0) & inside & (inv_at > 0) & ok
     rgb = _sample(src_rgb, uv, "bilinear") * valid[..., None]
     return rgb.transpose(1, 2).reshape(T, -1, H, W), valid.reshape(T, H, W)
+
+
+def _zbuffer(cols: Tensor, rows: Tensor, z: Tensor, height: int, width: int) -> Tensor:
+    """The nearest ``z [T, N]`` landing on each pixel ``(cols, rows) [T, N]`` (int; ``z = inf``: not
+    drawn) -> ``[T, H W]``, ``inf`` where nothing lands."""
+    inside = (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
+    idx = rows.clamp(0, height - 1) * width + cols.clamp(0, width - 1)
+    z = torch.where(inside, z, torch.inf)
+    buf = torch.full((z.shape[0], height * width), torch.inf, dtype=z.dtype, device=z.device)
+    return buf.scatter_reduce_(1, idx, z, "amin")
+
+
+def forward_depth(
+    src_depth: Tensor,
+    src_K: Tensor,
+    src_w2c: Tensor,
+    K: Tensor,
+    w2c: Tensor,
+    height: int,
+    width: int,
+    occlusion_tol: float | None = 0.05,
+) -> Tensor:
+    """The z-depth a target camera sees of the surfaces in a source view's depth map.
+
+    Each source pixel's point (through its centre) is projected into the target and z-buffered
+    (the nearest wins) on the pixel it lands in. Where none lands (the target sees the surface
+    magnified, up to 2x), the four pixels whose centres surround a point take it, so a surface
+    stays closed without growing past its silhouette where its own points land. A pixel more than
+    ``occlusion_tol`` (relative) behind the nearest of its 3 x 3 neighbours is dropped: a farther
+    surface seen through a gap between a nearer one's points. On the 7-view orbit, the held-out
+    view's two neighbours splatted this way (the nearer of the two) give depth within 1% on 97% of
+    the pixels they reach at 256 px (89% at 128); their colours warped through it give 30.6 dB on
+    70% of the view (29.3 on 64% at 128), against 34.3 on 73% (31.2) through the exact depth, and
+    27.8 (26.9) without the test.
+
+    Args:
+        src_depth: ``[T, H', W']`` z-depth (0 = unknown, not splatted); src_K ``[3, 3]``;
+            src_w2c ``[T, 4, 4]``.
+        K: ``[3, 3]``; w2c: ``[T, 4, 4]`` or ``[4, 4]``: the target camera; height, width: its image.
+        occlusion_tol: the see-through test above (None: off).
+
+    Returns:
+        ``[T, height, width]`` z-depth, 0 where no source point lands.
+    """
+    T = src_depth.shape[0]
+    pts = depth_to_points(src_depth, src_K, src_w2c).reshape(T, -1, 3)
+    uv, z = project(pts, K, w2c)
+    z = torch.where((src_depth.reshape(T, -1) > 0) & (z > 0), z, torch.inf)
+    cell = uv.floor().long()
+    near = _zbuffer(cell[..., 0], cell[..., 1], z, height, width)
+    corner = (uv - 0.5).floor().long()  # the top-left of the four centres around the point
+    offsets = ((0, 0), (1, 0), (0, 1), (1, 1))
+    cols = torch.cat([corner[..., 0] + dx for dx, _ in offsets], 1)
+    rows = torch.cat([corner[..., 1] + dy for _, dy in offsets], 1)
+    fill = _zbuffer(cols, rows, z.repeat(1, 4), height, width)
+    out = torch.where(near.isfinite(), near, fill).reshape(T, height, width)
+    if occlusion_tol is not None:
+        nearest = -F.max_pool2d(-out[:, None], 3, stride=1, padding=1)[:, 0]
+        out = torch.where(out <= nearest * (1 + occlusion_tol), out, torch.inf)
+    return torch.where(out.isfinite(), out, 0.0)

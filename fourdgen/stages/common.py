@@ -198,6 +198,20 @@ class NonFiniteGuard:
         super().on_save_checkpoint(checkpoint)
 
 
+def logs_this_step(module) -> bool:
+    """Whether the logger will write a LightningModule's this training step's values: Lightning writes every
+    ``log_every_n_steps`` steps (``_LoggerConnector.should_update_logs``), and the last step's at the
+    end. ``self.log`` costs host time at every call, written or not (its result collection's
+    bookkeeping and tensor ops): 9 calls are 3.5 ms of a 13-17 ms launch-bound 4DGS step
+    (benchmarks/RESULTS.md, issue 21). A step the logger skips need not log."""
+    trainer = module._trainer
+    if trainer is None or trainer.fast_dev_run:
+        return True
+    step, n = module.global_step + 1, trainer.log_every_n_steps
+    last = 0 < trainer.max_steps <= step
+    return (n > 0 and step % n == 0) or last or trainer.should_stop
+
+
 class LateScalars:
     """Scalars for the progress bar without a host sync per step. Lightning turns every value logged
     with ``prog_bar=True`` into a Python number at each step's end (a sync, even with the bar off);

@@ -54,6 +54,7 @@ from fourdgen.stages.common import (
     NonFiniteGuard,
     compile_dynamic,
     compile_graphed,
+    logs_this_step,
     step_generator,
 )
 from fourdgen.stages.novel_views import NovelViews
@@ -459,15 +460,20 @@ class Gaussian4DFitter(NovelViews, NonFiniteGuard, BatchContract, L.LightningMod
             return None
         for info in self._render_infos:
             self.densify.step_pre_backward(self.splats, {}, self.strategy_state, self.global_step, info)
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=B)
-        # the bar's loss is a step late: a CUDA value there is a host sync every step (LateScalars)
-        self.log("train/loss", loss, batch_size=B)
-        late = self.__dict__.setdefault("_late", LateScalars())
-        self.log("loss", late("loss", loss), prog_bar=True, logger=False, batch_size=B)
-        # a CPU tensor: Lightning turns a Python number into a CUDA tensor, a host sync each step
-        n = torch.tensor(float(len(self.splats["means"])))
-        self.log("train/num_gaussians", n, prog_bar=True, batch_size=B)
-        self.log("train/psnr", psnr, batch_size=B)
+        # Logged only on the steps the logger writes (each call costs host time), with each term's
+        # latest value: a regulariser due every k steps shows up even when its steps miss those.
+        latest = self.__dict__.setdefault("_latest_terms", {})
+        latest.update({k: v.detach() for k, v in losses.items()})
+        if logs_this_step(self):
+            self.log_dict({f"train/{k}": v for k, v in latest.items()}, batch_size=B)
+            # the bar's loss is a step late: a CUDA value there is a host sync every step (LateScalars)
+            self.log("train/loss", loss, batch_size=B)
+            late = self.__dict__.setdefault("_late", LateScalars())
+            self.log("loss", late("loss", loss), prog_bar=True, logger=False, batch_size=B)
+            # a CPU tensor: Lightning turns a Python number into a CUDA tensor, a host sync each step
+            n = torch.tensor(float(len(self.splats["means"])))
+            self.log("train/num_gaussians", n, prog_bar=True, batch_size=B)
+            self.log("train/psnr", psnr, batch_size=B)
         return loss
 
     def on_after_backward(self) -> None:
