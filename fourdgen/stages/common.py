@@ -199,11 +199,12 @@ class NonFiniteGuard:
 
 
 def logs_this_step(module) -> bool:
-    """Whether the logger will write a LightningModule's this training step's values: Lightning writes every
-    ``log_every_n_steps`` steps (``_LoggerConnector.should_update_logs``), and the last step's at the
-    end. ``self.log`` costs host time at every call, written or not (its result collection's
-    bookkeeping and tensor ops): 9 calls are 3.5 ms of a 13-17 ms launch-bound 4DGS step
-    (benchmarks/RESULTS.md, issue 21). A step the logger skips need not log."""
+    """Whether the logger will write the values ``module`` logs in this training step: Lightning
+    writes every ``log_every_n_steps`` steps (``_LoggerConnector.should_update_logs``) and the last
+    step's at the end. ``self.log`` costs host time at every call, written or not (its result
+    collection's bookkeeping and tensor ops): the fitter's 9 calls were 2.5-3.5 ms of a 13-17 ms
+    host-bound step on the CPU (benchmarks/RESULTS.md, issue 21, P3 third pass). A step the logger
+    skips need not log."""
     trainer = module._trainer
     if trainer is None or trainer.fast_dev_run:
         return True
