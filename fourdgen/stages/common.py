@@ -200,17 +200,17 @@ class NonFiniteGuard:
 
 def logs_this_step(module) -> bool:
     """Whether the logger will write the values ``module`` logs in this training step: Lightning
-    writes every ``log_every_n_steps`` steps (``_LoggerConnector.should_update_logs``) and the last
-    step's at the end. ``self.log`` costs host time at every call, written or not (its result
-    collection's bookkeeping and tensor ops): the fitter's 9 calls were 2.5-3.5 ms of a 13-17 ms
-    host-bound step on the CPU (benchmarks/RESULTS.md, issue 21, P3 third pass). A step the logger
-    skips need not log."""
+    writes every ``log_every_n_steps`` steps (its own rule, ``_LoggerConnector.should_update_logs``)
+    and the last step's at the end. ``self.log`` costs host time at every call, written or not (its
+    result collection's bookkeeping and tensor ops): the fitter's 9 calls were 2.5-3.5 ms of a
+    13-17 ms host-bound step on the CPU (benchmarks/RESULTS.md, issue 21, P3 third pass). A step the
+    logger skips need not log."""
     trainer = module._trainer
-    if trainer is None or trainer.fast_dev_run:
-        return True
-    step, n = module.global_step + 1, trainer.log_every_n_steps
-    last = 0 < trainer.max_steps <= step
-    return (n > 0 and step % n == 0) or last or trainer.should_stop
+    connector = getattr(trainer, "_logger_connector", None)
+    if connector is None or trainer.fast_dev_run:
+        return True  # no trainer (or a Lightning without the rule): log as Lightning would anyway
+    last = 0 < trainer.max_steps <= module.global_step + 1
+    return connector.should_update_logs or last
 
 
 class LateScalars:
