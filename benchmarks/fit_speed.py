@@ -125,6 +125,96 @@ class StepTimer(L.Callback):
         return "\n".join([*tables, f"runtime calls per step: {per_step}"])
 
 
+class HostTimes(L.Callback):
+    """Host (wall) time per step spent in each part of the fitter's step, without syncs: on a
+    launch-bound step the host's time is the step's time, and it says which code to cut. The parts
+    nest (``training_step`` holds ``render``, which holds ``rasterize``); waits for the GPU show up
+    where the host blocks (gsplat's intersection count, in ``rasterize``)."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.times, self.steps, self._marks = warmup, collections.Counter(), 0, {}
+
+    def _on(self) -> bool:
+        return self._trainer.global_step >= self.warmup
+
+    def _wrap(self, owner, name: str, label: str | None = None) -> None:
+        fn, label = getattr(owner, name), label or name
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                if self._on():
+                    self.times[label] += time.perf_counter() - t
+
+        setattr(owner, name, timed)
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        import fourdgen.stages.fit as fit
+
+        self._trainer, m = trainer, pl_module
+        for name in ("training_step", "render", "gaussians_at", "_add_regularization", "losses_finite"):
+            self._wrap(m, name)
+        self._wrap(m, "backward", "backward (autograd)")
+        self._wrap(m, "on_after_backward", "on_after_backward (densify)")
+        self._wrap(fit, "rasterize", "render/rasterize (gsplat)")
+        for name in ("step_pre_backward", "step_post_backward"):
+            self._wrap(m.densify, name, f"densify.{name}")
+        frame_terms, deform_fn = m._frame_terms_fn, m._deform_fn
+
+        def terms_fn():
+            fn = frame_terms()
+
+            def timed(*a):
+                t = time.perf_counter()
+                out = fn(*a)
+                if self._on():
+                    self.times["frame_terms (L1+SSIM)"] += time.perf_counter() - t
+                return out
+
+            return timed
+
+        def deform(name):
+            fn = deform_fn(name)
+            if name != "regularization":
+                return fn
+
+            def timed(*a):
+                t = time.perf_counter()
+                out = fn(*a)
+                if self._on():
+                    self.times["hexplane regularization"] += time.perf_counter() - t
+                return out
+
+            return timed
+
+        m._frame_terms_fn, m._deform_fn = terms_fn, deform
+
+    def _mark(self, key: str) -> None:
+        self._marks[key] = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if "start" in self._marks and self._on():
+            self.times["whole step (batch start to batch start)"] += now - self._marks["start"]
+            self.steps += 1
+        self._marks["start"] = now
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._mark("opt")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if "opt" in self._marks and self._on():
+            self.times["optimizer step + scheduler + Lightning after it"] += time.perf_counter() - self._marks["opt"]
+
+    def table(self) -> str:
+        n = max(self.steps, 1)
+        rows = [f"host ms per step over {n} steps (parts nest):"]
+        rows += [f"  {1000 * v / n:7.2f}  {k}" for k, v in self.times.most_common()]
+        return "\n".join(rows)
+
+
 def run(args: argparse.Namespace, points: int, dynamic: bool, compile: bool, workdir: str) -> dict:
     synth = {
         "num_views": args.views,
@@ -164,9 +254,14 @@ def run(args: argparse.Namespace, points: int, dynamic: bool, compile: bool, wor
     end = args.warmup + args.steps if sync_steps else None
     timer = StepTimer(args.warmup, profile=args.profile, end=end)
     cli.trainer.callbacks.append(timer)
+    host = HostTimes(args.warmup) if getattr(args, "host_times", False) else None
+    if host is not None:
+        cli.trainer.callbacks.append(host)
     cli.trainer.fit(cli.model, cli.datamodule)
     if args.profile:
         print(f"profile: {points} Gaussians, dynamic={dynamic}, compile={compile}\n{timer.table()}")
+    if host is not None:
+        print(f"{points} Gaussians, dynamic={dynamic}, compile={compile}: {host.table()}", flush=True)
     if timer.end is not None:
         print(f"{points} Gaussians, dynamic={dynamic}, compile={compile}: {timer.sync_table()}", flush=True)
     n = len(cli.model.splats["means"])
@@ -187,6 +282,7 @@ def main() -> None:
     )
     p.add_argument("--profile", action="store_true", help="print the slowest kernels of 5 steps")
     p.add_argument("--sync-debug", action="store_true", help="count 3 more steps' host syncs by site")
+    p.add_argument("--host-times", action="store_true", help="host time per step by part of the step")
     p.add_argument("--set", nargs="*", default=[], help="more CLI overrides, key=value (without --)")
     p.add_argument("--views", type=int, default=6)
     p.add_argument("--frames", type=int, default=16)

@@ -193,7 +193,7 @@ def video_figures(cfg: dict, dev: torch.device, peak: float, policies=P2_POLICIE
 
 
 def fit_figures(
-    cfg: dict, dev: torch.device, profile: bool = False, sync_debug: bool = False
+    cfg: dict, dev: torch.device, profile: bool = False, sync_debug: bool = False, host_times: bool = False
 ) -> list[Figure]:
     """P3: the 4DGS fit's step at a fixed Gaussian count (``benchmarks/fit_speed.py``), projected."""
     import fit_speed
@@ -211,6 +211,7 @@ def fit_figures(
             warmup=fit["warmup"],
             profile=profile,
             sync_debug=sync_debug,
+            host_times=host_times,
             scene_dir=f"{tmp}/scene",
         )
         dyn = fit_speed.run(args, fit["points"], True, dev.type == "cuda", f"{tmp}/dyn")
@@ -345,6 +346,7 @@ def main(argv: list[str] | None = None) -> list[Figure]:
     p.add_argument("--profile-fit", action="store_true", help="P3: print the dynamic step's slowest kernels")
     p.add_argument("--profile-recon", action="store_true", help="P4: GPU time by component (eager)")
     p.add_argument("--sync-debug", action="store_true", help="P3: count the step's host syncs by site")
+    p.add_argument("--host-times", action="store_true", help="P3: host time per step by part of the step")
     p.add_argument(
         "--policies",
         nargs="+",
@@ -360,7 +362,7 @@ def main(argv: list[str] | None = None) -> list[Figure]:
     sections = {
         "P1": lambda: attention_figures(cfg, dev, cfg["iters"]),
         "P2": lambda: video_figures(cfg, dev, peak, args.policies),
-        "P3": lambda: fit_figures(cfg, dev, args.profile_fit, args.sync_debug),
+        "P3": lambda: fit_figures(cfg, dev, args.profile_fit, args.sync_debug, args.host_times),
         "P4": lambda: recon_figures(cfg, dev, cfg["iters"], args.profile_recon),
     }
     print(f"running {' '.join(args.only)} on {name}; rows as they come, the table at the end", flush=True)

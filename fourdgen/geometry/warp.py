@@ -27,8 +27,9 @@ from .projection import depth_to_points, project
 def _sample(image: Tensor, uv: Tensor, mode: str) -> Tensor:
     """``image [T, C, H, W]`` at corner-origin pixel positions ``uv [T, N, 2]`` -> ``[T, N, C]``."""
     H, W = image.shape[-2:]
-    scale = torch.tensor([2.0 / W, 2.0 / H], dtype=uv.dtype, device=uv.device)
-    grid = (uv * scale - 1.0).to(image.dtype)[:, :, None]  # align_corners=False: corners at -1, 1
+    # scaled per axis by Python numbers: a device tensor built from a list is a copy and a host sync
+    grid = torch.stack((uv[..., 0] * (2.0 / W), uv[..., 1] * (2.0 / H)), -1) - 1.0
+    grid = grid.to(image.dtype)[:, :, None]  # align_corners=False: corners at -1, 1
     out = F.grid_sample(image, grid, mode=mode, padding_mode="border", align_corners=False)
     return out[..., 0].transpose(1, 2)
 
