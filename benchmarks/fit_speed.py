@@ -206,7 +206,8 @@ class HostTimes(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if "opt" in self._marks and self._on():
-            self.times["optimizer step + scheduler + Lightning after it"] += time.perf_counter() - self._marks["opt"]
+            since = time.perf_counter() - self._marks["opt"]
+            self.times["optimizer step + scheduler + Lightning after it"] += since
 
     def table(self) -> str:
         n = max(self.steps, 1)
