@@ -133,13 +133,12 @@ class HostTimes(L.Callback):
 
     def __init__(self, warmup: int):
         self.warmup, self.times, self.steps, self._marks = warmup, collections.Counter(), 0, {}
+        self._patched: list[tuple] = []  # (owner, name, original), restored at teardown
 
     def _on(self) -> bool:
         return self._trainer.global_step >= self.warmup
 
-    def _wrap(self, owner, name: str, label: str | None = None) -> None:
-        fn, label = getattr(owner, name), label or name
-
+    def _timed(self, fn, label: str):
         def timed(*a, **k):
             t = time.perf_counter()
             try:
@@ -148,7 +147,12 @@ class HostTimes(L.Callback):
                 if self._on():
                     self.times[label] += time.perf_counter() - t
 
-        setattr(owner, name, timed)
+        return timed
+
+    def _wrap(self, owner, name: str, label: str | None = None) -> None:
+        fn = getattr(owner, name)
+        self._patched.append((owner, name, owner.__dict__.get(name)))
+        setattr(owner, name, self._timed(fn, label or name))
 
     def setup(self, trainer, pl_module, stage) -> None:
         import fourdgen.stages.fit as fit
@@ -161,35 +165,25 @@ class HostTimes(L.Callback):
         self._wrap(fit, "rasterize", "render/rasterize (gsplat)")
         for name in ("step_pre_backward", "step_post_backward"):
             self._wrap(m.densify, name, f"densify.{name}")
+        # the compiled callables are built on first use: time what the getters return
         frame_terms, deform_fn = m._frame_terms_fn, m._deform_fn
-
-        def terms_fn():
-            fn = frame_terms()
-
-            def timed(*a):
-                t = time.perf_counter()
-                out = fn(*a)
-                if self._on():
-                    self.times["frame_terms (L1+SSIM)"] += time.perf_counter() - t
-                return out
-
-            return timed
 
         def deform(name):
             fn = deform_fn(name)
-            if name != "regularization":
-                return fn
+            return self._timed(fn, "hexplane regularization") if name == "regularization" else fn
 
-            def timed(*a):
-                t = time.perf_counter()
-                out = fn(*a)
-                if self._on():
-                    self.times["hexplane regularization"] += time.perf_counter() - t
-                return out
+        self._patched += [(m, "_frame_terms_fn", None), (m, "_deform_fn", None)]
+        m._frame_terms_fn = lambda: self._timed(frame_terms(), "frame_terms (L1+SSIM)")
+        m._deform_fn = deform
 
-            return timed
-
-        m._frame_terms_fn, m._deform_fn = terms_fn, deform
+    def teardown(self, trainer, pl_module, stage) -> None:
+        """Put back what :meth:`setup` wrapped (the fit module's ``rasterize`` outlives this run)."""
+        for owner, name, original in reversed(self._patched):
+            if original is None:  # was the class's: drop the instance attribute
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+        self._patched = []
 
     def _mark(self, key: str) -> None:
         self._marks[key] = time.perf_counter()
