@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from fourdgen.nn.attention_kernels import fused_kernel
 from fourdgen.nn.fused_attention import compiled_flex, flex_kernel_options, grid_attention
 from fourdgen.nn.grid_layout import GridLayout
-from fourdgen.nn.lse_attention import fused_kernel, view_time_attention
+from fourdgen.nn.lse_attention import view_time_attention
 from fourdgen.nn.view_time_mask import ViewTimeMask, block_structure, computed_fraction
 
 GRIDS = {
@@ -320,11 +321,12 @@ def lse_breakdown(layout: GridLayout, q, k, v) -> None:
     the part's own output), the others part's copies (k and v cycled) and the merge."""
     from itertools import product
 
+    from fourdgen.nn import attention_kernels as ak
     from fourdgen.nn import lse_attention as la
 
     V, Fr = layout.views, layout.frames
     kernel, scale = fused_kernel(q), q.shape[-1] ** -0.5
-    fn = la.KERNEL_FNS[kernel]
+    fn = ak.KERNEL_FNS[kernel]
     q, k, v = q.detach(), k.detach(), v.detach()
     iters = 10
     print(f"LSE breakdown ({kernel}), ms:")
@@ -351,7 +353,7 @@ def lse_breakdown(layout: GridLayout, q, k, v) -> None:
         lambda: [fn.bwd(d, *c, r[0], r[1], r[2], scale, V) for d, c, r in zip(dos, calls, res, strict=True)],
         iters,
     )
-    q1, k1 = calls[0][0], la.windows(calls[0][1], V)
+    q1, k1 = calls[0][0], ak.windows(calls[0][1], V)
     flop = len(calls) * q1.shape[0] * q1.shape[2] * k1.shape[2] * q1.shape[1] * q1.shape[3] * 4
     print(
         f"  others: {len(calls)} calls of {q1.shape[0]} x {q1.shape[2]} queries x {k1.shape[2]} keys, "

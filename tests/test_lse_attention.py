@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fourdgen.nn.attention_kernels import windows
 from fourdgen.nn.fused_attention import grid_attention
 from fourdgen.nn.grid_layout import GridLayout
 from fourdgen.nn.lse_attention import (
@@ -21,7 +22,6 @@ from fourdgen.nn.lse_attention import (
     view_batches,
     view_grid,
     view_time_attention,
-    windows,
 )
 from fourdgen.nn.view_time_mask import ViewTimeMask
 

@@ -26,8 +26,9 @@ from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import flex_attention
 
+from fourdgen.nn.attention_kernels import fused_kernel
 from fourdgen.nn.grid_layout import GridLayout
-from fourdgen.nn.lse_attention import fused_kernel, view_time_attention
+from fourdgen.nn.lse_attention import view_time_attention
 from fourdgen.nn.view_time_mask import ViewTimeMask
 
 BACKENDS = ("auto", "flex", "dense", "lse")

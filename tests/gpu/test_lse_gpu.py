@@ -14,11 +14,13 @@ from torch.utils.checkpoint import checkpoint
 
 import fourdgen.nn.fused_attention as fa
 from fourdgen.backbones.wan import build_transformer
+from fourdgen.nn import attention_kernels as ak
 from fourdgen.nn import lse_attention as la
+from fourdgen.nn.attention_kernels import fused_kernel
 from fourdgen.nn.fused_attention import grid_attention
 from fourdgen.nn.grid_coupling import GridInputs, ReferenceGrid
 from fourdgen.nn.grid_layout import GridLayout
-from fourdgen.nn.lse_attention import fused_kernel, view_time_attention
+from fourdgen.nn.lse_attention import view_time_attention
 from fourdgen.nn.view_time_mask import ViewTimeMask
 
 pytestmark = [
@@ -178,10 +180,10 @@ def test_cudnn_custom_ops_pass_opcheck():
     q, kc, vc, V = _frame_call()
     scale = q.shape[-1] ** -0.5
     for k, v, views in ((q.contiguous(), q.contiguous(), 0), (kc, vc, V)):
-        out, lse = la.cudnn_attention(q, k, v, scale, views)
-        torch.library.opcheck(la.cudnn_attention, (q, k, v, scale, views))
+        out, lse = ak.cudnn_attention(q, k, v, scale, views)
+        torch.library.opcheck(ak.cudnn_attention, (q, k, v, scale, views))
         do = torch.randn_like(out)
-        torch.library.opcheck(la.cudnn_attention_backward, (do, q, k, v, out, lse, scale, views))
+        torch.library.opcheck(ak.cudnn_attention_backward, (do, q, k, v, out, lse, scale, views))
 
 
 def test_cudnn_backward_with_other_strides_of_out_and_grad():
@@ -190,15 +192,15 @@ def test_cudnn_backward_with_other_strides_of_out_and_grad():
     copies them into q's layout)."""
     q, kc, vc, V = _frame_call()
     scale = q.shape[-1] ** -0.5
-    out, lse = la.cudnn_attention(q, kc, vc, scale, V)
+    out, lse = ak.cudnn_attention(q, kc, vc, scale, V)
     do = torch.randn_like(out)
-    ref = la._math_bwd(do, q, kc, vc, out, lse, (), scale, V)
+    ref = ak._math_bwd(do, q, kc, vc, out, lse, (), scale, V)
     for o, d in (
         (out, do),
         (out.contiguous(), do.contiguous()),
         (out, do.transpose(-1, -2).contiguous().transpose(-1, -2)),
     ):
-        for a, b in zip(la.cudnn_attention_backward(d, q, kc, vc, o, lse, scale, V), ref, strict=True):
+        for a, b in zip(ak.cudnn_attention_backward(d, q, kc, vc, o, lse, scale, V), ref, strict=True):
             torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
 
 
