@@ -13,6 +13,8 @@ from fourdgen.data.scene_frames import SceneFramesDataModule
 from fourdgen.data.synthetic import SyntheticConfig, make_scene
 from fourdgen.errors import ConfigError
 from fourdgen.gaussians.regularizers import NovelViewRender, SourceClip, WarpConsistency
+from fourdgen.geometry.cameras import camera_centers
+from fourdgen.geometry.projection import depth_to_points
 from fourdgen.geometry.warp import backward_warp, forward_depth
 from fourdgen.stages.fit import Gaussian4DFitter
 
@@ -114,38 +116,48 @@ def test_backward_warp_of_the_neighbours_predicts_the_held_out_view(orbit):
     assert (loose[0] | loose[1]).sum() > m.sum()
 
 
-def _reference_forward_depth(src_depth, src_K, src_w2c, K, w2c, H, W, occlusion_tol):
-    """forward_depth point by point: each source pixel's point into its pixel, the four around it
-    where none lands, then the 3 x 3 see-through test."""
+def _reference_forward_depth(src_depth, src_K, src_w2c, K, w2c, H, W, occlusion_tol, edge_tol=0.1, window=4):
+    """forward_depth triangle by triangle: each 2 x 2 block of source pixel centres split into two
+    triangles, each kept one drawn on the target pixel centres inside it (inverse depth interpolated
+    by barycentric weights), the nearest kept, then the 3 x 3 see-through test."""
     T, Hs, Ws = src_depth.shape
     out = torch.zeros(T, H, W, dtype=torch.float64)
     Ki = src_K.double().inverse()
     for t in range(T):
-        near = torch.full((H, W), math.inf, dtype=torch.float64)
-        fill = near.clone()
         c2w = src_w2c[t].double().inverse()
+        uvz = {}
         for r in range(Hs):
             for c in range(Ws):
                 d = float(src_depth[t, r, c])
-                if d <= 0:
-                    continue
                 world = (
                     c2w[:3, :3] @ (Ki @ torch.tensor([c + 0.5, r + 0.5, 1.0], dtype=torch.float64) * d)
                     + c2w[:3, 3]
                 )
                 p = w2c[t].double()[:3, :3] @ world + w2c[t].double()[:3, 3]
-                if p[2] <= 0:
-                    continue
-                u, v, z = float(K[0].double() @ p / p[2]), float(K[1].double() @ p / p[2]), float(p[2])
-                i, j = math.floor(u), math.floor(v)
-                if 0 <= i < W and 0 <= j < H:
-                    near[j, i] = min(near[j, i], z)
-                for dx in (0, 1):
-                    for dy in (0, 1):
-                        i, j = math.floor(u - 0.5) + dx, math.floor(v - 0.5) + dy
-                        if 0 <= i < W and 0 <= j < H:
-                            fill[j, i] = min(fill[j, i], z)
-        z = torch.where(near.isfinite(), near, fill)
+                if d > 0 and p[2] > 0:
+                    u, v = float(K[0].double() @ p / p[2]), float(K[1].double() @ p / p[2])
+                    uvz[r, c] = (u, v, float(p[2]), d)
+        z = torch.full((H, W), math.inf, dtype=torch.float64)
+        for r in range(Hs - 1):
+            for c in range(Ws - 1):
+                for tri in (((r, c), (r, c + 1), (r + 1, c)), ((r, c + 1), (r + 1, c + 1), (r + 1, c))):
+                    if any(k not in uvz for k in tri):
+                        continue
+                    (u0, v0, z0, d0), (u1, v1, z1, d1), (u2, v2, z2, d2) = (uvz[k] for k in tri)
+                    if max(d0, d1, d2) > min(d0, d1, d2) * (1 + edge_tol):
+                        continue  # a depth edge
+                    i0, i1 = math.ceil(min(u0, u1, u2) - 0.5), math.floor(max(u0, u1, u2) - 0.5)
+                    j0, j1 = math.ceil(min(v0, v1, v2) - 0.5), math.floor(max(v0, v1, v2) - 0.5)
+                    den = (v1 - v2) * (u0 - u2) + (u2 - u1) * (v0 - v2)
+                    if i1 - i0 >= window or j1 - j0 >= window or abs(den) <= 1e-12:
+                        continue  # stretched, or degenerate
+                    for j in range(max(j0, 0), min(j1, H - 1) + 1):
+                        for i in range(max(i0, 0), min(i1, W - 1) + 1):
+                            x, y = i + 0.5, j + 0.5
+                            l0 = ((v1 - v2) * (x - u2) + (u2 - u1) * (y - v2)) / den
+                            l1 = ((v2 - v0) * (x - u2) + (u0 - u2) * (y - v2)) / den
+                            if min(l0, l1, 1 - l0 - l1) >= -1e-6:
+                                z[j, i] = min(z[j, i], 1 / (l0 / z0 + l1 / z1 + (1 - l0 - l1) / z2))
         for j in range(H):
             for i in range(W):
                 nearest = z[max(j - 1, 0) : j + 2, max(i - 1, 0) : i + 2].min()
@@ -154,27 +166,52 @@ def _reference_forward_depth(src_depth, src_K, src_w2c, K, w2c, H, W, occlusion_
     return out
 
 
-def test_forward_depth_equals_point_by_point_reference():
+def test_forward_depth_equals_triangle_by_triangle_reference():
     s = make_scene(
-        SyntheticConfig(num_views=4, num_frames=2, height=12, width=14, layout="arc", arc_degrees=40),
+        SyntheticConfig(num_views=4, num_frames=2, height=18, width=20, layout="arc", arc_degrees=40),
         device="cpu",
     )
-    args = (s.depth[2], s.K[2], s.w2c[2], s.K[1], s.w2c[1], 12, 14)
+    args = (s.depth[2], s.K[2], s.w2c[2], s.K[1], s.w2c[1], 18, 20)
     for tol in (0.05, None):
         got = forward_depth(*args, occlusion_tol=tol)
         ref = _reference_forward_depth(*args, occlusion_tol=math.inf if tol is None else tol)
-        # at 12 px a grazing floor's depth changes by more than 5% from pixel to pixel: the test drops some
-        assert (got > 0).float().mean() > (0.3 if tol else 0.6)
+        # at 18 px a grazing floor's depth changes by more than 10% between neighbours: those triangles drop
+        assert (got > 0).float().mean() > (0.2 if tol else 0.45)
         torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
-    # into itself (no see-through test): every pixel lands in its own cell
-    own = forward_depth(s.depth[1], s.K[1], s.w2c[1], s.K[1], s.w2c[1], 12, 14, occlusion_tol=None)
-    torch.testing.assert_close(own, s.depth[1], atol=1e-4, rtol=1e-5)
+    # into itself: every pixel centre is a corner of its own triangles, at its own depth (but those of
+    # the grazing floor's far rows, whose triangles are all depth edges at this size)
+    own = forward_depth(s.depth[1], s.K[1], s.w2c[1], s.K[1], s.w2c[1], 18, 20, occlusion_tol=None)
+    hit = own > 0
+    assert hit.float().mean() > 0.75
+    torch.testing.assert_close(own[hit], s.depth[1][hit], atol=1e-4, rtol=1e-5)
+
+
+def test_forward_depth_is_exact_on_a_plane():
+    """Inverse depth is linear in the image on a plane, so a tilted plane splatted from one camera
+    into another has exactly the depth of the rays meeting it there (measured: within 4e-7). The
+    nearest source point's depth, as the point splat before the mesh took it, is up to half a pixel
+    off along the plane: 0.24% median and 1.6% at most here."""
+    cfg = SyntheticConfig(num_views=3, num_frames=1, height=32, width=32, layout="arc", arc_degrees=30)
+    s = make_scene(cfg)
+    C0 = camera_centers(s.w2c[0, 0])  # a plane n.x = 0 through the focus, 35 degrees off facing camera 0
+    n = torch.nn.functional.normalize(C0 / C0.norm() + torch.tensor([0.5, 0.4, 0.0]), dim=0)
+
+    def plane_depth(view):  # rays through the pixel centres, at z = 1, meet the plane at z = t
+        C = camera_centers(s.w2c[view, 0])
+        ray = depth_to_points(torch.ones(1, 32, 32), s.K[view], s.w2c[view]) - C
+        return (-(n @ C) / (ray @ n)).clamp_min(0)
+
+    got = forward_depth(plane_depth(0), s.K[0], s.w2c[0], s.K[1], s.w2c[1], 32, 32)
+    want = plane_depth(1)
+    hit = got > 0
+    assert hit.float().mean() > 0.5
+    torch.testing.assert_close(got[hit], want[hit], rtol=2e-5, atol=0)
 
 
 def test_forward_depth_of_the_neighbours_warps_the_held_out_view(orbit):
     """Through the neighbours' splatted depth rather than the held-out view's exact one (27.97 dB
-    on 70%): 29.9 dB on 35% of the view measured at 48 px, 27.3 on 41% without the see-through
-    test (30.6 on 70% / 27.8 at 256 px)."""
+    on 70%): 29.4 dB on 55% of the view measured at 48 px, 27.6 on 68% without the see-through
+    test (33.9 on 72% / 32.5 at 256 px)."""
 
     def psnr_share(tol):
         z = torch.stack([forward_depth(orbit.depth[v], orbit.K[v], orbit.w2c[v], orbit.K[3], orbit.w2c[3],
@@ -193,7 +230,7 @@ def test_forward_depth_of_the_neighbours_warps_the_held_out_view(orbit):
         return float(-10 * torch.log10(mse)), float(m.float().mean())
 
     (tested, share), (untested, _) = psnr_share(0.05), psnr_share(None)
-    assert share > 0.3 and tested > 29.0 and tested > untested + 1.5, (tested, untested, share)
+    assert share > 0.5 and tested > 29.0 and tested > untested + 1.5, (tested, untested, share)
 
 
 def _clips(scene, views):

@@ -125,7 +125,7 @@ class WarpConsistency(NovelViewRegularizer):
     +1.5 dB on the held-out pixels some camera sees (benchmarks/RESULTS.md, issue 17 sixth pass).
 
     ``depth="views"`` warps through the depth the nearest training views see instead
-    (:func:`~fourdgen.geometry.warp.forward_depth`, their depth maps z-buffered into the novel
+    (:func:`~fourdgen.geometry.warp.forward_depth`, their depth maps rasterised as meshes into the novel
     camera): the target no longer depends on the render's geometry, so floaters and holes between
     the cameras are supervised too, wherever a training view saw the surface. ``depth_weight`` then
     adds the inverse-depth L1 of the render against that depth (a pseudo depth map per novel view).
