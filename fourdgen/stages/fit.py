@@ -6,8 +6,9 @@ Densification follows gsplat's 3DGS rules under a hard budget (:class:`BudgetStr
 Novel-view regularisers (e.g. flow-matching distillation) plug into ``regularizers``; their path
 cameras and renders are :mod:`fourdgen.stages.novel_views`'s.
 
-This module wires components and logs; the math lives in ``fourdgen.gaussians`` (``bounds``: scene
-extent and HexPlane box, ``losses``, ``optim``: learning-rate schedule, ``densify``) and
+This module wires components and logs; the math lives in ``fourdgen.gaussians`` (``dynamic``: the
+Gaussians at a time, ``bounds``: scene extent and HexPlane box, ``losses``, ``optim``: learning-rate
+schedule, ``densify``) and
 ``fourdgen.metrics``.
 """
 
@@ -32,10 +33,11 @@ from fourdgen.data.protocols import (
 from fourdgen.errors import ConfigError
 from fourdgen.gaussians.bounds import camera_extent, foreground_bounds
 from fourdgen.gaussians.container import Gaussians
-from fourdgen.gaussians.deformation import Deformation, DeformationField
+from fourdgen.gaussians.deformation import DeformationField
 from fourdgen.gaussians.densify import BudgetStrategy
 from fourdgen.gaussians.dropout import dropped_logits, keep_mask
-from fourdgen.gaussians.initialization import SPLAT_KEYS, STATIC_KEY, initial_splats
+from fourdgen.gaussians.dynamic import gaussians_at as dynamic_gaussians
+from fourdgen.gaussians.initialization import STATIC_KEY, initial_splats
 from fourdgen.gaussians.losses import (
     add_hexplane_regularization,
     inverse_depth_l1,
@@ -44,7 +46,6 @@ from fourdgen.gaussians.losses import (
 from fourdgen.gaussians.optim import LearningRates, group_views
 from fourdgen.gaussians.rasterize import ALPHA_MIN, RenderOutput, rasterize
 from fourdgen.gaussians.regularizers import NovelViewRegularizer
-from fourdgen.gaussians.temporal import faded_logits
 from fourdgen.geometry.cameras import camera_centers
 from fourdgen.media import log_images, log_video
 from fourdgen.metrics.image import ImageMetrics, pooled_psnr
@@ -313,41 +314,13 @@ class Gaussian4DFitter(NovelViews, NonFiniteGuard, BatchContract, L.LightningMod
         return self._moving[1]
 
     def gaussians_at(self, t: float | Tensor, deform: bool | None = None) -> dict[str, Tensor]:
-        """Gaussians (gsplat-trainer form: log-scales, logits) at normalised time ``t``."""
-        p = self.splats
+        """Gaussians (gsplat-trainer form: log-scales, logits) at normalised time ``t``
+        (:func:`~fourdgen.gaussians.dynamic.gaussians_at`; deformed in the fine stage)."""
         deform = self.is_fine if deform is None else deform
-        out = {k: p[k] for k in SPLAT_KEYS}
-        static = p[STATIC_KEY] > 0.5 if STATIC_KEY in p else None
-        if deform and self.deformation is not None:
-            if static is None:
-                d = self._offsets(p["means"], t)
-                out.update(
-                    means=p["means"] + d.d_means,
-                    scales=p["scales"] + d.d_log_scales,
-                    quats=p["quats"] + d.d_quats,
-                )
-            else:  # only the moving Gaussians: the field's cost and capacity go to them
-                idx = self._moving_index()
-                d = self._offsets(p["means"][idx], t, idx)
-                out.update(
-                    means=p["means"].index_add(0, idx, d.d_means),
-                    scales=p["scales"].index_add(0, idx, d.d_log_scales),
-                    quats=p["quats"].index_add(0, idx, d.d_quats),
-                )
-        if "t_mean" in p:
-            out["opacities"] = faded_logits(p["opacities"], t, p["t_mean"], p["t_scale"], always=static)
-        return out
-
-    def _offsets(self, means: Tensor, t: float | Tensor, idx: Tensor | None = None) -> Deformation:
-        """The field's offsets of Gaussians ``means [M, 3]`` (``idx [M]`` into the splats, or all)
-        at time ``t``; with ``relative_deformation``, minus its offsets at each one's own time."""
-        field = self._deform_fn("forward")
-        d = field(means, t)
-        if not (self.hparams.get("relative_deformation") and "t_mean" in self.splats):
-            return d
-        own = self.splats["t_mean"] if idx is None else self.splats["t_mean"][idx]
-        d0 = field(means, own)
-        return Deformation(d.d_means - d0.d_means, d.d_log_scales - d0.d_log_scales, d.d_quats - d0.d_quats)
+        field = self._deform_fn("forward") if deform and self.deformation is not None else None
+        moving = self._moving_index() if field is not None and STATIC_KEY in self.splats else None
+        relative = bool(self.hparams.get("relative_deformation"))  # .get: older checkpoints
+        return dynamic_gaussians(self.splats, t, field, moving, relative)
 
     def _deform_fn(self, name: str):
         """The deformation field's ``forward``/``regularization``, compiled on CUDA if asked."""
