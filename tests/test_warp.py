@@ -178,6 +178,16 @@ def test_forward_depth_equals_triangle_by_triangle_reference():
         # at 18 px a grazing floor's depth changes by more than 10% between neighbours: those triangles drop
         assert (got > 0).float().mean() > (0.2 if tol else 0.45)
         torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+    # magnified 2.5x, most triangles cover more than 2 x 2 centres (the second pass of forward_depth)
+    zoom = torch.diag(torch.tensor([2.5, 2.5, 1.0])) @ s.K[1]
+    zoom[:2, 2] = s.K[1, :2, 2]
+    zargs = (s.depth[2], s.K[2], s.w2c[2], zoom, s.w2c[1], 18, 20)
+    got = forward_depth(*zargs)
+    assert (got > 0).float().mean() > 0.3
+    assert (forward_depth(*zargs, window=2) > 0).sum() < 0.5 * (got > 0).sum()  # the large ones' share
+    torch.testing.assert_close(
+        got.double(), _reference_forward_depth(*zargs, occlusion_tol=0.05), atol=1e-5, rtol=1e-5
+    )
     # into itself: every pixel centre is a corner of its own triangles, at its own depth (but those of
     # the grazing floor's far rows, whose triangles are all depth edges at this size)
     own = forward_depth(s.depth[1], s.K[1], s.w2c[1], s.K[1], s.w2c[1], 18, 20, occlusion_tol=None)
