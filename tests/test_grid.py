@@ -16,13 +16,9 @@ from fourdgen.backbones.wan import build_transformer
 from fourdgen.batch import GridBatch
 from fourdgen.data.multiview import MultiViewDataModule
 from fourdgen.data.synthetic import SyntheticConfig
-from fourdgen.nn.grid_coupling import (
-    ProjectionGrid,
-    ReferenceGrid,
-    has_both_references,
-    latent_frames_observed,
-)
+from fourdgen.nn.grid_coupling import ProjectionGrid, ReferenceGrid
 from fourdgen.nn.grid_layout import GridLayout, grid_to_sequence, sequence_to_grid
+from fourdgen.nn.grid_views import has_both_references, latent_frames_observed
 from fourdgen.nn.multiview import LayoutRotaryPosEmbed, relative_cameras
 from fourdgen.stages.grid import GridDiffusion
 

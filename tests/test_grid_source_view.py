@@ -11,14 +11,8 @@ import torch
 
 from fourdgen.backbones.wan import build_transformer
 from fourdgen.batch import GridBatch
-from fourdgen.nn.grid_coupling import (
-    PER_VIEW_FIELDS,
-    DepthProvider,
-    GridInputs,
-    ProjectionGrid,
-    ReferenceGrid,
-    permute_views,
-)
+from fourdgen.nn.grid_coupling import DepthProvider, GridInputs, ProjectionGrid, ReferenceGrid
+from fourdgen.nn.grid_views import PER_VIEW_FIELDS, permute_views
 from fourdgen.stages.grid import GridDiffusion
 
 B, V, T, H, W = 2, 3, 5, 16, 16

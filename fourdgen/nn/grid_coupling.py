@@ -28,6 +28,15 @@ from fourdgen.geometry.projection import depth_to_points
 from fourdgen.nn.coupling import DiTCoupling, call_dit
 from fourdgen.nn.fused_attention import BACKENDS, GridAttentionState
 from fourdgen.nn.grid_layout import GridLayout, grid_to_sequence, sequence_to_grid
+from fourdgen.nn.grid_views import (
+    cells,
+    has_both_references,
+    latent_frames_observed,
+    per_clip,
+    permute_views,
+    random_view_order,
+    reversal_order,
+)
 from fourdgen.nn.multiview import install_grid, relative_cameras
 from fourdgen.nn.view_time_mask import CONDITION_TERMS, PREDICATES, ViewTimeMask
 
@@ -82,89 +91,6 @@ class GridInputs:
     cond: Tensor | None = None
     camera: Tensor | None = None
     source_depth: Tensor | None = None
-
-
-# GridBatch fields indexed by view at dim 1 (ids and latent caches included): what a view permutation
-# moves. Listed, not inferred from shapes: times [B, T] looks per-view whenever T == V.
-PER_VIEW_FIELDS = (
-    "rgb",
-    "K",
-    "w2c",
-    "observed",
-    "view_ids",
-    "xyz",
-    "depth",
-    "mask",
-    "rgb_latents",
-    "xyz_latents",
-    "cond_latents",
-    "xyz_center",
-    "xyz_scale",
-)
-
-
-def permute_views(b: GridBatch, perm: Tensor) -> GridBatch:
-    """The batch with clip ``i``'s row ``v`` taken from its view ``perm[i, v]`` (``perm [B, V]`` long):
-    every per-view field (:data:`PER_VIEW_FIELDS`) moves, so each view keeps its own cameras and
-    depth; scene-wide fields (times, text, captions) stay."""
-    B, V = b.shape[:2]
-    if tuple(perm.shape) != (B, V):
-        raise ValueError(f"permute_views: perm must be [{B}, {V}], got {list(perm.shape)}")
-    perm = perm.to(b.rgb.device)
-    rows = torch.arange(B, device=perm.device)[:, None]
-    moved = {f: getattr(b, f)[rows, perm] for f in PER_VIEW_FIELDS if getattr(b, f) is not None}
-    return dataclasses.replace(b, **moved)
-
-
-def random_view_order(B: int, V: int, generators: list[torch.Generator] | None = None) -> Tensor:
-    """``[B, V]`` long: an independent uniform permutation per clip, clip ``i`` drawn from
-    ``generators[i]`` (the stage's per-sample generators, :func:`~fourdgen.stages.common.sample_generators`,
-    so DDP ranks and resumed runs repeat), or from torch's global CPU RNG without them."""
-    gens = _per_clip(generators, B)
-    return (
-        torch.stack([torch.randperm(V, generator=g) for g in gens])
-        if B
-        else torch.zeros(0, V, dtype=torch.long)
-    )
-
-
-def _per_clip(generators: list[torch.Generator] | None, B: int) -> list[torch.Generator | None]:
-    if generators is None:
-        return [None] * B
-    if len(generators) != B:
-        raise ValueError(f"expected one generator per clip ({B}), got {len(generators)}")
-    return list(generators)
-
-
-def reversal_order(flip: Tensor, views: int) -> Tensor:
-    """``[B, V]`` long: views in reverse order for the clips where ``flip [B]`` (bool) is set, in
-    their order elsewhere (a :func:`permute_views` argument)."""
-    ident = torch.arange(views, device=flip.device).expand(flip.shape[0], views)
-    return torch.where(flip[:, None], ident.flip(1), ident)
-
-
-def has_both_references(observed: Tensor) -> Tensor:
-    """``[B]`` bool: clips of ``observed [B, V, T]`` given a whole fixed-view row and a whole
-    freeze-time column (4Real-Video-V2's two reference videos; needs V, T > 1)."""
-    _, V, T = observed.shape
-    both = observed.all(2).any(1) & observed.all(1).any(1)
-    return both & (V > 1) & (T > 1)
-
-
-def latent_frames_observed(observed: Tensor, t_factor: int) -> Tensor:
-    """Pixel cells ``[B, V, T]`` -> latent frames ``[B, V, F]`` bool: Wan's causal VAE puts pixel frame
-    0 alone in latent frame 0 and frames ``t(k-1)+1 .. tk`` in frame k; a latent frame counts as
-    observed when all its pixel frames are."""
-    first, rest = observed[..., :1], observed[..., 1:]
-    if rest.shape[-1] % t_factor:
-        raise ValueError(f"clip of {observed.shape[-1]} frames: expected 1 + {t_factor} k frames")
-    rest = rest.unflatten(-1, (-1, t_factor)).all(-1)
-    return torch.cat([first, rest], dim=-1)
-
-
-def _cells(m: Tensor) -> Tensor:
-    """``[B, V, F]`` -> ``[B, 1, V F, 1, 1]``."""
-    return m.flatten(1)[:, None, :, None, None]
 
 
 class GridCoupling(DiTCoupling):
@@ -322,7 +248,7 @@ class ReferenceGrid(GridCoupling):
             return b
         B, V = b.shape[:2]
         flip = (
-            torch.stack([torch.rand((), generator=g) for g in _per_clip(generators, B)]) < self.reverse_views
+            torch.stack([torch.rand((), generator=g) for g in per_clip(generators, B)]) < self.reverse_views
         )
         flip = flip.reshape(B)
         return dataclasses.replace(permute_views(b, reversal_order(flip, V)), observed=b.observed)
@@ -348,8 +274,8 @@ class ReferenceGrid(GridCoupling):
         return GridInputs(
             x0=grid_to_sequence(latents),
             views=latents.shape[1],
-            loss_mask=_cells(~known).float(),
-            known=_cells(known),
+            loss_mask=cells(~known).float(),
+            known=cells(known),
             reference=grid_to_sequence(ref),
         )
 
