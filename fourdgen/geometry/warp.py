@@ -169,16 +169,19 @@ def forward_depth(
     flat = d.amax(1) <= d.amin(1) * (1 + edge_tol)  # not a depth edge
     draw = ok.all(1) & flat & (span < window).all(1) & (area.abs() > 1e-12)
     out = torch.full((T, height, width), torch.inf, dtype=z.dtype, device=z.device)
-    r = torch.arange(window, device=uv.device, dtype=uv.dtype)
-    off = torch.stack(torch.meshgrid(r, r, indexing="xy"), -1).reshape(-1, 2)  # [R R, 2]
-    small = (off < 2).all(1)
+
+    def offsets(n: int) -> Tensor:  # [n n, 2], built on the device (a list copied there is a sync)
+        r = torch.arange(n, device=uv.device, dtype=uv.dtype)
+        return torch.stack(torch.meshgrid(r, r, indexing="xy"), -1).reshape(-1, 2)
+
     # Most triangles cover at most 2 x 2 centres: every one is tested on those, the larger ones on
-    # the rest of the window. The CPU takes only the larger ones; CUDA masks them (no host sync).
-    _draw(out, tri, iz, first, frame, draw, off[small])
+    # the whole window (the 2 x 2 again: the same depths). The CPU takes only the larger ones;
+    # CUDA masks them instead (a ``nonzero`` there is a host sync).
+    _draw(out, tri, iz, first, frame, draw, offsets(min(window, 2)))
     if window > 2:
         large = draw & (span >= 2).any(1)
         rows = large.nonzero()[:, 0] if not large.is_cuda else slice(None)
-        _draw(out, tri[rows], iz[rows], first[rows], frame[rows], large[rows], off[~small])
+        _draw(out, tri[rows], iz[rows], first[rows], frame[rows], large[rows], offsets(window))
     if occlusion_tol is not None:
         nearest = -F.max_pool2d(-out[:, None], 3, stride=1, padding=1)[:, 0]
         out = torch.where(out <= nearest * (1 + occlusion_tol), out, torch.inf)
