@@ -8,8 +8,7 @@ cameras and renders are :mod:`fourdgen.stages.novel_views`'s.
 
 This module wires components and logs; the math lives in ``fourdgen.gaussians`` (``dynamic``: the
 Gaussians at a time, ``bounds``: scene extent and HexPlane box, ``losses``, ``optim``: learning-rate
-schedule, ``densify``) and
-``fourdgen.metrics``.
+schedule, ``densify``) and ``fourdgen.metrics``.
 """
 
 from __future__ import annotations
