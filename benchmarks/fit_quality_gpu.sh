@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Issue 17's GPU run, several variants side by side on one GPU (the fit is launch-bound: four to six
 # fits share an H100/H200 at about 1.2-1.5x the time of one). Each variant adds --set pairs to the
-# best recipe so far: depth supervision, SH 0, the training views warped into a path camera every
-# other step (benchmarks/RESULTS.md, issue 17 sixth pass), on the 7-view orbit with view 3 held out,
-# 16 frames at 256 px, 7000 steps (2000 coarse).
+# best recipe so far: depth supervision, SH 0, the training views warped into a path camera through
+# their own depth at every step (benchmarks/RESULTS.md, issue 17 twelfth pass), on the 7-view orbit
+# with view 3 held out, 16 frames at 256 px, 7000 steps (2000 coarse).
 #
 #   benchmarks/fit_quality_gpu.sh OUT_DIR NAME=PAIRS... [-- extra fit_quality args]
-#   benchmarks/fit_quality_gpu.sh /tmp/fq base= views=warp:depth=views \
-#     "views_dw=warp:depth=views warp:depth_weight=1.0" views_every=warp:depth=views model.init_args.regularize_every=1
+#   benchmarks/fit_quality_gpu.sh /tmp/fq best= w2=warp:weight=2.0 "render_depth=warp:depth=render warp:views=2"
+#   benchmarks/fit_quality_gpu.sh /tmp/fqs best= \
+#     "plain=model.init_args.temporal_opacity=false data.init_args.split_static=false" -- --only static
 #
 # A pair "warp:KEY=VALUE" sets one of the warp's init_args (VALUE as JSON: numbers, true, or a bare string).
 # Extra fit_quality args go after "--" and override the run's (--steps, --size, ...), but not --set:
@@ -19,8 +20,10 @@
 set -uo pipefail
 out=$1; shift
 mkdir -p "$out"
-warp_base='model.init_args.regularizers=[{"class_path":"fourdgen.gaussians.regularizers.WarpConsistency","init_args":{"weight":1.0,"start_step":500,"frames":1}}]'
-best="model.init_args.depth_weight=1.0 data.init_args.train_depth=true model.init_args.sh_degree=0 model.init_args.regularize_every=2"
+# the best so far (twelfth pass, H100: 30.61 dB covered, training views 37.33): the warp through the
+# training views' depth (their meshes), weight 4, 3 views, from step 100, at every step
+warp_base='model.init_args.regularizers=[{"class_path":"fourdgen.gaussians.regularizers.WarpConsistency","init_args":{"weight":4.0,"start_step":100,"frames":1,"depth":"views","views":3}}]'
+best="model.init_args.depth_weight=1.0 data.init_args.train_depth=true model.init_args.sh_degree=0 model.init_args.regularize_every=1"
 variants=(); extra=()
 while (($#)); do
   if [[ $1 == -- ]]; then shift; extra=("$@"); break; fi
