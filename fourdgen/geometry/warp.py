@@ -79,17 +79,27 @@ def backward_warp(
     return rgb.transpose(1, 2).reshape(T, -1, H, W), valid.reshape(T, H, W)
 
 
-def _draw(buf: Tensor, tri: Tensor, iz: Tensor, first: Tensor, frame: Tensor, draw: Tensor, off: Tensor):
+def _draw(
+    buf: Tensor,
+    tri: Tensor,
+    area: Tensor,
+    iz: Tensor,
+    first: Tensor,
+    frame: Tensor,
+    draw: Tensor,
+    off: Tensor,
+):
     """Rasterise triangles into the z-buffer ``buf [T, H, W]`` (nearest wins, in place).
 
-    ``tri [M, 3, 2]`` corners (target pixels), ``iz [M, 3]`` their inverse depths, ``first [M, 2]``
+    ``tri [M, 3, 2]`` corners (target pixels), ``area [M]`` twice their signed area (non-zero where
+    drawn), ``iz [M, 3]`` their inverse depths, ``first [M, 2]``
     the first pixel centre of each one's box, ``frame [M]`` its frame, ``draw [M]`` bool: drawn at
     all; ``off [K, 2]`` the candidate centres to test, relative to ``first``."""
     T, H, W = buf.shape
     pix = first[:, None] + off  # [M, K, 2]
     cx, cy = pix[..., 0] + 0.5, pix[..., 1] + 0.5
     (x0, y0), (x1, y1), (x2, y2) = [c.unbind(-1) for c in tri[:, :, None].unbind(1)]  # [M, 1] each
-    den = (y1 - y2) * (x0 - x2) + (x2 - x1) * (y0 - y2)  # twice the signed area (checked non-zero)
+    den = torch.where(draw, area, 1.0)[:, None]
     l0 = ((y1 - y2) * (cx - x2) + (x2 - x1) * (cy - y2)) / den
     l1 = ((y2 - y0) * (cx - x2) + (x0 - x2) * (cy - y2)) / den
     l2 = 1.0 - l0 - l1
@@ -177,11 +187,11 @@ def forward_depth(
     # Most triangles cover at most 2 x 2 centres: every one is tested on those, the larger ones on
     # the whole window (the 2 x 2 again: the same depths). The CPU takes only the larger ones;
     # CUDA masks them instead (a ``nonzero`` there is a host sync).
-    _draw(out, tri, iz, first, frame, draw, offsets(min(window, 2)))
+    _draw(out, tri, area, iz, first, frame, draw, offsets(min(window, 2)))
     if window > 2:
         large = draw & (span >= 2).any(1)
         rows = large.nonzero()[:, 0] if not large.is_cuda else slice(None)
-        _draw(out, tri[rows], iz[rows], first[rows], frame[rows], large[rows], offsets(window))
+        _draw(out, tri[rows], area[rows], iz[rows], first[rows], frame[rows], large[rows], offsets(window))
     if occlusion_tol is not None:
         nearest = -F.max_pool2d(-out[:, None], 3, stride=1, padding=1)[:, 0]
         out = torch.where(out <= nearest * (1 + occlusion_tol), out, torch.inf)
